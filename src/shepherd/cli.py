@@ -1,0 +1,249 @@
+"""The `shepherd` command: launch (gateway), serve (workers + gateway), sim (simulated worker), bench.
+
+Flag names follow SMG and the SGLang router; where the design documents spell a flag two ways, both work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+
+from shepherd.config import (
+    DEFAULT_REQUEST_ID_HEADERS,
+    POLICIES,
+    CacheAwareConfig,
+    CircuitBreakerConfig,
+    ConfigError,
+    GatewayConfig,
+    HealthCheckConfig,
+    PrefillSpec,
+    RetryConfig,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(text: str) -> float:
+    """Seconds from `5`, `5s`, `500ms`, `2m` or `1h`."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 5, 5s, 500ms, 2m)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def byte_size(text: str) -> int:
+    """Bytes from `1048576`, `256MB` or `512MiB`."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 1048576, 256MB, 512MiB)")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `shepherd launch` flag (also accepted by `shepherd serve`)."""
+    d = GatewayConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL")
+    g.add_argument("--max-payload-size", type=byte_size, default=d.max_payload_size)
+    g.add_argument("--request-timeout-secs", type=duration, default=d.request_timeout_secs)
+    g.add_argument("--worker-startup-timeout-secs", type=duration, default=d.worker_startup_timeout_secs)
+    g.add_argument("--worker-startup-check-interval", type=duration, default=d.worker_startup_check_interval)
+    g.add_argument("--shutdown-grace-period-secs", type=duration, default=d.shutdown_grace_period_secs)
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--cors-allowed-origins", nargs="*", default=[], metavar="ORIGIN")
+    g.add_argument("--request-id-headers", nargs="+", default=list(DEFAULT_REQUEST_ID_HEADERS), metavar="HEADER")
+
+    r = parser.add_argument_group("routing")
+    r.add_argument("--policy", choices=POLICIES, default=d.policy)
+    r.add_argument("--prefill-policy", choices=POLICIES, default=None)
+    r.add_argument("--decode-policy", choices=POLICIES, default=None)
+    ca = CacheAwareConfig()
+    r.add_argument("--cache-threshold", "--cache-match-threshold", type=float, default=ca.cache_threshold)
+    r.add_argument("--balance-abs-threshold", type=int, default=ca.balance_abs_threshold)
+    r.add_argument("--balance-rel-threshold", type=float, default=ca.balance_rel_threshold)
+    r.add_argument("--eviction-interval-secs", type=duration, default=ca.eviction_interval_secs)
+    r.add_argument("--max-tree-size", type=int, default=ca.max_tree_size)
+    r.add_argument("--pd-disaggregation", action="store_true")
+    r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
+    r.add_argument("--decode", action="append", default=[], metavar="URL")
+    r.add_argument("--dp-aware", action="store_true")
+
+    rt = RetryConfig()
+    f = parser.add_argument_group("retries")
+    f.add_argument("--retry-max-retries", type=int, default=rt.max_retries, help="total attempts, first included")
+    f.add_argument("--retry-initial-backoff-ms", type=int, default=rt.initial_backoff_ms)
+    f.add_argument("--retry-max-backoff-ms", type=int, default=rt.max_backoff_ms)
+    f.add_argument("--retry-backoff-multiplier", type=float, default=rt.backoff_multiplier)
+    f.add_argument("--retry-jitter-factor", type=float, default=rt.jitter_factor)
+    f.add_argument("--disable-retries", action="store_true")
+
+    cb = CircuitBreakerConfig()
+    c = parser.add_argument_group("circuit breaker")
+    c.add_argument("--cb-failure-threshold", "--circuit-breaker-threshold", type=int, default=cb.failure_threshold)
+    c.add_argument("--cb-success-threshold", type=int, default=cb.success_threshold)
+    c.add_argument("--cb-timeout-duration-secs", "--circuit-breaker-timeout", type=duration, default=cb.timeout_secs)
+    c.add_argument("--cb-window-duration-secs", type=duration, default=cb.window_secs)
+    c.add_argument("--disable-circuit-breaker", action="store_true")
+
+    hc = HealthCheckConfig()
+    h = parser.add_argument_group("health checks")
+    h.add_argument("--health-failure-threshold", type=int, default=hc.failure_threshold)
+    h.add_argument("--health-success-threshold", type=int, default=hc.success_threshold)
+    h.add_argument("--health-check-timeout-secs", "--health-check-timeout", type=duration, default=hc.timeout_secs)
+    h.add_argument("--health-check-interval-secs", "--health-check-interval", type=duration, default=hc.interval_secs)
+    h.add_argument("--health-check-endpoint", "--health-check-path", default=hc.endpoint)
+    h.add_argument("--disable-health-check", action="store_true")
+    h.add_argument(
+        "--remove-unhealthy-workers", action=argparse.BooleanOptionalAction, default=d.remove_unhealthy_workers
+    )
+
+    a = parser.add_argument_group("admission")
+    a.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
+    a.add_argument("--queue-size", type=int, default=d.queue_size)
+    a.add_argument("--queue-timeout-secs", type=duration, default=d.queue_timeout_secs)
+
+    o = parser.add_argument_group("observability")
+    o.add_argument("--prometheus-host", default=d.prometheus_host)
+    o.add_argument("--prometheus-port", type=int, default=d.prometheus_port)
+    o.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error", "critical"))
+    o.add_argument("--log-dir", default=None)
+    o.add_argument("--log-json", action="store_true")
+
+
+def _prefill_specs(groups: Sequence[Sequence[str]]) -> tuple[PrefillSpec, ...]:
+    specs = []
+    for group in groups:
+        if len(group) > 2:
+            raise ConfigError(f"--prefill takes URL [BOOTSTRAP_PORT|none], got {' '.join(group)!r}")
+        port: int | None = None
+        if len(group) == 2 and group[1].lower() != "none":
+            if not group[1].isdigit() or not 0 < int(group[1]) < 65536:
+                raise ConfigError(f"--prefill bootstrap port must be a port number or 'none', got {group[1]!r}")
+            port = int(group[1])
+        specs.append(PrefillSpec(group[0], port))
+    return tuple(specs)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        worker_urls=tuple(args.worker_urls),
+        policy=args.policy,
+        prefill_policy=args.prefill_policy,
+        decode_policy=args.decode_policy,
+        cache_aware=CacheAwareConfig(
+            cache_threshold=args.cache_threshold,
+            balance_abs_threshold=args.balance_abs_threshold,
+            balance_rel_threshold=args.balance_rel_threshold,
+            eviction_interval_secs=args.eviction_interval_secs,
+            max_tree_size=args.max_tree_size,
+        ),
+        pd_disaggregation=args.pd_disaggregation,
+        prefill=_prefill_specs(args.prefill),
+        decode=tuple(args.decode),
+        dp_aware=args.dp_aware,
+        max_payload_size=args.max_payload_size,
+        request_timeout_secs=args.request_timeout_secs,
+        worker_startup_timeout_secs=args.worker_startup_timeout_secs,
+        worker_startup_check_interval=args.worker_startup_check_interval,
+        retry=RetryConfig(
+            max_retries=args.retry_max_retries,
+            initial_backoff_ms=args.retry_initial_backoff_ms,
+            max_backoff_ms=args.retry_max_backoff_ms,
+            backoff_multiplier=args.retry_backoff_multiplier,
+            jitter_factor=args.retry_jitter_factor,
+            disabled=args.disable_retries,
+        ),
+        circuit_breaker=CircuitBreakerConfig(
+            failure_threshold=args.cb_failure_threshold,
+            success_threshold=args.cb_success_threshold,
+            timeout_secs=args.cb_timeout_duration_secs,
+            window_secs=args.cb_window_duration_secs,
+            disabled=args.disable_circuit_breaker,
+        ),
+        health_check=HealthCheckConfig(
+            failure_threshold=args.health_failure_threshold,
+            success_threshold=args.health_success_threshold,
+            timeout_secs=args.health_check_timeout_secs,
+            interval_secs=args.health_check_interval_secs,
+            endpoint=args.health_check_endpoint,
+            disabled=args.disable_health_check,
+        ),
+        remove_unhealthy_workers=args.remove_unhealthy_workers,
+        max_concurrent_requests=args.max_concurrent_requests,
+        queue_size=args.queue_size,
+        queue_timeout_secs=args.queue_timeout_secs,
+        api_key=args.api_key,
+        cors_allowed_origins=tuple(args.cors_allowed_origins),
+        request_id_headers=tuple(h.lower() for h in args.request_id_headers),
+        prometheus_host=args.prometheus_host,
+        prometheus_port=args.prometheus_port,
+        log_level=args.log_level,
+        log_dir=args.log_dir,
+        log_json=args.log_json,
+        shutdown_grace_period_secs=args.shutdown_grace_period_secs,
+    ).validate()
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    import uvloop
+
+    from shepherd.gateway import Gateway
+    from shepherd.observability.logging import setup_logging
+
+    setup_logging(config.log_level, config.log_dir, config.log_json)
+    uvloop.run(Gateway(config).serve_forever())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shepherd.serve import add_serve_arguments
+    from shepherd.sim.server import add_sim_arguments
+
+    parser = argparse.ArgumentParser(prog="shepherd", description="Shepherd model gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    launch = sub.add_parser("launch", help="run the gateway in front of existing workers")
+    add_gateway_arguments(launch)
+    serve = sub.add_parser("serve", help="start workers (simulated, SGLang or vLLM) and the gateway in front")
+    add_gateway_arguments(serve)
+    add_serve_arguments(serve)
+    sim = sub.add_parser("sim", help="run simulated SGLang workers")
+    add_sim_arguments(sim)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from shepherd.bench import register_benchmarks
+
+    register_benchmarks(bench_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "launch":
+            return run_gateway(config_from_args(args))
+        if args.command == "serve":
+            from shepherd.serve import run_serve
+
+            return run_serve(args, config_from_args)
+        if args.command == "sim":
+            from shepherd.sim.server import run_sim
+
+            return run_sim(args)
+        return args.run(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One validated configuration object for the whole gateway.
+
+`cli.py` turns SMG-compatible flags into a `GatewayConfig`; everything else reads only this object.
+Defaults follow SMG 1.13 where the design documents disagree (see docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot be used; the message names the flag."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSpec:
+    url: str
+    bootstrap_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_retries: int = 5  # total attempts, the first one included (SMG 1.13 semantics)
+    initial_backoff_ms: int = 50
+    max_backoff_ms: int = 30_000
+    backoff_multiplier: float = 1.5
+    jitter_factor: float = 0.2
+    disabled: bool = False
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 if self.disabled else max(1, self.max_retries)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = 10
+    success_threshold: int = 3
+    timeout_secs: float = 60.0
+    window_secs: float = 120.0
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    timeout_secs: float = 5.0
+    interval_secs: float = 60.0
+    endpoint: str = "/health"
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAwareConfig:
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    eviction_interval_secs: float = 60.0
+    max_tree_size: int = 2**26
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = 30000
+    worker_urls: tuple[str, ...] = ()
+    policy: str = "round_robin"
+    prefill_policy: str | None = None
+    decode_policy: str | None = None
+    cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+
+    pd_disaggregation: bool = False
+    prefill: tuple[PrefillSpec, ...] = ()
+    decode: tuple[str, ...] = ()
+    dp_aware: bool = False
+
+    max_payload_size: int = 512 * 1024 * 1024
+    request_timeout_secs: float = 1800.0
+    worker_startup_timeout_secs: float = 1800.0
+    worker_startup_check_interval: float = 30.0
+    drain_timeout_secs: float = 5.0
+
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    remove_unhealthy_workers: bool = False
+
+    max_concurrent_requests: int = -1  # -1: max(4096, 1024 * cores); 0: unlimited
+    queue_size: int = 100
+    queue_timeout_secs: float = 60.0
+
+    api_key: str | None = None
+    cors_allowed_origins: tuple[str, ...] = ()
+    request_id_headers: tuple[str, ...] = DEFAULT_REQUEST_ID_HEADERS
+
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = 29000
+    log_level: str = "info"
+    log_dir: str | None = None
+    log_json: bool = False
+    shutdown_grace_period_secs: float = 180.0
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Effective admission limit; 0 means unlimited."""
+        if self.max_concurrent_requests < 0:
+            return max(4096, 1024 * (os.cpu_count() or 1))
+        return self.max_concurrent_requests
+
+    def validate(self) -> GatewayConfig:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for flag, value in (("--prefill-policy", self.prefill_policy), ("--decode-policy", self.decode_policy)):
+            if value is not None and value not in POLICIES:
+                raise ConfigError(f"{flag} must be one of {', '.join(POLICIES)}, got {value!r}")
+        for url in (*self.worker_urls, *(p.url for p in self.prefill), *self.decode):
+            if not url.startswith(URL_SCHEMES):
+                raise ConfigError(f"worker URL {url!r} must start with http://, https://, grpc:// or grpcs://")
+        if self.pd_disaggregation and self.worker_urls:
+            raise ConfigError("--worker-urls cannot be combined with --pd-disaggregation; use --prefill/--decode")
+        if not self.pd_disaggregation and (self.prefill or self.decode):
+            raise ConfigError("--prefill/--decode need --pd-disaggregation")
+        if self.dp_aware and not self.api_key:
+            raise ConfigError("--dp-aware requires --api-key (it authenticates the gateway to the workers)")
+        if self.cache_aware.balance_rel_threshold < 1.0:
+            raise ConfigError("--balance-rel-threshold must be >= 1.0")
+        if not 0.0 <= self.cache_aware.cache_threshold <= 1.0:
+            raise ConfigError("--cache-threshold must be between 0 and 1")
+        hc = self.health_check
+        if hc.failure_threshold < 1 or hc.success_threshold < 1:
+            raise ConfigError("--health-failure-threshold and --health-success-threshold must be >= 1")
+        if hc.interval_secs <= 0 or hc.timeout_secs <= 0:
+            raise ConfigError("health check interval and timeout must be > 0")
+        if not hc.endpoint.startswith("/"):
+            raise ConfigError("--health-check-endpoint must start with '/'")
+        cb = self.circuit_breaker
+        if cb.failure_threshold < 1 or cb.success_threshold < 1 or cb.timeout_secs <= 0 or cb.window_secs <= 0:
+            raise ConfigError("circuit breaker thresholds must be >= 1 and durations > 0")
+        if self.retry.backoff_multiplier < 1.0 or not 0.0 <= self.retry.jitter_factor <= 1.0:
+            raise ConfigError("--retry-backoff-multiplier must be >= 1 and --retry-jitter-factor in [0, 1]")
+        if self.max_payload_size <= 0 or self.request_timeout_secs <= 0:
+            raise ConfigError("--max-payload-size and --request-timeout-secs must be > 0")
+        if self.queue_size < 0 or self.queue_timeout_secs <= 0:
+            raise ConfigError("--queue-size must be >= 0 and --queue-timeout-secs > 0")
+        if not self.request_id_headers:
+            raise ConfigError("--request-id-headers needs at least one header name")
+        return self
+
+    def redacted(self) -> dict:
+        """The effective configuration as JSON-ready data, secrets replaced."""
+        data = dataclasses.asdict(self)
+        if data["api_key"]:
+            data["api_key"] = "<redacted>"
+        return data

@@ -1,0 +1,352 @@
+"""Control routes on the main port: worker management, probes, fleet info, fan-out admin actions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from shepherd import __version__
+from shepherd.http.errors import GatewayError
+from shepherd.http.responses import json_response
+from shepherd.upstream.client import auth_headers, relay_response_headers
+from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec
+from shepherd.workers.registry import count_by_type
+from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+
+if TYPE_CHECKING:
+    from shepherd.gateway import Gateway
+
+_FANOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
+    routes = AdminRoutes(gateway)
+    r = app.router
+    r.add_get("/health", routes.health)
+    r.add_get("/liveness", routes.liveness)
+    r.add_get("/readiness", routes.readiness)
+    r.add_get("/health_generate", routes.health_generate)
+    r.add_get("/config", routes.config)
+    r.add_get("/v1/models", routes.models)
+    r.add_get("/get_model_info", routes.proxy_info)
+    r.add_get("/get_server_info", routes.proxy_info)
+    r.add_get("/get_loads", routes.loads)
+    r.add_post("/flush_cache", routes.flush_cache)
+    r.add_get("/workers", routes.list_workers)
+    r.add_post("/workers", routes.add_worker)
+    r.add_get("/workers/{worker_id:.+}", routes.get_worker)
+    r.add_delete("/workers/{worker_id:.+}", routes.delete_worker)
+    r.add_patch("/workers/{worker_id:.+}", routes.patch_worker)
+    r.add_post("/add_worker", routes.legacy_add_worker)
+    r.add_post("/remove_worker", routes.legacy_remove_worker)
+    r.add_get("/list_workers", routes.legacy_list_workers)
+
+
+def _not_found(worker_id: str) -> GatewayError:
+    return GatewayError(404, "worker_not_found", f"Worker {worker_id} not found")
+
+
+class AdminRoutes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.registry = gateway.registry
+        self.manager = gateway.manager
+
+    # --- probes --------------------------------------------------------------------------------------------
+    async def liveness(self, _request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def health(self, _request: web.Request) -> web.Response:
+        workers = self.registry.all()
+        healthy = sum(1 for w in workers if w.is_ready)
+        return json_response(
+            {
+                "status": "ok",
+                "workers": {"total": len(workers), "healthy": healthy, "unhealthy": len(workers) - healthy},
+            }
+        )
+
+    async def readiness(self, _request: web.Request) -> web.Response:
+        workers = self.registry.all()
+        healthy = sum(1 for w in workers if w.is_ready)
+        if self.gw.is_ready():
+            return json_response({"status": "ready", "healthy_workers": healthy, "total_workers": len(workers)})
+        reason = "shutting down" if self.gw.shutting_down else "insufficient healthy workers"
+        return json_response({"status": "not ready", "reason": reason}, status=503)
+
+    async def health_generate(self, request: web.Request) -> web.StreamResponse:
+        roles = (WorkerType.PREFILL, WorkerType.DECODE) if self.gw.config.pd_disaggregation else (WorkerType.REGULAR,)
+        last: web.Response | None = None
+        for role in roles:
+            worker = next(iter(self.registry.candidates(role, None)), None)
+            if worker is None:
+                raise GatewayError(503, "no_workers", "No workers are available")
+            last = await self._proxy_get(request, worker, "/health_generate")
+            if last.status >= 400:
+                return last
+        assert last is not None
+        return last
+
+    # --- fleet info ----------------------------------------------------------------------------------------
+    async def config(self, _request: web.Request) -> web.Response:
+        return json_response(self.gw.config.redacted())
+
+    async def models(self, _request: web.Request) -> web.Response:
+        models = self.registry.models()
+        if not models:
+            raise GatewayError(503, "no_models_available", "No models available")
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "shepherd"} for m in models]
+        return json_response({"object": "list", "data": data})
+
+    async def proxy_info(self, request: web.Request) -> web.StreamResponse:
+        worker = self._first_healthy()
+        if worker is None:
+            raise GatewayError(503, "no_workers", "No workers are available")
+        return await self._proxy_get(request, worker, request.path)
+
+    async def loads(self, _request: web.Request) -> web.Response:
+        workers = self.registry.all()
+        engine = await self._fan_out("GET", "/get_load", _distinct_bases(workers))
+        loads = [
+            {
+                "worker": w.url,
+                "worker_type": w.worker_type.value,
+                "load": w.load,
+                "engine": engine.get(w.base_url, {}).get("body"),
+            }
+            for w in workers
+        ]
+        return json_response(
+            {"timestamp": datetime.now(UTC).isoformat(), "version": f"shepherd-{__version__}", "loads": loads}
+        )
+
+    async def flush_cache(self, _request: web.Request) -> web.Response:
+        workers = self.registry.all()
+        results = await self._fan_out("POST", "/flush_cache", _distinct_bases(workers))
+        failed = sorted(url for url, r in results.items() if not r["ok"])
+        body = {
+            "status": "success" if not failed else "partial",
+            "message": f"Successfully flushed cache on {len(results) - len(failed)} of {len(results)} workers",
+            "workers_flushed": len(results) - len(failed),
+            "total_workers": len(results),
+            "failed_workers": failed,
+        }
+        return json_response(body, status=200 if not failed else 502)
+
+    # --- /workers ------------------------------------------------------------------------------------------
+    async def list_workers(self, request: web.Request) -> web.Response:
+        model = request.query.get("model")
+        workers = [w for w in self.registry.all() if model is None or w.model_id == model]
+        return json_response(
+            {
+                "workers": [w.to_json() for w in workers],
+                "total": len(workers),
+                "healthy": sum(1 for w in workers if w.is_ready),
+                "stats": count_by_type(workers),
+            }
+        )
+
+    async def add_worker(self, request: web.Request) -> web.Response:
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, "invalid_json", f"Failed to parse the request body as JSON: {exc}") from None
+        try:
+            spec = WorkerSpec.from_json(data)
+        except SpecError as exc:
+            raise GatewayError(400, "invalid_worker_spec", str(exc), param=exc.field) from None
+        job = self._submit(spec)
+        location = f"/workers/{job.worker_id}"
+        return json_response(
+            {
+                "status": "accepted",
+                "worker_id": job.worker_id,
+                "url": spec.url,
+                "location": location,
+                "message": "Worker addition queued for background processing",
+            },
+            status=202,
+            headers={"Location": location},
+        )
+
+    async def get_worker(self, request: web.Request) -> web.Response:
+        key = request.match_info["worker_id"]
+        health_only = key.endswith("/health") and self._lookup(key) is None
+        if health_only:
+            key = key[: -len("/health")]
+        worker = self._lookup(key)
+        if worker is None:
+            job = self._job(key)
+            if job is None:
+                raise _not_found(key)
+            return json_response(job.to_json())
+        if health_only:
+            return json_response(
+                {
+                    "id": worker.id,
+                    "url": worker.url,
+                    "status": worker.status.value,
+                    "healthy": worker.is_ready,
+                    "circuit_state": worker.breaker.state.value,
+                    "consecutive_health_failures": worker.health_failures,
+                    "consecutive_health_successes": worker.health_successes,
+                }
+            )
+        return json_response(worker.to_json())
+
+    async def delete_worker(self, request: web.Request) -> web.Response:
+        key = request.match_info["worker_id"]
+        worker = self._lookup(key)
+        if worker is None:
+            job = self._job(key)
+            if job is None:
+                raise _not_found(key)
+            self.manager.cancel_job(job)
+            worker_id = job.worker_id
+        else:
+            self.manager.submit_remove(worker)
+            worker_id = worker.id
+        return json_response(
+            {
+                "status": "accepted",
+                "worker_id": worker_id,
+                "message": "Worker removal queued for background processing",
+            },
+            status=202,
+        )
+
+    async def patch_worker(self, request: web.Request) -> web.Response:
+        key = request.match_info["worker_id"]
+        worker = self._lookup(key)
+        if worker is None:
+            raise _not_found(key)
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, "invalid_json", f"Failed to parse the request body as JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise GatewayError(400, "invalid_worker_spec", "the request body must be a JSON object")
+        _apply_update(worker, data)
+        return json_response({"status": "accepted", "worker_id": worker.id, "worker": worker.to_json()}, status=202)
+
+    # --- legacy SGLang router routes -----------------------------------------------------------------------
+    async def legacy_add_worker(self, request: web.Request) -> web.Response:
+        url = request.query.get("url", "")
+        try:
+            spec = WorkerSpec.from_json({"url": url})
+        except SpecError as exc:
+            return web.Response(status=400, text=str(exc))
+        job = self._submit(spec)
+        assert job.task is not None
+        await asyncio.shield(job.task)
+        if job.status == "failed":
+            return web.Response(status=400, text=job.message or f"Failed to add worker: {spec.url}")
+        return web.Response(text=f"Successfully added worker: {spec.url}")
+
+    async def legacy_remove_worker(self, request: web.Request) -> web.Response:
+        url = request.query.get("url", "")
+        workers = self.manager.workers_at(url)
+        if not workers:
+            return web.Response(status=404, text=f"Worker {url} not found")
+        for worker in workers:
+            self.manager.submit_remove(worker)
+        return web.Response(text=f"Successfully removed worker: {url}")
+
+    async def legacy_list_workers(self, _request: web.Request) -> web.Response:
+        return json_response({"urls": [w.url for w in self.registry.all()]})
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _submit(self, spec: WorkerSpec) -> Job:
+        try:
+            return self.manager.submit_add(spec)
+        except DuplicateWorker as exc:
+            raise GatewayError(
+                409, "worker_already_exists", str(exc), headers={"Location": f"/workers/{exc.worker_id}"}
+            ) from None
+
+    def _lookup(self, key: str) -> Worker | None:
+        """A worker by UUID or by (URL-encoded) URL."""
+        return self.registry.get(key) or self.registry.by_url(unquote(key).rstrip("/"))
+
+    def _job(self, key: str) -> Job | None:
+        job = self.manager.jobs.get(key)
+        if job is not None:
+            return job
+        url = unquote(key).rstrip("/")
+        return next((j for j in self.manager.jobs.values() if j.spec.url == url), None)
+
+    def _first_healthy(self) -> Worker | None:
+        for role in (WorkerType.REGULAR, WorkerType.DECODE, WorkerType.PREFILL):
+            candidates = self.registry.candidates(role, None)
+            if candidates:
+                return candidates[0]
+        return None
+
+    async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
+        headers = auth_headers(worker.api_key or self.gw.config.api_key)
+        try:
+            async with self.gw.client.session.get(
+                worker.base_url + path, headers=headers, timeout=_FANOUT_TIMEOUT
+            ) as resp:
+                body = await resp.read()
+                extra = {"x-smg-routed-worker-id": worker.url}
+                return web.Response(status=resp.status, body=body, headers=relay_response_headers(resp.headers, extra))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise GatewayError(502, "call_upstream_connection_failed", f"{worker.url}{path}: {exc}") from None
+
+    async def _fan_out(self, method: str, path: str, workers: Iterable[Worker]) -> dict[str, dict[str, Any]]:
+        """Call `path` on each worker concurrently; {base_url: {"ok", "status", "body"}}."""
+
+        async def call(worker: Worker) -> tuple[str, dict[str, Any]]:
+            try:
+                async with self.gw.client.session.request(
+                    method, worker.base_url + path, headers=auth_headers(worker.api_key), timeout=_FANOUT_TIMEOUT
+                ) as resp:
+                    raw = await resp.read()
+                    try:
+                        body: Any = orjson.loads(raw) if raw else None
+                    except orjson.JSONDecodeError:
+                        body = raw.decode(errors="replace")
+                    return worker.base_url, {"ok": resp.status < 400, "status": resp.status, "body": body}
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return worker.base_url, {"ok": False, "status": None, "body": None, "error": str(exc)}
+
+        results = await asyncio.gather(*(call(w) for w in workers))
+        return dict(results)
+
+
+def _distinct_bases(workers: Iterable[Worker]) -> list[Worker]:
+    """One worker per base URL, so DP ranks of one engine are called once."""
+    seen: dict[str, Worker] = {}
+    for worker in workers:
+        if worker.status is not WorkerStatus.DRAINING:
+            seen.setdefault(worker.base_url, worker)
+    return list(seen.values())
+
+
+def _apply_update(worker: Worker, data: dict[str, Any]) -> None:
+    """PATCH /workers/{id}: priority, cost, labels (merged), api_key."""
+    if "priority" in data:
+        if not isinstance(data["priority"], int) or isinstance(data["priority"], bool):
+            raise GatewayError(400, "invalid_worker_spec", "field 'priority' must be an integer", param="priority")
+        worker.priority = data["priority"]
+    if "cost" in data:
+        if not isinstance(data["cost"], (int, float)) or isinstance(data["cost"], bool):
+            raise GatewayError(400, "invalid_worker_spec", "field 'cost' must be a number", param="cost")
+        worker.cost = float(data["cost"])
+    if "labels" in data:
+        labels = data["labels"]
+        if not isinstance(labels, dict):
+            raise GatewayError(400, "invalid_worker_spec", "field 'labels' must be an object", param="labels")
+        worker.labels.update({str(k): str(v) for k, v in labels.items()})
+    if "api_key" in data:
+        if data["api_key"] is not None and not isinstance(data["api_key"], str):
+            raise GatewayError(400, "invalid_worker_spec", "field 'api_key' must be a string", param="api_key")
+        worker.api_key = data["api_key"]

@@ -1,0 +1,25 @@
+"""The aiohttp application: the route table and the middleware, nothing else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from shepherd.http.admin import add_admin_routes
+from shepherd.http.inference import add_inference_routes
+from shepherd.http.middleware import make_middleware
+
+if TYPE_CHECKING:
+    from shepherd.gateway import Gateway
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[make_middleware(gateway.config)],
+        client_max_size=gateway.config.max_payload_size,
+        handler_args={"max_field_size": 65536},
+    )
+    add_inference_routes(app, gateway)
+    add_admin_routes(app, gateway)
+    return app

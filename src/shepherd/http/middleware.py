@@ -1,0 +1,143 @@
+"""The one middleware every request passes: request id, CORS, payload limit, auth, error envelope.
+
+One middleware instead of a chain keeps the per-request cost to a single coroutine frame.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+import string
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from shepherd.config import GatewayConfig
+from shepherd.http.errors import GatewayError, error_body, error_response
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Routes that stay open under --api-key (probes, model listing, engine metrics).
+PUBLIC_PATHS = frozenset(
+    {
+        "/health",
+        "/liveness",
+        "/readiness",
+        "/health_generate",
+        "/v1/models",
+        "/get_model_info",
+        "/get_server_info",
+        "/engine_metrics",
+    }
+)
+_ID_PREFIX = {"/generate": "gnt-", "/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}
+_ID_ALPHABET = string.ascii_letters + string.digits
+_CORS_PREFLIGHT = {
+    "access-control-allow-methods": "GET,POST,PUT,PATCH,DELETE,OPTIONS",
+    "access-control-allow-headers": "content-type,authorization,traceparent,tracestate,x-request-id",
+    "access-control-max-age": "3600",
+    "vary": "origin",
+}
+_CORS_EXPOSE = "x-request-id,x-smg-routed-worker-id,traceparent,tracestate"
+
+
+def new_request_id(path: str) -> str:
+    return _ID_PREFIX.get(path, "req-") + "".join(random.choices(_ID_ALPHABET, k=24))
+
+
+def _valid_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value
+
+
+def make_middleware(config: GatewayConfig) -> Callable:
+    id_headers = config.request_id_headers
+    max_payload = config.max_payload_size
+    expected_auth = f"bearer {config.api_key}".encode() if config.api_key else None
+    origins = frozenset(config.cors_allowed_origins)
+    any_origin = "*" in origins
+
+    def request_id_of(request: web.Request) -> str:
+        headers = request.headers
+        for name in id_headers:
+            value = headers.get(name)
+            if value is not None:
+                return value if _valid_id(value) else new_request_id(request.path)
+        return new_request_id(request.path)
+
+    def check_auth(request: web.Request) -> None:
+        supplied = request.headers.get("Authorization")
+        if supplied is None:
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "Missing API key: send it as `Authorization: Bearer <key>`",
+                headers={"www-authenticate": 'Bearer realm="shepherd"'},
+            )
+        scheme, _, token = supplied.partition(" ")
+        candidate = f"{scheme.lower()} {token.strip()}".encode()
+        if not hmac.compare_digest(candidate, expected_auth):  # type: ignore[arg-type]
+            raise GatewayError(401, "invalid_api_key", "Invalid API key")
+
+    def allowed_origin(request: web.Request) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is None or not origins:
+            return None
+        return origin if any_origin or origin in origins else None
+
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        request["request_id"] = request_id
+        origin = allowed_origin(request) if origins else None
+        try:
+            if origins and request.method == "OPTIONS":
+                response: web.StreamResponse = web.Response(status=200, headers=_CORS_PREFLIGHT)
+            else:
+                length = request.content_length
+                if length is not None and length > max_payload:
+                    raise _payload_too_large()
+                match = request.match_info
+                if expected_auth is not None and match.http_exception is None and request.path not in PUBLIC_PATHS:
+                    check_auth(request)
+                response = await handler(request)
+        except GatewayError as exc:
+            response = error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(_payload_too_large())
+        except web.HTTPMethodNotAllowed as exc:
+            response = error_response(
+                GatewayError(
+                    405,
+                    "method_not_allowed",
+                    f"Invalid URL ({request.method} {request.path})",
+                    headers={"allow": ",".join(sorted(exc.allowed_methods))},
+                )
+            )
+        except web.HTTPNotFound:
+            response = error_response(
+                GatewayError(404, "unknown_url", f"Invalid URL ({request.method} {request.path})")
+            )
+        except web.HTTPException as exc:
+            response = web.Response(
+                status=exc.status,
+                body=error_body(exc.status, "http_error", exc.reason),
+                content_type="application/json",
+            )
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
+            response = error_response(GatewayError(500, "internal_error", "Internal gateway error"))
+        if not response.prepared:
+            response.headers["x-request-id"] = request_id
+            if origin is not None:
+                response.headers["access-control-allow-origin"] = origin
+                response.headers["access-control-expose-headers"] = _CORS_EXPOSE
+        return response
+
+    return gateway_middleware
+
+
+def _payload_too_large() -> GatewayError:
+    return GatewayError(413, "request_body_too_large", "Request body exceeded the payload limit (max_payload_size)")

@@ -1,0 +1,137 @@
+"""What the gateway knows about one inference request, parsed once from the client's bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An inference route: its metric/label name, the worker path it goes to, and what it requires."""
+
+    name: str
+    path: str
+    upstream_path: str
+    required: str | None = None
+    id_prefix: str = "req-"
+
+
+GENERATE = Endpoint("generate", "/generate", "/generate", id_prefix="gnt-")
+CHAT = Endpoint("chat", "/v1/chat/completions", "/v1/chat/completions", "messages", "chatcmpl-")
+COMPLETIONS = Endpoint("completions", "/v1/completions", "/v1/completions", "prompt", "cmpl-")
+EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", "/v1/embeddings", "input")
+RERANK = Endpoint("rerank", "/v1/rerank", "/v1/rerank", "query")
+RERANK_LEGACY = Endpoint("rerank", "/rerank", "/v1/rerank", "query")
+INFERENCE_ENDPOINTS = (GENERATE, CHAT, COMPLETIONS, EMBEDDINGS, RERANK, RERANK_LEGACY)
+
+
+class InvalidRequest(ValueError):
+    """The client's body cannot be served; `param` names the offending field when there is one."""
+
+    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class RequestContext:
+    """A parsed inference request. `body` stays the client's bytes unless fields must be injected."""
+
+    __slots__ = ("_routing_text", "body", "endpoint", "model", "payload", "request_id", "stream")
+
+    def __init__(self, endpoint: Endpoint, body: bytes, request_id: str) -> None:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"Failed to parse the request body as JSON: {exc}", "invalid_json") from None
+        if not isinstance(payload, dict):
+            raise InvalidRequest("The request body must be a JSON object", "invalid_type")
+        required = endpoint.required
+        if required is not None and required not in payload:
+            raise InvalidRequest(f"Missing required parameter '{required}'", "missing_required_parameter", required)
+        if endpoint is CHAT:
+            messages = payload["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("'messages' must be a non-empty array", "invalid_type", "messages")
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string", "invalid_type", "model")
+        self.endpoint = endpoint
+        self.body = body
+        self.payload: dict[str, Any] = payload
+        self.model: str | None = model or None
+        self.stream = payload.get("stream") is True
+        self.request_id = request_id
+        self._routing_text: str | None = None
+
+    @property
+    def routing_text(self) -> str:
+        """The text a cache-aware policy matches on; computed on first use only."""
+        if self._routing_text is None:
+            self._routing_text = extract_routing_text(self.endpoint, self.payload)
+        return self._routing_text
+
+    def inject(self, fields: dict[str, Any]) -> bytes:
+        """The body with extra fields set (PD bootstrap info, DP rank); the client's bytes are not touched."""
+        return orjson.dumps({**self.payload, **fields})
+
+
+def extract_routing_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
+    if endpoint is GENERATE:
+        text = payload.get("text")
+        if isinstance(text, str):
+            return text
+        if isinstance(text, list):
+            return " ".join(t for t in text if isinstance(t, str))
+        return _join_ids(payload.get("input_ids"))
+    if endpoint is CHAT:
+        return _chat_text(payload.get("messages"))
+    if endpoint is COMPLETIONS:
+        return _text_or_list(payload.get("prompt"))
+    if endpoint is EMBEDDINGS:
+        return _text_or_list(payload.get("input"))
+    return _text_or_list(payload.get("query"))
+
+
+def _text_or_list(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(v if isinstance(v, str) else _join_ids(v) for v in value)
+    return ""
+
+
+def _join_ids(ids: Any) -> str:
+    if not isinstance(ids, list):
+        return ""
+    parts: list[str] = []
+    for item in ids:
+        if isinstance(item, list):
+            parts.extend(str(i) for i in item)
+        else:
+            parts.append(str(item))
+    return " ".join(parts)
+
+
+def _chat_text(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    texts: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            if content:
+                texts.append(content)
+        elif isinstance(content, list):
+            parts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            if parts:
+                texts.append(" ".join(parts))
+        reasoning = message.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            texts.append(reasoning)
+    return " ".join(texts)

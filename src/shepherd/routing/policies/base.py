@@ -1,0 +1,37 @@
+"""The policy interface: choose one worker from the routable candidates. Policies never do I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from shepherd.routing.context import RequestContext
+from shepherd.workers.worker import Worker
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        """Choose one of `candidates` (never empty) for `ctx`."""
+        ...
+
+    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
+        """Called once per attempt after the worker answered (or failed)."""
+        ...
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        """Forget everything learned about a worker that left the fleet."""
+        ...
+
+
+class StatelessPolicy:
+    """Base for policies that learn nothing from traffic."""
+
+    name = "stateless"
+
+    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
+        return None
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        return None

@@ -1,0 +1,180 @@
+"""Regular (non-PD) routing: pick a worker, send, retry on the worker's failures, relay the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from shepherd.config import GatewayConfig
+from shepherd.http.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
+from shepherd.routing.context import RequestContext
+from shepherd.routing.policies import Policy
+from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
+from shepherd.workers.load import Lease
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import Worker, WorkerType
+
+log = logging.getLogger(__name__)
+
+_STREAM_INTERRUPTED = (
+    b"data: "
+    + error_body(502, "upstream_stream_interrupted", "The worker closed the stream before it finished")
+    + b"\n\n"
+)
+
+
+@dataclass(slots=True)
+class AttemptFailure:
+    """Why one attempt did not produce the client's response; the last one becomes the client's error."""
+
+    worker: Worker
+    status: int | None = None  # the worker's status when it answered
+    body: bytes = b""
+    headers: object = None
+    transport_error: str | None = None
+    timed_out: bool = False
+
+
+class Router:
+    def __init__(
+        self,
+        registry: Registry,
+        policy: Policy,
+        client: UpstreamClient,
+        config: GatewayConfig,
+        worker_type: WorkerType = WorkerType.REGULAR,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self._client = client
+        self._config = config
+        self._worker_type = worker_type
+        self._max_attempts = config.retry.max_attempts
+        self._backoff = Backoff(config.retry)
+        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_secs)
+        registry.subscribe(on_removed=policy.on_worker_removed)
+
+    def select(self, ctx: RequestContext, tried: Sequence[Worker] = ()) -> Worker:
+        """Pick a routable worker for `ctx`, preferring ones not tried yet; 404/503 when there is none."""
+        candidates = self.registry.candidates(self._worker_type, ctx.model)
+        if not candidates:
+            if ctx.model is not None and not self.registry.serves(self._worker_type, ctx.model):
+                raise no_workers_for_model(ctx.model)
+            if ctx.model is None and not self.registry.of_type(self._worker_type):
+                raise no_workers_for_model(None)
+            raise all_workers_unavailable()
+        if tried:
+            fresh = [w for w in candidates if w not in tried]
+            if fresh:
+                candidates = fresh
+        return self.policy.pick(candidates, ctx)
+
+    async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        tried: list[Worker] = []
+        failure: AttemptFailure | None = None
+        for attempt in range(self._max_attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
+            try:
+                worker = self.select(ctx, tried)
+            except GatewayError:
+                if failure is None:
+                    raise
+                break  # every worker went away mid-retry: report what the last one did
+            tried.append(worker)
+            result = await self._attempt(request, ctx, worker, last=attempt == self._max_attempts - 1)
+            if not isinstance(result, AttemptFailure):
+                return result
+            failure = result
+        assert failure is not None
+        return self._failure_response(failure, ctx)
+
+    async def _attempt(
+        self, request: web.Request, ctx: RequestContext, worker: Worker, last: bool
+    ) -> web.StreamResponse | AttemptFailure:
+        headers = forward_request_headers(request.headers, ctx.request_id, worker.api_key, self._config.api_key)
+        body = ctx.body if worker.dp_rank is None else ctx.inject({"data_parallel_rank": worker.dp_rank})
+        url = worker.base_url + ctx.endpoint.upstream_path
+        breaker = worker.breaker
+        with Lease(worker) as lease:
+            try:
+                async with self._client.session.post(
+                    url, data=body, headers=headers, timeout=self._timeout
+                ) as upstream:
+                    status = upstream.status
+                    if status >= 400:
+                        payload = await upstream.read()
+                        if is_worker_fault(status):
+                            breaker.record_failure()
+                        elif status != 429:
+                            breaker.record_success()
+                        self.policy.on_request_done(worker, ctx, False)
+                        if status in RETRYABLE_STATUSES and not last:
+                            return AttemptFailure(worker, status, payload, upstream.headers)
+                        return self._worker_response(worker, ctx, status, payload, upstream.headers)
+                    breaker.record_success()
+                    if ctx.stream:
+                        response = await self._relay_stream(request, ctx, worker, upstream)
+                    else:
+                        payload = await upstream.read()
+                        response = self._worker_response(worker, ctx, status, payload, upstream.headers)
+                    lease.ok = True
+                    self.policy.on_request_done(worker, ctx, True)
+                    return response
+            except TimeoutError:
+                breaker.record_failure()
+                self.policy.on_request_done(worker, ctx, False)
+                return AttemptFailure(worker, transport_error=f"timed out calling {url}", timed_out=True)
+            except aiohttp.ClientError as exc:
+                breaker.record_failure()
+                self.policy.on_request_done(worker, ctx, False)
+                return AttemptFailure(worker, transport_error=f"error sending request to {url}: {exc}")
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        worker: Worker,
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        """Relay SSE chunks as they arrive. After the first byte nothing can be retried."""
+        out = web.StreamResponse(
+            status=upstream.status,
+            headers=relay_response_headers(upstream.headers, self._routing_headers(worker, ctx)),
+        )
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            worker.breaker.record_failure()
+            log.warning("worker %s broke stream %s: %s", worker.url, ctx.request_id, exc or type(exc).__name__)
+            await out.write(_STREAM_INTERRUPTED)
+        await out.write_eof()
+        return out
+
+    def _worker_response(
+        self, worker: Worker, ctx: RequestContext, status: int, payload: bytes, headers: object
+    ) -> web.Response:
+        return web.Response(
+            status=status,
+            body=payload,
+            headers=relay_response_headers(headers, self._routing_headers(worker, ctx)),  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _routing_headers(worker: Worker, ctx: RequestContext) -> dict[str, str]:
+        return {"x-smg-routed-worker-id": worker.url, "x-request-id": ctx.request_id}
+
+    def _failure_response(self, failure: AttemptFailure, ctx: RequestContext) -> web.Response:
+        if failure.status is not None:
+            return self._worker_response(failure.worker, ctx, failure.status, failure.body, failure.headers)
+        if failure.timed_out:
+            raise GatewayError(504, "call_upstream_timeout", f"Upstream worker {failure.transport_error}")
+        raise GatewayError(502, "call_upstream_connection_failed", f"Upstream worker {failure.transport_error}")

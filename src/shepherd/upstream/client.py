@@ -1,0 +1,89 @@
+"""The pooled HTTP client the gateway uses to reach workers, and header hygiene in both directions."""
+
+from __future__ import annotations
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Hop-by-hop and length headers are the proxy's own business; never relayed.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+# Client headers worth passing to a worker; everything else (cookies, user agents, ...) stays here.
+_FORWARDED_REQUEST_HEADERS = ("traceparent", "tracestate", "x-smg-routing-key")
+
+
+class UpstreamClient:
+    """One connection pool for all workers; created inside the running event loop."""
+
+    def __init__(self, connect_timeout_secs: float = 10.0) -> None:
+        self._connect_timeout = connect_timeout_secs
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def forward_request_headers(
+    client_headers: CIMultiDictProxy[str],
+    request_id: str,
+    worker_api_key: str | None,
+    gateway_api_key: str | None,
+) -> dict[str, str]:
+    """Headers for the upstream request.
+
+    Credentials: the worker's own key when it has one; else the gateway's `--api-key` (the key the README says
+    authenticates the gateway to its workers); else whatever the client sent, unchanged.
+    """
+    headers = {"Content-Type": "application/json", "x-request-id": request_id}
+    key = worker_api_key or gateway_api_key
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    else:
+        client_auth = client_headers.get("Authorization")
+        if client_auth:
+            headers["Authorization"] = client_auth
+    for name in _FORWARDED_REQUEST_HEADERS:
+        value = client_headers.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+def relay_response_headers(upstream: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in _HOP_BY_HOP:
+            headers.add(name, value)
+    headers.update(extra)
+    return headers

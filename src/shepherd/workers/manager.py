@@ -1,0 +1,349 @@
+"""Every way a worker arrives or leaves goes through here: static URLs, the admin API, discovery.
+
+Adding is a background job: probe the worker until it answers, discover its model and capabilities, then
+register it ready. Removing drains: the worker takes no new requests and leaves once its in-flight ones end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from shepherd.config import GatewayConfig
+from shepherd.upstream.client import UpstreamClient, auth_headers
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import UNKNOWN_MODEL, Worker, WorkerStatus, WorkerType
+
+log = logging.getLogger(__name__)
+
+_URL_SCHEMES = ("http", "https", "grpc", "grpcs")
+_LABEL_VALUE_MAX = 256
+
+
+class SpecError(ValueError):
+    """An invalid worker specification; `field` names the offending field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """What a source says about a worker before the worker itself has been asked."""
+
+    url: str
+    worker_type: WorkerType = WorkerType.REGULAR
+    api_key: str | None = None
+    bootstrap_port: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    priority: int = 50
+    cost: float = 1.0
+    model_id: str | None = None
+    source: str = "api"
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "api") -> WorkerSpec:
+        if not isinstance(data, dict):
+            raise SpecError("body", "the request body must be a JSON object")
+        url = data.get("url")
+        if not isinstance(url, str) or not url:
+            raise SpecError("url", "field 'url' is required and must be a string")
+        worker_type = data.get("worker_type", "regular")
+        try:
+            wtype = WorkerType(worker_type)
+        except ValueError:
+            raise SpecError("worker_type", "field 'worker_type' must be regular, prefill or decode") from None
+        spec = cls(url=normalize_url(url), worker_type=wtype, source=source)
+        spec.api_key = _optional(data, "api_key", str)
+        spec.bootstrap_port = _optional(data, "bootstrap_port", int)
+        if spec.bootstrap_port is not None and not 0 < spec.bootstrap_port < 65536:
+            raise SpecError("bootstrap_port", "field 'bootstrap_port' must be a port number")
+        spec.labels = _labels(data.get("labels"))
+        spec.priority = _optional(data, "priority", int) or 50
+        cost = _optional(data, "cost", (int, float))
+        spec.cost = 1.0 if cost is None else float(cost)
+        spec.model_id = _optional(data, "model_id", str) or _optional(data, "model", str)
+        return spec
+
+
+def _optional(data: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SpecError(name, f"field '{name}' has the wrong type")
+    return value
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise SpecError("labels", "field 'labels' must be an object of string keys")
+    return {k: str(v) for k, v in value.items()}
+
+
+def normalize_url(url: str) -> str:
+    """Validate a worker URL and drop a trailing slash; raises SpecError naming the `url` field."""
+    parts = urlsplit(url)
+    if parts.scheme not in _URL_SCHEMES or not parts.hostname:
+        raise SpecError("url", f"field 'url' is not a valid worker URL: {url!r} (need http(s)://host:port)")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise SpecError("url", f"field 'url' has an invalid port: {url!r}") from None
+    if parts.query or parts.fragment:
+        raise SpecError("url", f"field 'url' must not carry a query or fragment: {url!r}")
+    return url.rstrip("/")
+
+
+@dataclass(slots=True)
+class Job:
+    """A pending registration, visible at GET /workers/{id} until the worker is registered."""
+
+    worker_id: str
+    spec: WorkerSpec
+    status: str = "pending"
+    message: str | None = None
+    started: float = field(default_factory=time.time)
+    task: asyncio.Task | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.worker_id,
+            "url": self.spec.url,
+            "worker_type": self.spec.worker_type.value,
+            "status": "pending" if self.status != "failed" else "failed",
+            "healthy": False,
+            "is_healthy": False,
+            "job_status": {
+                "job_type": "AddWorker",
+                "worker_url": self.spec.url,
+                "status": self.status,
+                "message": self.message,
+                "timestamp": int(self.started),
+            },
+        }
+
+
+class DuplicateWorker(Exception):
+    def __init__(self, url: str, worker_id: str) -> None:
+        super().__init__(f"Worker already exists at URL '{url}' with ID {worker_id}")
+        self.worker_id = worker_id
+
+
+class WorkerManager:
+    def __init__(self, registry: Registry, client: UpstreamClient, config: GatewayConfig) -> None:
+        self.registry = registry
+        self._client = client
+        self._config = config
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- adding --------------------------------------------------------------------------------------------
+    def submit_add(self, spec: WorkerSpec) -> Job:
+        """Queue a registration; raises DuplicateWorker when the URL is registered or being registered."""
+        existing = self.registry.by_url(spec.url) or next(
+            (w for w in self.registry.all() if w.base_url == spec.url), None
+        )
+        if existing is not None:
+            raise DuplicateWorker(spec.url, existing.id)
+        for job in self.jobs.values():
+            if job.spec.url == spec.url and job.status != "failed":
+                raise DuplicateWorker(spec.url, job.worker_id)
+        job = Job(worker_id=str(uuid.uuid4()), spec=spec)
+        self.jobs[job.worker_id] = job
+        job.task = self._spawn(self._register(job))
+        return job
+
+    async def _register(self, job: Job) -> None:
+        spec = job.spec
+        job.status = "processing"
+        try:
+            workers = self._build_workers(job, await self._discover(spec))
+        except (TimeoutError, OSError, aiohttp.ClientError, ValueError) as exc:
+            job.status, job.message = "failed", f"worker {spec.url} could not be registered: {exc}"
+            log.error("%s", job.message)
+            return
+        for worker in workers:
+            if self.registry.by_url(worker.url) is not None:
+                continue
+            worker.status = WorkerStatus.READY
+            self.registry.add(worker)
+            log.info("registered worker %s (model %s, %s)", worker.url, worker.model_id, worker.worker_type.value)
+        self.jobs.pop(job.worker_id, None)
+
+    async def _discover(self, spec: WorkerSpec) -> dict[str, Any]:
+        """Wait until the worker answers /health, then read its server and model info."""
+        deadline = time.monotonic() + self._config.worker_startup_timeout_secs
+        delay = 0.2
+        session = self._client.session
+        headers = auth_headers(spec.api_key)
+        timeout = aiohttp.ClientTimeout(total=self._config.health_check.timeout_secs)
+        while True:
+            try:
+                async with session.get(spec.url + "/health", headers=headers, timeout=timeout) as resp:
+                    if resp.status < 400:
+                        break
+                    last = f"/health answered {resp.status}"
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                last = str(exc) or type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(last)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._config.worker_startup_check_interval)
+        server_info = await self._get_json(spec, ("/server_info", "/get_server_info"), timeout)
+        model_info = await self._get_json(spec, ("/model_info", "/get_model_info"), timeout)
+        models = await self._get_json(spec, ("/v1/models",), timeout)
+        return {"server_info": server_info, "model_info": model_info, "models": models}
+
+    async def _get_json(
+        self, spec: WorkerSpec, paths: tuple[str, ...], timeout: aiohttp.ClientTimeout
+    ) -> dict[str, Any]:
+        """GET the first of `paths` that exists (later ones are fallbacks for 404); {} when none answers."""
+        for path in paths:
+            try:
+                async with self._client.session.get(
+                    spec.url + path, headers=auth_headers(spec.api_key), timeout=timeout
+                ) as resp:
+                    if resp.status == 404:
+                        continue
+                    if resp.status >= 400:
+                        return {}
+                    data = await resp.json(content_type=None)
+                    return data if isinstance(data, dict) else {}
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return {}
+        return {}
+
+    def _build_workers(self, job: Job, info: dict[str, Any]) -> list[Worker]:
+        spec = job.spec
+        server_info, model_info = info["server_info"], info["model_info"]
+        model_id = spec.model_id or resolve_model_id(server_info, info["models"])
+        labels = discovered_labels(server_info, model_info)
+        labels.update(spec.labels)
+
+        def make(url: str, worker_id: str, dp_rank: int | None = None, dp_size: int | None = None) -> Worker:
+            breaker = CircuitBreaker(self._config.circuit_breaker, self.registry.breaker_listener(url))
+            return Worker(
+                url,
+                breaker,
+                worker_type=spec.worker_type,
+                model_id=model_id,
+                api_key=spec.api_key,
+                bootstrap_port=spec.bootstrap_port,
+                labels=labels,
+                priority=spec.priority,
+                cost=spec.cost,
+                base_url=spec.url,
+                dp_rank=dp_rank,
+                dp_size=dp_size,
+                source=spec.source,
+                worker_id=worker_id,
+            )
+
+        if not self._config.dp_aware:
+            return [make(spec.url, job.worker_id)]
+        dp_size = server_info.get("dp_size")
+        if not isinstance(dp_size, int) or dp_size < 1:
+            raise ValueError(f"--dp-aware: worker {spec.url} reports no dp_size in its server info")
+        return [
+            make(f"{spec.url}@{rank}", job.worker_id if rank == 0 else str(uuid.uuid4()), rank, dp_size)
+            for rank in range(dp_size)
+        ]
+
+    # --- removing ------------------------------------------------------------------------------------------
+    def submit_remove(self, worker: Worker) -> None:
+        """Drain then remove; a second call while draining is harmless."""
+        if worker.status is WorkerStatus.DRAINING:
+            return
+        self.registry.set_status(worker, WorkerStatus.DRAINING)
+        self._spawn(self._drain_and_remove(worker))
+
+    def cancel_job(self, job: Job) -> None:
+        if job.task is not None:
+            job.task.cancel()
+        self.jobs.pop(job.worker_id, None)
+
+    async def _drain_and_remove(self, worker: Worker) -> None:
+        deadline = time.monotonic() + self._config.drain_timeout_secs
+        while worker.load > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.registry.remove(worker)
+        log.info("removed worker %s", worker.url)
+
+    def workers_at(self, url: str) -> list[Worker]:
+        """The worker registered at `url`, or every DP rank of that base URL."""
+        url = url.rstrip("/")
+        exact = self.registry.by_url(url)
+        if exact is not None:
+            return [exact]
+        return [w for w in self.registry.all() if w.base_url == url]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def add_static(self) -> None:
+        config = self._config
+        for url in config.worker_urls:
+            self.submit_add(WorkerSpec(normalize_url(url), source="static"))
+        for prefill in config.prefill:
+            self.submit_add(
+                WorkerSpec(
+                    normalize_url(prefill.url),
+                    WorkerType.PREFILL,
+                    bootstrap_port=prefill.bootstrap_port,
+                    source="static",
+                )
+            )
+        for url in config.decode:
+            self.submit_add(WorkerSpec(normalize_url(url), WorkerType.DECODE, source="static"))
+
+    async def wait_idle(self) -> None:
+        """Wait for every queued job (used by tests and at shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def resolve_model_id(server_info: dict[str, Any], models: dict[str, Any]) -> str:
+    for key in ("model_id", "model", "served_model_name"):
+        value = server_info.get(key)
+        if isinstance(value, str) and value:
+            return value
+    data = models.get("data")
+    if isinstance(data, list) and data and isinstance(data[0], dict) and isinstance(data[0].get("id"), str):
+        return data[0]["id"]
+    model_path = server_info.get("model_path")
+    if isinstance(model_path, str) and model_path:
+        return model_path.rstrip("/").rsplit("/", 1)[-1]
+    return UNKNOWN_MODEL
+
+
+def discovered_labels(*infos: dict[str, Any]) -> dict[str, str]:
+    """Scalar facts the worker reported about itself, as string labels (long values left out)."""
+    labels: dict[str, str] = {}
+    for info in infos:
+        for key, value in info.items():
+            if isinstance(value, bool):
+                labels[key] = "true" if value else "false"
+            elif isinstance(value, (int, float, str)) and len(str(value)) <= _LABEL_VALUE_MAX:
+                labels[key] = str(value)
+    return labels

@@ -1,0 +1,158 @@
+"""The single source of truth for the fleet.
+
+The data plane reads immutable snapshots (tuples of routable workers per type and model) that are rebuilt
+only when something changes, so picking a worker never scans or locks the whole fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from shepherd.workers.breaker import CircuitBreaker, CircuitState
+from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+
+log = logging.getLogger(__name__)
+
+WorkerListener = Callable[[Worker], None]
+_ANY_MODEL = None
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._by_id: dict[str, Worker] = {}
+        self._by_url: dict[str, Worker] = {}
+        self._routable: dict[tuple[WorkerType, str | None], tuple[Worker, ...]] = {}
+        self._models: dict[WorkerType, frozenset[str]] = {}
+        self._on_added: list[WorkerListener] = []
+        self._on_removed: list[WorkerListener] = []
+        self._on_changed: list[WorkerListener] = []
+        self._reopen_timer: asyncio.TimerHandle | None = None
+
+    # --- subscriptions -------------------------------------------------------------------------------------
+    def subscribe(
+        self,
+        on_added: WorkerListener | None = None,
+        on_removed: WorkerListener | None = None,
+        on_changed: WorkerListener | None = None,
+    ) -> None:
+        """Policies and observers learn about the fleet here; callbacks must not block."""
+        if on_added:
+            self._on_added.append(on_added)
+        if on_removed:
+            self._on_removed.append(on_removed)
+        if on_changed:
+            self._on_changed.append(on_changed)
+
+    # --- membership ----------------------------------------------------------------------------------------
+    def add(self, worker: Worker) -> None:
+        if worker.url in self._by_url:
+            raise ValueError(f"worker {worker.url} is already registered")
+        self._by_id[worker.id] = worker
+        self._by_url[worker.url] = worker
+        self._rebuild()
+        for listener in self._on_added:
+            listener(worker)
+
+    def remove(self, worker: Worker) -> None:
+        if self._by_id.pop(worker.id, None) is None:
+            return
+        self._by_url.pop(worker.url, None)
+        self._rebuild()
+        for listener in self._on_removed:
+            listener(worker)
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._by_id.get(worker_id)
+
+    def by_url(self, url: str) -> Worker | None:
+        return self._by_url.get(url)
+
+    def all(self) -> list[Worker]:
+        return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    # --- state changes -------------------------------------------------------------------------------------
+    def set_status(self, worker: Worker, status: WorkerStatus) -> None:
+        if worker.status is status:
+            return
+        old, worker.status = worker.status, status
+        log.info("worker %s: %s -> %s", worker.url, old.value, status.value)
+        self.changed(worker)
+
+    def changed(self, worker: Worker | None = None) -> None:
+        """Something that affects routability changed (status, breaker, model)."""
+        self._rebuild()
+        if worker is not None:
+            for listener in self._on_changed:
+                listener(worker)
+
+    def breaker_listener(self, worker_url: str) -> Callable[[CircuitBreaker, CircuitState, CircuitState], None]:
+        """A transition listener for a worker's breaker that keeps the snapshots right."""
+
+        def on_transition(_breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+            log.warning("worker %s: circuit %s -> %s", worker_url, old.value, new.value)
+            worker = self._by_url.get(worker_url)
+            if worker is not None and new is not CircuitState.HALF_OPEN:
+                self.changed(worker)
+
+        return on_transition
+
+    # --- reads for the data plane --------------------------------------------------------------------------
+    def candidates(self, worker_type: WorkerType, model: str | None) -> tuple[Worker, ...]:
+        """Routable workers (ready, circuit not open) of a type serving `model` (None: any model)."""
+        return self._routable.get((worker_type, model), ())
+
+    def serves(self, worker_type: WorkerType, model: str) -> bool:
+        """Whether any registered worker of the type serves `model`, routable or not."""
+        return model in self._models.get(worker_type, frozenset())
+
+    def models(self) -> list[str]:
+        names: set[str] = set()
+        for models in self._models.values():
+            names |= models
+        return sorted(names)
+
+    def of_type(self, worker_type: WorkerType) -> list[Worker]:
+        return [w for w in self._by_id.values() if w.worker_type is worker_type]
+
+    def _rebuild(self) -> None:
+        routable: dict[tuple[WorkerType, str | None], list[Worker]] = {}
+        models: dict[WorkerType, set[str]] = {}
+        next_reopen: float | None = None
+        for worker in self._by_id.values():
+            models.setdefault(worker.worker_type, set()).add(worker.model_id)
+            if worker.status is not WorkerStatus.READY:
+                continue
+            if not worker.breaker.allows():
+                wait = worker.breaker.reopen_in()
+                next_reopen = wait if next_reopen is None else min(next_reopen, wait)
+                continue
+            routable.setdefault((worker.worker_type, _ANY_MODEL), []).append(worker)
+            routable.setdefault((worker.worker_type, worker.model_id), []).append(worker)
+        self._routable = {key: tuple(workers) for key, workers in routable.items()}
+        self._models = {key: frozenset(names) for key, names in models.items()}
+        self._schedule_reopen(next_reopen)
+
+    def _schedule_reopen(self, delay: float | None) -> None:
+        """Open breakers turn half-open by time alone, so rebuild when the earliest one is due."""
+        if self._reopen_timer is not None:
+            self._reopen_timer.cancel()
+            self._reopen_timer = None
+        if delay is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reopen_timer = loop.call_later(delay + 0.001, self._rebuild)
+
+
+def count_by_type(workers: Iterable[Worker]) -> dict[str, int]:
+    stats = {"regular_count": 0, "prefill_count": 0, "decode_count": 0}
+    for worker in workers:
+        stats[f"{worker.worker_type.value}_count"] += 1
+    return stats

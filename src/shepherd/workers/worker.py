@@ -1,0 +1,138 @@
+"""A worker: one routing target (an engine URL, or one DP rank of it) and its live state."""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from enum import StrEnum
+from typing import Any
+
+from shepherd.workers.breaker import CircuitBreaker
+
+
+class WorkerStatus(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    NOT_READY = "not_ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+class WorkerType(StrEnum):
+    REGULAR = "regular"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+UNKNOWN_MODEL = "unknown"
+_LATENCY_SAMPLES = 512
+
+
+class Worker:
+    """State the registry keeps per routing target.
+
+    `url` is the identity shown to operators (`base_url@rank` for DP-aware ranks); requests go to `base_url`.
+    The API key is kept here only to authenticate to this worker and is never serialized.
+    """
+
+    __slots__ = (
+        "api_key",
+        "base_url",
+        "bootstrap_port",
+        "breaker",
+        "cost",
+        "dp_rank",
+        "dp_size",
+        "health_failures",
+        "health_probes",
+        "health_successes",
+        "id",
+        "labels",
+        "latencies",
+        "load",
+        "model_id",
+        "priority",
+        "requests_total",
+        "source",
+        "status",
+        "url",
+        "worker_type",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        breaker: CircuitBreaker,
+        *,
+        worker_type: WorkerType = WorkerType.REGULAR,
+        model_id: str = UNKNOWN_MODEL,
+        api_key: str | None = None,
+        bootstrap_port: int | None = None,
+        labels: dict[str, str] | None = None,
+        priority: int = 50,
+        cost: float = 1.0,
+        base_url: str | None = None,
+        dp_rank: int | None = None,
+        dp_size: int | None = None,
+        source: str = "static",
+        worker_id: str | None = None,
+    ) -> None:
+        self.id = worker_id or str(uuid.uuid4())
+        self.url = url
+        self.base_url = base_url or url
+        self.breaker = breaker
+        self.worker_type = worker_type
+        self.model_id = model_id
+        self.api_key = api_key
+        self.bootstrap_port = bootstrap_port
+        self.labels = dict(labels or {})
+        self.priority = priority
+        self.cost = cost
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.source = source
+        self.status = WorkerStatus.PENDING
+        self.load = 0
+        self.requests_total = 0
+        self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.health_successes = 0
+        self.health_failures = 0
+        self.health_probes = 0
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status is WorkerStatus.READY
+
+    def latency_p99_ms(self) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 3)
+
+    def to_json(self) -> dict[str, Any]:
+        healthy = self.status is WorkerStatus.READY
+        data: dict[str, Any] = {
+            "id": self.id,
+            "url": self.url,
+            "model": self.model_id,
+            "model_id": self.model_id,
+            "worker_type": self.worker_type.value,
+            "connection_mode": "grpc" if self.url.startswith("grpc") else "http",
+            "status": self.status.value,
+            "healthy": healthy,
+            "is_healthy": healthy,
+            "requests_total": self.requests_total,
+            "requests_active": self.load,
+            "load": self.load,
+            "latency_p99_ms": self.latency_p99_ms(),
+            "circuit_state": self.breaker.state.value,
+            "labels": self.labels,
+            "priority": self.priority,
+            "cost": self.cost,
+            "source": self.source,
+        }
+        if self.worker_type is WorkerType.PREFILL:
+            data["bootstrap_port"] = self.bootstrap_port
+        if self.dp_rank is not None:
+            data.update(dp_rank=self.dp_rank, dp_size=self.dp_size, dp_base_url=self.base_url)
+        return data
