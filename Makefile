@@ -1,0 +1,26 @@
+# Shepherd: `make run` starts the gateway on :30000 in front of 2 simulated workers; `make test` runs the suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench-overhead bench-routing clean
+
+$(BIN)/shepherd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test,bench]'
+	touch $@
+
+run: $(BIN)/shepherd
+	$(BIN)/shepherd serve --backend sim --dp-size 2 --host 0.0.0.0 --port 30000
+
+test: $(BIN)/shepherd
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest -q
+
+lint: $(BIN)/shepherd
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+from shepherd.config import CircuitBreakerConfig, HealthCheckConfig
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.health import HealthChecker
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+
+
+def add_worker(registry, url, model="m", status=WorkerStatus.READY, worker_type=WorkerType.REGULAR):
+    breaker = CircuitBreaker(CircuitBreakerConfig(failure_threshold=1), registry.breaker_listener(url))
+    worker = Worker(url, breaker, model_id=model, worker_type=worker_type)
+    worker.status = status
+    registry.add(worker)
+    return worker
+
+
+def test_candidates_are_ready_workers_of_the_model():
+    registry = Registry()
+    a = add_worker(registry, "http://a", "m1")
+    b = add_worker(registry, "http://b", "m2")
+    add_worker(registry, "http://c", "m1", status=WorkerStatus.NOT_READY)
+    assert registry.candidates(WorkerType.REGULAR, "m1") == (a,)
+    assert set(registry.candidates(WorkerType.REGULAR, None)) == {a, b}
+    assert registry.serves(WorkerType.REGULAR, "m1") and not registry.serves(WorkerType.REGULAR, "m3")
+    assert registry.candidates(WorkerType.PREFILL, None) == ()
+
+
+def test_open_breaker_removes_worker_from_candidates():
+    registry = Registry()
+    a = add_worker(registry, "http://a")
+    b = add_worker(registry, "http://b")
+    a.breaker.record_failure()
+    assert registry.candidates(WorkerType.REGULAR, "m") == (b,)
+
+
+def test_status_change_and_removal_update_snapshots_and_notify():
+    registry = Registry()
+    removed = []
+    registry.subscribe(on_removed=removed.append)
+    a = add_worker(registry, "http://a")
+    registry.set_status(a, WorkerStatus.DRAINING)
+    assert registry.candidates(WorkerType.REGULAR, None) == ()
+    registry.remove(a)
+    assert removed == [a] and len(registry) == 0 and registry.by_url("http://a") is None
+
+
+def test_health_state_machine():
+    registry = Registry()
+    failed = []
+    checker = HealthChecker(
+        registry, client=None, config=HealthCheckConfig(failure_threshold=2, success_threshold=2),
+        on_failed=failed.append,
+    )
+    w = add_worker(registry, "http://a")
+    checker.record(w, False)
+    assert w.status is WorkerStatus.READY
+    checker.record(w, False)
+    assert w.status is WorkerStatus.NOT_READY
+    checker.record(w, True)
+    assert w.status is WorkerStatus.NOT_READY  # one success is not enough
+    checker.record(w, True)
+    assert w.status is WorkerStatus.READY
+    for _ in range(6):  # 2 to not_ready, 6 (3 x F) to failed
+        checker.record(w, False)
+    assert w.status is WorkerStatus.FAILED and failed == [w]
+    checker.record(w, True)
+    checker.record(w, True)
+    assert w.status is WorkerStatus.READY  # failed workers that are kept may recover
+
+
+def test_draining_workers_are_not_touched_by_health():
+    registry = Registry()
+    checker = HealthChecker(registry, client=None, config=HealthCheckConfig(failure_threshold=1))
+    w = add_worker(registry, "http://a")
+    registry.set_status(w, WorkerStatus.DRAINING)
+    checker.record(w, False)
+    assert w.status is WorkerStatus.DRAINING
