@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 from shepherd.config import (
     DEFAULT_REQUEST_ID_HEADERS,
+    DISCOVERY_PROVIDERS,
     POLICIES,
     CacheAwareConfig,
     CircuitBreakerConfig,
     ConfigError,
+    DiscoveryConfig,
     GatewayConfig,
     HealthCheckConfig,
     PrefillSpec,
@@ -101,7 +103,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--health-check-endpoint", "--health-check-path", default=hc.endpoint)
     h.add_argument("--disable-health-check", action="store_true")
     h.add_argument(
-        "--remove-unhealthy-workers", action=argparse.BooleanOptionalAction, default=d.remove_unhealthy_workers
+        "--remove-unhealthy-workers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when service discovery is on, else off",
     )
 
     a = parser.add_argument_group("admission")
@@ -109,12 +114,52 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--queue-size", type=int, default=d.queue_size)
     a.add_argument("--queue-timeout-secs", type=duration, default=d.queue_timeout_secs)
 
+    sd = DiscoveryConfig()
+    s = parser.add_argument_group("service discovery")
+    s.add_argument("--service-discovery", action="store_true", help="discover worker pods in Kubernetes")
+    s.add_argument("--discovery-provider", choices=DISCOVERY_PROVIDERS, default=None)
+    s.add_argument("--selector", nargs="+", type=selector_pair, default=[], metavar="KEY=VALUE")
+    s.add_argument("--prefill-selector", nargs="+", type=selector_pair, default=[], metavar="KEY=VALUE")
+    s.add_argument("--decode-selector", nargs="+", type=selector_pair, default=[], metavar="KEY=VALUE")
+    s.add_argument("--service-discovery-namespace", default=None, help="default: all namespaces")
+    s.add_argument("--service-discovery-port", type=int, default=sd.port)
+    s.add_argument("--bootstrap-port-annotation", default=sd.bootstrap_port_annotation)
+    s.add_argument("--discovery-file", default=None, metavar="PATH", help="JSON or YAML worker manifest")
+    s.add_argument("--discovery-check-interval-secs", type=duration, default=sd.check_interval_secs)
+
     o = parser.add_argument_group("observability")
     o.add_argument("--prometheus-host", default=d.prometheus_host)
     o.add_argument("--prometheus-port", type=int, default=d.prometheus_port)
     o.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error", "critical"))
     o.add_argument("--log-dir", default=None)
     o.add_argument("--log-json", action="store_true")
+
+
+def selector_pair(text: str) -> tuple[str, str]:
+    """One `key=value` pair of a label selector."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"invalid selector {text!r} (use key=value)")
+    return key.strip(), value.strip()
+
+
+def _discovery_config(args: argparse.Namespace) -> DiscoveryConfig:
+    provider = args.discovery_provider
+    if args.service_discovery:
+        if provider not in (None, "kubernetes"):
+            raise ConfigError("--service-discovery is the Kubernetes provider; it conflicts with --discovery-provider")
+        provider = "kubernetes"
+    return DiscoveryConfig(
+        provider=provider,
+        selector=tuple(args.selector),
+        prefill_selector=tuple(args.prefill_selector),
+        decode_selector=tuple(args.decode_selector),
+        namespace=args.service_discovery_namespace,
+        port=args.service_discovery_port,
+        bootstrap_port_annotation=args.bootstrap_port_annotation,
+        file=args.discovery_file,
+        check_interval_secs=args.discovery_check_interval_secs,
+    )
 
 
 def _prefill_specs(groups: Sequence[Sequence[str]]) -> tuple[PrefillSpec, ...]:
@@ -132,6 +177,8 @@ def _prefill_specs(groups: Sequence[Sequence[str]]) -> tuple[PrefillSpec, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    discovery = _discovery_config(args)
+    remove_unhealthy = args.remove_unhealthy_workers
     return GatewayConfig(
         host=args.host,
         port=args.port,
@@ -177,7 +224,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             endpoint=args.health_check_endpoint,
             disabled=args.disable_health_check,
         ),
-        remove_unhealthy_workers=args.remove_unhealthy_workers,
+        remove_unhealthy_workers=discovery.enabled if remove_unhealthy is None else remove_unhealthy,
+        discovery=discovery,
         max_concurrent_requests=args.max_concurrent_requests,
         queue_size=args.queue_size,
         queue_timeout_secs=args.queue_timeout_secs,

@@ -67,6 +67,28 @@ class CacheAwareConfig:
     max_tree_size: int = 2**26
 
 
+DISCOVERY_PROVIDERS = ("kubernetes", "file")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Where discovered workers come from (see docs/discovery.md); `provider=None` turns discovery off."""
+
+    provider: str | None = None
+    selector: tuple[tuple[str, str], ...] = ()
+    prefill_selector: tuple[tuple[str, str], ...] = ()
+    decode_selector: tuple[tuple[str, str], ...] = ()
+    namespace: str | None = None
+    port: int = 80
+    bootstrap_port_annotation: str = "sglang.ai/bootstrap-port"
+    file: str | None = None
+    check_interval_secs: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     host: str = "0.0.0.0"
@@ -92,6 +114,7 @@ class GatewayConfig:
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     remove_unhealthy_workers: bool = False
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     max_concurrent_requests: int = -1  # -1: max(4096, 1024 * cores); 0: unlimited
     queue_size: int = 100
@@ -152,7 +175,28 @@ class GatewayConfig:
             raise ConfigError("--queue-size must be >= 0 and --queue-timeout-secs > 0")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
+        self._validate_discovery()
         return self
+
+    def _validate_discovery(self) -> None:
+        sd = self.discovery
+        if sd.provider is None:
+            return
+        if sd.provider not in DISCOVERY_PROVIDERS:
+            raise ConfigError(f"--discovery-provider must be one of {', '.join(DISCOVERY_PROVIDERS)}")
+        if sd.check_interval_secs <= 0:
+            raise ConfigError("--discovery-check-interval-secs must be > 0")
+        if sd.provider == "file":
+            if not sd.file:
+                raise ConfigError("--discovery-provider file needs --discovery-file PATH")
+            return
+        if not 0 < sd.port < 65536:
+            raise ConfigError("--service-discovery-port must be a port number")
+        if self.pd_disaggregation:
+            if not (sd.prefill_selector or sd.decode_selector):
+                raise ConfigError("--pd-disaggregation discovery needs --prefill-selector and/or --decode-selector")
+        elif not sd.selector:
+            raise ConfigError("--service-discovery needs --selector key=value (an empty selector matches no pod)")
 
     def redacted(self) -> dict:
         """The effective configuration as JSON-ready data, secrets replaced."""

@@ -64,13 +64,12 @@ async def test_generated_request_ids_use_route_prefixes(gateway, sims):
 async def test_stream_is_relayed_frame_by_frame(gateway, sims):
     payload = {"text": "stream me", "stream": True, "sampling_params": {"max_new_tokens": 30}}
     frames: list[tuple[float, bytes]] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.url + "/generate", json=payload) as resp:
-            assert resp.status == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            async for line in resp.content:
-                if line.startswith(b"data: "):
-                    frames.append((time.monotonic(), line.strip()))
+    async with aiohttp.ClientSession() as session, session.post(gateway.url + "/generate", json=payload) as resp:
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                frames.append((time.monotonic(), line.strip()))
     assert frames[-1][1] == b"data: [DONE]"
     assert len(frames) >= 10  # the worker's token frames, not one buffered blob
     # 30 decode steps of >= 3 ms: the first frame reached us well before the last one was produced
@@ -102,11 +101,10 @@ async def test_models_route_and_model_selection(gateway, sims):
     ],
 )
 async def test_error_envelope(gateway, sims, method, path, body, status, code):
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, gateway.url + path, data=body) as resp:
-            assert resp.status == status
-            assert resp.headers["content-type"].startswith("application/json")
-            error = (await resp.json())["error"]
+    async with aiohttp.ClientSession() as session, session.request(method, gateway.url + path, data=body) as resp:
+        assert resp.status == status
+        assert resp.headers["content-type"].startswith("application/json")
+        error = (await resp.json())["error"]
     assert error["code"] == code and error["message"] and error["type"]
     assert total_count(sims, "/generate") == 0  # nothing reached a worker
 
@@ -179,9 +177,23 @@ def test_workers_listing_shape(gateway, sims):
     assert body["total"] == 3 and body["healthy"] == 3
     assert body["stats"] == {"regular_count": 3, "prefill_count": 0, "decode_count": 0}
     worker = body["workers"][0]
-    for field in ("id", "url", "model", "model_id", "worker_type", "status", "healthy", "is_healthy",
-                  "requests_total", "requests_active", "latency_p99_ms", "circuit_state", "labels",
-                  "priority", "cost"):
+    for field in (
+        "id",
+        "url",
+        "model",
+        "model_id",
+        "worker_type",
+        "status",
+        "healthy",
+        "is_healthy",
+        "requests_total",
+        "requests_active",
+        "latency_p99_ms",
+        "circuit_state",
+        "labels",
+        "priority",
+        "cost",
+    ):
         assert field in worker, field
     assert worker["model"] == MODEL and worker["status"] == "ready" and worker["circuit_state"] == "closed"
     by_id = gateway.get(f"/workers/{worker['id']}")[1]
@@ -230,9 +242,12 @@ def test_legacy_add_and_remove_worker(tmp_path):
 
 
 def test_unreachable_worker_is_502_and_hung_worker_is_504(tmp_path):
-    with start_sim(tmp_path, 1) as sims, start_gateway(
-        tmp_path, sims.urls, "--disable-retries", "--request-timeout-secs", "0.5", "--disable-health-check"
-    ) as gw:
+    with (
+        start_sim(tmp_path, 1) as sims,
+        start_gateway(
+            tmp_path, sims.urls, "--disable-retries", "--request-timeout-secs", "0.5", "--disable-health-check"
+        ) as gw,
+    ):
         sims.ctl(0, hang=True)
         started = time.monotonic()
         status, body = gw.post("/generate", {"text": "x"})

@@ -66,8 +66,20 @@ def start_gateway(
 ) -> GatewayProcess:
     """Launch the gateway on free ports; wait until it listens and `ready_workers` (default: all) are ready."""
     port, prometheus_port = free_port(), free_port()
-    args = [sys.executable, "-m", "shepherd.cli", "launch", "--host", "127.0.0.1", "--port", str(port),
-            "--prometheus-port", str(prometheus_port), "--log-level", "debug"]
+    args = [
+        sys.executable,
+        "-m",
+        "shepherd.cli",
+        "launch",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        str(prometheus_port),
+        "--log-level",
+        "debug",
+    ]
     if worker_urls:
         args += ["--worker-urls", *worker_urls]
     if api_key:

@@ -4,8 +4,9 @@ from shepherd.workers.breaker import CircuitBreaker, CircuitState
 
 def make(**overrides):
     transitions = []
-    config = CircuitBreakerConfig(**{"failure_threshold": 3, "success_threshold": 2, "timeout_secs": 10.0,
-                                     "window_secs": 5.0, **overrides})
+    config = CircuitBreakerConfig(
+        **{"failure_threshold": 3, "success_threshold": 2, "timeout_secs": 10.0, "window_secs": 5.0, **overrides}
+    )
     breaker = CircuitBreaker(config, lambda _b, old, new: transitions.append((old.value, new.value)))
     return breaker, transitions
 

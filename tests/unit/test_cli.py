@@ -21,11 +21,22 @@ def test_durations():
 
 def test_prefill_bootstrap_ports():
     config = parse(
-        "--pd-disaggregation", "--prefill", "http://p1:8000", "9000", "--prefill", "http://p2:8000", "none",
-        "--prefill", "http://p3:8000", "--decode", "http://d1:8000",
+        "--pd-disaggregation",
+        "--prefill",
+        "http://p1:8000",
+        "9000",
+        "--prefill",
+        "http://p2:8000",
+        "none",
+        "--prefill",
+        "http://p3:8000",
+        "--decode",
+        "http://d1:8000",
     )
     assert [(p.url, p.bootstrap_port) for p in config.prefill] == [
-        ("http://p1:8000", 9000), ("http://p2:8000", None), ("http://p3:8000", None)
+        ("http://p1:8000", 9000),
+        ("http://p2:8000", None),
+        ("http://p3:8000", None),
     ]
     assert config.decode == ("http://d1:8000",)
 

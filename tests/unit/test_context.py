@@ -37,7 +37,11 @@ def test_body_is_kept_byte_for_byte():
 
 def test_inject_adds_fields_without_touching_the_original():
     parsed = ctx(GENERATE, {"text": "a", "model": "m"})
-    assert orjson.loads(parsed.inject({"data_parallel_rank": 1})) == {"text": "a", "model": "m", "data_parallel_rank": 1}
+    assert orjson.loads(parsed.inject({"data_parallel_rank": 1})) == {
+        "text": "a",
+        "model": "m",
+        "data_parallel_rank": 1,
+    }
     assert orjson.loads(parsed.body) == {"text": "a", "model": "m"}
 
 

@@ -47,7 +47,9 @@ def test_health_state_machine():
     registry = Registry()
     failed = []
     checker = HealthChecker(
-        registry, client=None, config=HealthCheckConfig(failure_threshold=2, success_threshold=2),
+        registry,
+        client=None,
+        config=HealthCheckConfig(failure_threshold=2, success_threshold=2),
         on_failed=failed.append,
     )
     w = add_worker(registry, "http://a")

@@ -29,4 +29,4 @@ def test_worker_fault_classification(status, fault):
 
 
 def test_retryable_statuses():
-    assert RETRYABLE_STATUSES == {408, 429, 500, 502, 503, 504}
+    assert {408, 429, 500, 502, 503, 504} == RETRYABLE_STATUSES

@@ -6,5 +6,8 @@ import argparse
 
 
 def register_benchmarks(subparsers: argparse._SubParsersAction) -> None:
-    # Benchmark modules are imported lazily by their registration functions' callers.
-    return None
+    """Add every benchmark's subcommand; each sets `run` (args -> exit code) with `set_defaults`."""
+    from shepherd.bench import overhead
+
+    for register in (overhead.register,):
+        register(subparsers)
