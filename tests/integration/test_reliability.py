@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 
@@ -29,7 +30,7 @@ def test_health_states_follow_probes_and_recover(tmp_path):
         assert gw.get("/readiness")[0] == 200
         assert {w["url"]: w["healthy"] for w in workers} == {sims.urls[0]: False, sims.urls[1]: True}
         for _ in range(6):  # only the ready worker receives traffic
-            status, body = gw.post("/generate", {"text": "x"})
+            status, _body = gw.post("/generate", {"text": "x"})
             assert status == 200
         assert not generate_attempts(sims, 0)
         gw.wait_workers(lambda ws: {w["url"]: w["status"] for w in ws}[sims.urls[0]] == "failed", "worker 0 failed")
@@ -77,7 +78,8 @@ def test_client_errors_do_not_trip_the_breaker(tmp_path):
 
 def test_retries_count_attempts_back_off_and_pass_the_worker_error_through(tmp_path):
     args = ("--disable-health-check", "--disable-circuit-breaker", "--retry-max-retries", "4",
-            "--retry-initial-backoff-ms", "150", "--retry-backoff-multiplier", "1", "--retry-jitter-factor", "0")  # fmt: skip
+            "--retry-initial-backoff-ms", "150", "--retry-backoff-multiplier", "1",
+            "--retry-jitter-factor", "0")  # fmt: skip
     with start_sim(tmp_path, 1) as sims, start_gateway(tmp_path, sims.urls, *args) as gw:
         sims.ctl(0, error_status=503, error_body={"error": {"message": "engine overloaded"}})
         status, body = gw.post("/generate", {"text": "retry me"})
@@ -85,7 +87,7 @@ def test_retries_count_attempts_back_off_and_pass_the_worker_error_through(tmp_p
         attempts = generate_attempts(sims, 0)
         assert len(attempts) == 4  # --retry-max-retries counts total attempts
         assert all(a["body"] == {"text": "retry me"} for a in attempts)  # replayed unchanged
-        gaps = [b["ts"] - a["ts"] for a, b in zip(attempts, attempts[1:], strict=False)]
+        gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(attempts)]
         assert all(0.13 <= gap <= 0.6 for gap in gaps), gaps
 
 
