@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
+from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import RequestContext
 from shepherd.routing.policies import Policy
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
@@ -49,8 +51,10 @@ class Router:
         client: UpstreamClient,
         config: GatewayConfig,
         worker_type: WorkerType = WorkerType.REGULAR,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
+        self._metrics = metrics
         self.policy = policy
         self._client = client
         self._config = config
@@ -78,8 +82,12 @@ class Router:
     async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         tried: list[Worker] = []
         failure: AttemptFailure | None = None
+        metrics = self._metrics
+        started = time.perf_counter()
         for attempt in range(self._max_attempts):
             if attempt:
+                if metrics is not None:
+                    metrics.record_retry(self._worker_type, ctx.endpoint)
                 await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
             try:
                 worker = self.select(ctx, tried)
@@ -88,7 +96,10 @@ class Router:
                     raise
                 break  # every worker went away mid-retry: report what the last one did
             tried.append(worker)
-            result = await self._attempt(request, ctx, worker, last=attempt == self._max_attempts - 1)
+            attempt_started = time.perf_counter()
+            result = await self._attempt(request, ctx, worker, attempt == self._max_attempts - 1, started)
+            if metrics is not None:
+                metrics.worker_cells(worker).record(_attempt_status(result), time.perf_counter() - attempt_started)
             if not isinstance(result, AttemptFailure):
                 return result
             failure = result
@@ -96,11 +107,12 @@ class Router:
         return self._failure_response(failure, ctx)
 
     async def _attempt(
-        self, request: web.Request, ctx: RequestContext, worker: Worker, last: bool
+        self, request: web.Request, ctx: RequestContext, worker: Worker, last: bool, started: float
     ) -> web.StreamResponse | AttemptFailure:
+        """One try on `worker`; `started` is when dispatch began (time to first token counts from there)."""
         headers = forward_request_headers(request.headers, ctx.request_id, worker.api_key, self._config.api_key)
         body = ctx.body if worker.dp_rank is None else ctx.inject({"data_parallel_rank": worker.dp_rank})
-        url = worker.base_url + ctx.endpoint.upstream_path
+        url = worker.upstream_url(ctx.endpoint.upstream_path)
         breaker = worker.breaker
         with Lease(worker) as lease:
             try:
@@ -120,7 +132,7 @@ class Router:
                         return self._worker_response(worker, ctx, status, payload, upstream.headers)
                     breaker.record_success()
                     if ctx.stream:
-                        response = await self._relay_stream(request, ctx, worker, upstream)
+                        response = await self._relay_stream(request, ctx, worker, upstream, started)
                     else:
                         payload = await upstream.read()
                         response = self._worker_response(worker, ctx, status, payload, upstream.headers)
@@ -142,21 +154,43 @@ class Router:
         ctx: RequestContext,
         worker: Worker,
         upstream: aiohttp.ClientResponse,
+        started: float,
     ) -> web.StreamResponse:
-        """Relay SSE chunks as they arrive. After the first byte nothing can be retried."""
+        """Relay SSE chunks as they arrive. After the first byte nothing can be retried.
+
+        For the TTFT/TPOT metrics each SSE `data:` event counts as one token (SGLang streams one event per
+        decode step); a final `data: [DONE]` is not a token.
+        """
         out = web.StreamResponse(
             status=upstream.status,
             headers=relay_response_headers(upstream.headers, self._routing_headers(worker, ctx)),
         )
         await out.prepare(request)
+        first_chunk_at = 0.0
+        events = 0
+        chunk = b""
         try:
             async for chunk in upstream.content.iter_any():
+                if not first_chunk_at:
+                    first_chunk_at = time.perf_counter()
+                events += chunk.count(b"data:")
                 await out.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             worker.breaker.record_failure()
-            log.warning("worker %s broke stream %s: %s", worker.url, ctx.request_id, exc or type(exc).__name__)
+            log.warning(
+                "worker %s broke stream %s: %s",
+                worker.url,
+                ctx.request_id,
+                exc or type(exc).__name__,
+                extra={"request_id": ctx.request_id, "worker": worker.url, "status": upstream.status},
+            )
             await out.write(_STREAM_INTERRUPTED)
         await out.write_eof()
+        if self._metrics is not None and first_chunk_at:
+            tokens = events - 1 if chunk.rstrip().endswith(b"[DONE]") else events
+            self._metrics.record_stream(
+                worker, ctx.endpoint, first_chunk_at - started, tokens, time.perf_counter() - first_chunk_at
+            )
         return out
 
     def _worker_response(
@@ -178,3 +212,12 @@ class Router:
         if failure.timed_out:
             raise GatewayError(504, "call_upstream_timeout", f"Upstream worker {failure.transport_error}")
         raise GatewayError(502, "call_upstream_connection_failed", f"Upstream worker {failure.transport_error}")
+
+
+def _attempt_status(result: web.StreamResponse | AttemptFailure) -> int:
+    """The status an attempt ended with, transport failures as the gateway reports them (502/504)."""
+    if isinstance(result, AttemptFailure):
+        if result.status is not None:
+            return result.status
+        return 504 if result.timed_out else 502
+    return result.status

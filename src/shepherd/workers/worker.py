@@ -7,6 +7,8 @@ from collections import deque
 from enum import StrEnum
 from typing import Any
 
+from yarl import URL
+
 from shepherd.workers.breaker import CircuitBreaker
 
 
@@ -55,6 +57,7 @@ class Worker:
         "requests_total",
         "source",
         "status",
+        "upstream_urls",
         "url",
         "worker_type",
     )
@@ -98,10 +101,18 @@ class Worker:
         self.health_successes = 0
         self.health_failures = 0
         self.health_probes = 0
+        self.upstream_urls: dict[str, URL] = {}
 
     @property
     def is_ready(self) -> bool:
         return self.status is WorkerStatus.READY
+
+    def upstream_url(self, path: str) -> URL:
+        """The parsed URL of `path` on this worker, built once (URL parsing is a visible per-request cost)."""
+        url = self.upstream_urls.get(path)
+        if url is None:
+            url = self.upstream_urls[path] = URL(self.base_url + path)
+        return url
 
     def latency_p99_ms(self) -> float:
         if not self.latencies:
