@@ -1,0 +1,361 @@
+"""Prefill-decode disaggregation: one request goes to a (prefill, decode) pair at the same time.
+
+Both workers get the same body plus the bootstrap fields that let the decode worker fetch the prefill's KV cache:
+`bootstrap_host` (the prefill's host), `bootstrap_port` (its bootstrap port or null) and `bootstrap_room` (a random
+63-bit id; one per item for batch requests). The client gets the decode worker's answer; the prefill's is drained,
+and only read for `input_token_logprobs` when the client asked for logprobs. Either side failing aborts the other,
+counts against that side's breaker and retries the pair, re-selected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from shepherd.config import GatewayConfig
+from shepherd.http.errors import GatewayError, all_workers_unavailable, no_workers_for_model
+from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
+from shepherd.routing.policies import Policy
+from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
+from shepherd.workers.load import Lease
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import Worker, WorkerType
+
+_MAX_ROOM = 2**63 - 1
+PD_ENDPOINTS = (GENERATE, CHAT, COMPLETIONS)
+_SSE_DATA = b"data: "
+
+
+@dataclass(slots=True)
+class SideFailure:
+    """One side of the pair failed; `side` is "prefill" or "decode"."""
+
+    side: str
+    worker: Worker
+    status: int | None = None
+    body: bytes = b""
+    reason: str = ""
+    timed_out: bool = False
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is None or self.status in RETRYABLE_STATUSES
+
+
+class PDRouter:
+    def __init__(
+        self,
+        registry: Registry,
+        prefill_policy: Policy,
+        decode_policy: Policy,
+        client: UpstreamClient,
+        config: GatewayConfig,
+    ) -> None:
+        self.registry = registry
+        self.prefill_policy = prefill_policy
+        self.decode_policy = decode_policy
+        self._client = client
+        self._config = config
+        self._max_attempts = config.retry.max_attempts
+        self._backoff = Backoff(config.retry)
+        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_secs)
+        self._rng = random.Random()
+        registry.subscribe(on_removed=prefill_policy.on_worker_removed)
+        registry.subscribe(on_removed=decode_policy.on_worker_removed)
+
+    def select_pair(self, ctx: RequestContext, tried: list[tuple[Worker, Worker]]) -> tuple[Worker, Worker]:
+        prefill = self._select(WorkerType.PREFILL, self.prefill_policy, ctx, [p for p, _ in tried])
+        decode = self._select(WorkerType.DECODE, self.decode_policy, ctx, [d for _, d in tried])
+        return prefill, decode
+
+    def _select(self, role: WorkerType, policy: Policy, ctx: RequestContext, tried: list[Worker]) -> Worker:
+        candidates = self.registry.candidates(role, ctx.model)
+        if not candidates:
+            if not self.registry.of_type(role):
+                raise GatewayError(
+                    503,
+                    "no_available_workers",
+                    f"No {role.value} workers available: PD mode needs at least one prefill and one decode worker",
+                    headers={"retry-after": "1"},
+                )
+            if ctx.model is not None and not self.registry.serves(role, ctx.model):
+                raise no_workers_for_model(ctx.model)
+            raise all_workers_unavailable()
+        fresh = [w for w in candidates if w not in tried] if tried else None
+        return policy.pick(fresh or candidates, ctx)
+
+    async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        tried: list[tuple[Worker, Worker]] = []
+        failure: SideFailure | None = None
+        for attempt in range(self._max_attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
+            try:
+                pair = self.select_pair(ctx, tried)
+            except GatewayError:
+                if failure is None:
+                    raise
+                break
+            tried.append(pair)
+            result = await self._attempt(request, ctx, *pair)
+            if not isinstance(result, SideFailure):
+                return result
+            failure = result
+            if not failure.retryable:
+                break
+        assert failure is not None
+        raise _pd_error(failure)
+
+    async def _attempt(
+        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker
+    ) -> web.StreamResponse | SideFailure:
+        body = ctx.inject(self._bootstrap_fields(ctx, prefill))
+        want_logprobs = ctx.payload.get("return_logprob") is True
+        with Lease(prefill) as prefill_lease, Lease(decode) as decode_lease:
+            prefill_task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, body, want_logprobs))
+            decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, body))
+            try:
+                await asyncio.wait((prefill_task, decode_task), return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task.done() and isinstance(prefill_task.result(), SideFailure):
+                    return self._record(prefill_task.result(), ctx)  # the finally clause aborts the decode
+                opened = await decode_task
+                if isinstance(opened, SideFailure):
+                    return self._record(opened, ctx)  # the finally clause aborts the prefill
+                upstream = opened
+                if ctx.stream and not want_logprobs:
+                    # Relay decode tokens at once; the prefill's outcome is only recorded.
+                    response = await self._relay(request, ctx, decode, upstream, None)
+                    prefill_result = await prefill_task
+                else:
+                    prefill_result = await prefill_task
+                    if isinstance(prefill_result, SideFailure):
+                        return self._record(prefill_result, ctx)
+                    if ctx.stream:
+                        response = await self._relay(request, ctx, decode, upstream, prefill_result)
+                    else:
+                        payload = await upstream.read()
+                        response = self._merged_response(ctx, decode, upstream, payload, prefill_result)
+            except TimeoutError:
+                return self._record(SideFailure("decode", decode, reason="timed out", timed_out=True), ctx)
+            except aiohttp.ClientError as exc:
+                return self._record(SideFailure("decode", decode, reason=str(exc)), ctx)
+            finally:
+                await _abort(prefill_task, decode_task)
+            if isinstance(prefill_result, SideFailure):
+                self._record(prefill_result, ctx)  # the stream already went out: nothing left to retry
+            else:
+                prefill.breaker.record_success()
+                prefill_lease.ok = True
+                self.prefill_policy.on_request_done(prefill, ctx, True)
+            decode.breaker.record_success()
+            decode_lease.ok = True
+            self.decode_policy.on_request_done(decode, ctx, True)
+            return response
+
+    async def _open_decode(
+        self, request: web.Request, ctx: RequestContext, decode: Worker, body: bytes
+    ) -> aiohttp.ClientResponse | SideFailure:
+        """Send to the decode worker and wait for its response head (a failure is read whole)."""
+        headers = forward_request_headers(request.headers, ctx.request_id, decode.api_key, self._config.api_key)
+        try:
+            upstream = await self._client.session.post(
+                decode.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
+            )
+        except TimeoutError:
+            return SideFailure("decode", decode, reason="timed out", timed_out=True)
+        except aiohttp.ClientError as exc:
+            return SideFailure("decode", decode, reason=str(exc))
+        if upstream.status >= 400:
+            try:
+                payload = await upstream.read()
+            finally:
+                upstream.release()
+            return SideFailure("decode", decode, upstream.status, payload)
+        return upstream
+
+    async def _call_prefill(
+        self, request: web.Request, ctx: RequestContext, prefill: Worker, body: bytes, want_logprobs: bool
+    ) -> list[Any] | SideFailure | None:
+        """Send to the prefill worker and drain its answer; returns its input logprobs when asked for."""
+        headers = forward_request_headers(request.headers, ctx.request_id, prefill.api_key, self._config.api_key)
+        try:
+            async with self._client.session.post(
+                prefill.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
+            ) as upstream:
+                payload = await upstream.read()
+                if upstream.status >= 400:
+                    return SideFailure("prefill", prefill, upstream.status, payload)
+        except TimeoutError:
+            return SideFailure("prefill", prefill, reason="timed out", timed_out=True)
+        except aiohttp.ClientError as exc:
+            return SideFailure("prefill", prefill, reason=str(exc))
+        return _input_logprobs(payload, ctx.stream) if want_logprobs else None
+
+    def _record(self, failure: SideFailure, ctx: RequestContext) -> SideFailure:
+        worker = failure.worker
+        if failure.status is None or is_worker_fault(failure.status):
+            worker.breaker.record_failure()
+        policy = self.prefill_policy if failure.side == "prefill" else self.decode_policy
+        policy.on_request_done(worker, ctx, False)
+        return failure
+
+    def _bootstrap_fields(self, ctx: RequestContext, prefill: Worker) -> dict[str, Any]:
+        host = urlsplit(prefill.base_url).hostname
+        port = prefill.bootstrap_port
+        batch = batch_size(ctx)
+        if batch is None:
+            return {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": self._room()}
+        return {
+            "bootstrap_host": [host] * batch,
+            "bootstrap_port": [port] * batch,
+            "bootstrap_room": [self._room() for _ in range(batch)],
+        }
+
+    def _room(self) -> int:
+        return self._rng.getrandbits(63) & _MAX_ROOM
+
+    async def _relay(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        decode: Worker,
+        upstream: aiohttp.ClientResponse,
+        prefill_logprobs: list[Any] | None,
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=upstream.status,
+            headers=relay_response_headers(
+                upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
+            ),
+        )
+        await out.prepare(request)
+        if prefill_logprobs is None:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+        else:
+            async for line in upstream.content:
+                await out.write(_prepend_logprobs_to_frame(line, prefill_logprobs))
+        await out.write_eof()
+        return out
+
+    def _merged_response(
+        self,
+        ctx: RequestContext,
+        decode: Worker,
+        upstream: aiohttp.ClientResponse,
+        payload: bytes,
+        prefill_logprobs: list[Any] | None,
+    ) -> web.Response:
+        if prefill_logprobs is not None:
+            payload = _prepend_logprobs(payload, prefill_logprobs)
+        headers = relay_response_headers(
+            upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
+        )
+        return web.Response(status=upstream.status, body=payload, headers=headers)
+
+
+async def _abort(prefill_task: asyncio.Future, decode_task: asyncio.Future) -> None:
+    """Cancel whatever side is still running and release the decode response."""
+    for task in (prefill_task, decode_task):
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(prefill_task, decode_task, return_exceptions=True)
+    if not decode_task.cancelled() and isinstance(decode_task.result(), aiohttp.ClientResponse):
+        decode_task.result().release()
+
+
+def batch_size(ctx: RequestContext) -> int | None:
+    """Items in a batch request, or None for a single request."""
+    payload = ctx.payload
+    if ctx.endpoint is GENERATE:
+        ids = payload.get("input_ids")
+        if isinstance(ids, list) and ids and isinstance(ids[0], list):
+            return len(ids)
+        text = payload.get("text")
+        return len(text) if isinstance(text, list) else None
+    if ctx.endpoint is COMPLETIONS:
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return len(prompt)
+        return None
+    n = payload.get("n")
+    return n if isinstance(n, int) and n > 1 else None
+
+
+def _input_logprobs(payload: bytes, stream: bool) -> list[Any] | None:
+    """The prefill's `meta_info.input_token_logprobs` (the last SSE frame that has them, for streams)."""
+    if not stream:
+        return _logprobs_of(_loads(payload))
+    found = None
+    for line in payload.split(b"\n"):
+        if line.startswith(_SSE_DATA) and b"input_token_logprobs" in line:
+            found = _logprobs_of(_loads(line[len(_SSE_DATA) :])) or found
+    return found
+
+
+def _logprobs_of(data: Any) -> list[Any] | None:
+    if isinstance(data, list):  # batch: one list per item
+        items = [_logprobs_of(item) for item in data]
+        return items if any(i is not None for i in items) else None
+    if isinstance(data, dict):
+        meta = data.get("meta_info")
+        if isinstance(meta, dict) and isinstance(meta.get("input_token_logprobs"), list):
+            return meta["input_token_logprobs"]
+    return None
+
+
+def _prepend_logprobs(payload: bytes, prefill_logprobs: list[Any]) -> bytes:
+    data = _loads(payload)
+    if data is None:
+        return payload
+    _merge_into(data, prefill_logprobs)
+    return orjson.dumps(data)
+
+
+def _merge_into(data: Any, prefill_logprobs: list[Any]) -> None:
+    if isinstance(data, list):
+        for item, logprobs in zip(data, prefill_logprobs, strict=False):
+            if isinstance(logprobs, list):
+                _merge_into(item, logprobs)
+        return
+    meta = data.get("meta_info") if isinstance(data, dict) else None
+    if isinstance(meta, dict) and isinstance(meta.get("input_token_logprobs"), list):
+        meta["input_token_logprobs"] = prefill_logprobs + meta["input_token_logprobs"]
+
+
+def _prepend_logprobs_to_frame(line: bytes, prefill_logprobs: list[Any]) -> bytes:
+    if not line.startswith(_SSE_DATA) or b"input_token_logprobs" not in line:
+        return line
+    data = _loads(line[len(_SSE_DATA) :])
+    if data is None:
+        return line
+    _merge_into(data, prefill_logprobs)
+    return _SSE_DATA + orjson.dumps(data) + b"\n"
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _pd_error(failure: SideFailure) -> GatewayError:
+    detail = failure.body.decode("utf-8", "replace") if failure.body else failure.reason
+    if failure.status is not None:
+        return GatewayError(
+            failure.status,
+            f"{failure.side}_error",
+            f"{failure.side} worker {failure.worker.url} answered {failure.status}: {detail}",
+        )
+    if failure.timed_out:
+        return GatewayError(504, f"{failure.side}_timeout", f"{failure.side} worker {failure.worker.url} timed out")
+    return GatewayError(502, f"{failure.side}_unreachable", f"{failure.side} worker {failure.worker.url}: {detail}")

@@ -1,0 +1,108 @@
+"""Command-line flags of ``shepherd sim`` and the settings they produce."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from shepherd.sim.engine import LatencyModel
+
+ROLES = ("regular", "prefill", "decode")
+
+
+def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``shepherd sim`` flags to ``parser``."""
+    net = parser.add_argument_group("listeners")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    net.add_argument(
+        "--port", type=int, default=30000,
+        help="port of the first worker; worker i listens on port+i; 0 picks free ports (default: %(default)s)",
+    )  # fmt: skip
+    net.add_argument("--workers", type=int, default=1, help="workers served by this process")
+    net.add_argument(
+        "--ready-file",
+        help='write {"urls": [...], "pid": N} here (atomically) once every listener is bound',
+    )
+    net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and admin routes")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="sim-model", help="served model name (default: %(default)s)")
+    model.add_argument("--context-length", type=int, default=32768)
+    model.add_argument("--max-new-tokens-default", type=int, default=16)
+    model.add_argument("--seed", type=int, default=0, help="seed for generated text and fault draws")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--kv-tokens", type=int, default=200_000, help="prefix-cache capacity per DP rank")
+    engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    engine.add_argument("--max-running-requests", type=int, default=64)
+    engine.add_argument(
+        "--latency-model", choices=("none", "batch"), default="none",
+        help="none: answer at once; batch: simulate a batching step loop (default: %(default)s)",
+    )  # fmt: skip
+    defaults = LatencyModel()
+    engine.add_argument("--prefill-tokens-per-ms", type=float, default=defaults.prefill_tokens_per_ms)
+    engine.add_argument("--decode-step-ms", type=float, default=defaults.decode_step_ms)
+    engine.add_argument("--decode-step-ms-per-request", type=float, default=defaults.decode_step_ms_per_request)
+    engine.add_argument("--chunked-prefill-size", type=int, default=defaults.chunked_prefill_size)
+
+    topo = parser.add_argument_group("topology")
+    topo.add_argument("--role", choices=ROLES, default="regular", help="PD disaggregation role")
+    topo.add_argument("--bootstrap-port", type=int, default=8998, help="PD bootstrap port (prefill role)")
+    topo.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks per worker")
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    host: str
+    port: int
+    workers: int
+    ready_file: str | None
+    api_key: str | None
+    model: str
+    context_length: int
+    max_new_tokens_default: int
+    seed: int
+    kv_tokens: int
+    page_size: int
+    max_running_requests: int
+    latency: LatencyModel | None
+    role: str
+    bootstrap_port: int
+    dp_size: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SimConfig:
+        if args.workers < 1 or args.dp_size < 1 or args.page_size < 1 or args.max_running_requests < 1:
+            raise ValueError("--workers, --dp-size, --page-size and --max-running-requests must be >= 1")
+        if args.prefill_tokens_per_ms <= 0:
+            raise ValueError("--prefill-tokens-per-ms must be positive")
+        latency = None
+        if args.latency_model == "batch":
+            latency = LatencyModel(
+                prefill_tokens_per_ms=args.prefill_tokens_per_ms,
+                decode_step_ms=args.decode_step_ms,
+                decode_step_ms_per_request=args.decode_step_ms_per_request,
+                chunked_prefill_size=max(1, args.chunked_prefill_size),
+            )
+        return cls(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            ready_file=args.ready_file,
+            api_key=args.api_key,
+            model=args.model,
+            context_length=args.context_length,
+            max_new_tokens_default=args.max_new_tokens_default,
+            seed=args.seed,
+            kv_tokens=args.kv_tokens,
+            page_size=args.page_size,
+            max_running_requests=args.max_running_requests,
+            latency=latency,
+            role=args.role,
+            bootstrap_port=args.bootstrap_port,
+            dp_size=args.dp_size,
+        )
+
+    @property
+    def disaggregation_mode(self) -> str:
+        return "null" if self.role == "regular" else self.role

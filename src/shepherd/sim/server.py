@@ -1,0 +1,133 @@
+"""``shepherd sim``: a process serving one or more simulated SGLang workers.
+
+Each worker has its own listener, aiohttp app, engines and fault state; they share the
+process's event loop.  Listeners are plain sockets bound here, so a worker can stop
+listening (``refuse`` fault: clients get ECONNREFUSED) and later listen on the same port again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+from aiohttp import web
+
+from shepherd.sim.app import build_app
+from shepherd.sim.config import SimConfig, add_sim_arguments
+from shepherd.sim.worker import SimWorker
+
+__all__ = ["SimServer", "add_sim_arguments", "run_sim"]
+
+# On shutdown, in-flight requests (e.g. hung by fault injection) get this long to finish.
+_SHUTDOWN_GRACE_S = 1.0
+
+
+class SimServer:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.workers = [SimWorker(config, i) for i in range(config.workers)]
+        self._runners: list[web.AppRunner] = []
+        self._sites: list[web.SockSite | None] = []
+
+    async def start(self) -> None:
+        """Bind every worker's listener (raises ``OSError`` if a port is taken)."""
+        for worker in self.workers:
+            port = self.config.port + worker.index if self.config.port else 0
+            sock = _listen(self.config.host, port)
+            worker.port = sock.getsockname()[1]
+            runner = web.AppRunner(
+                build_app(worker, self),
+                handler_cancellation=True,  # a client disconnect cancels its handler
+                access_log=None,
+                shutdown_timeout=_SHUTDOWN_GRACE_S,
+            )
+            await runner.setup()
+            site = web.SockSite(runner, sock)
+            await site.start()
+            self._runners.append(runner)
+            self._sites.append(site)
+
+    @property
+    def urls(self) -> list[str]:
+        return [w.url for w in self.workers]
+
+    async def set_refusing(self, index: int, refusing: bool, spare: web.BaseRequest | None = None) -> None:
+        """Close (or reopen) a worker's listener.
+
+        Closing also drops every open connection to the worker, in-flight requests included,
+        so pooled clients see the worker as gone too.  Only the connection of ``spare`` (the
+        control request asking for this) is closed gracefully, after its response.
+        """
+        site = self._sites[index]
+        if refusing and site is not None:
+            await site.stop()
+            self._sites[index] = None
+            server = self._runners[index].server
+            for conn in server.connections if server is not None else ():
+                if spare is not None and conn is spare.protocol:
+                    conn.close()
+                else:
+                    conn.force_close()
+        elif not refusing and site is None:
+            worker = self.workers[index]
+            site = web.SockSite(self._runners[index], _listen(self.config.host, worker.port))
+            await site.start()
+            self._sites[index] = site
+
+    async def stop(self) -> None:
+        for worker in self.workers:
+            worker.faults.reset()  # release hung requests so they can finish
+        for runner in self._runners:
+            await runner.cleanup()
+        for worker in self.workers:
+            await worker.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _write_ready_file(path: str, urls: list[str]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"urls": urls, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+async def _serve(config: SimConfig) -> int:
+    server = SimServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"shepherd sim: cannot listen: {exc}", file=sys.stderr)
+        await server.stop()
+        return 1
+    print(f"shepherd sim: {len(server.workers)} worker(s) at {' '.join(server.urls)}", flush=True)
+    if config.ready_file:
+        _write_ready_file(config.ready_file, server.urls)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    """Run the simulator until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        config = SimConfig.from_args(args)
+    except ValueError as exc:
+        print(f"shepherd sim: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(_serve(config))

@@ -1,0 +1,112 @@
+"""State of one simulated SGLang worker: its engines (one per DP rank), faults and logs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from shepherd.sim.config import SimConfig
+from shepherd.sim.engine import Engine, Sequence, SequenceGroup
+from shepherd.sim.faults import FaultState
+from shepherd.sim.kv_cache import PrefixCache
+from shepherd.sim.metrics import LiveState, WorkerStats
+from shepherd.sim.request_log import RequestLog
+from shepherd.sim.tokenizer import generate
+
+
+class SimWorker:
+    def __init__(self, config: SimConfig, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.port = 0  # set by the server once the listener is bound
+        self.started_at = time.time()
+        self.stats = WorkerStats()
+        self.engines = [
+            Engine(
+                PrefixCache(config.kv_tokens, config.page_size),
+                self.stats,
+                config.max_running_requests,
+                config.latency,
+            )
+            for _ in range(config.dp_size)
+        ]
+        self.faults = FaultState(seed=config.seed * 7919 + index)
+        self.log = RequestLog()
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def engine_type(self) -> str:
+        """The ``engine_type`` metric label SGLang uses for this role."""
+        return "unified" if self.config.role == "regular" else self.config.role
+
+    def submit(
+        self, prompts: list[list[int]], max_new_tokens: list[int], n: int = 1, dp_rank: int | None = None
+    ) -> SequenceGroup:
+        """Start ``n`` generations per prompt (``max_new_tokens`` is per prompt).  Sequences are
+        ordered prompt-major; all of one request's sequences share a DP rank."""
+        engine = self._pick_engine(dp_rank)
+        seed = self.config.seed
+        group = SequenceGroup(
+            [
+                Sequence(prompt, generate(prompt, new, seed, choice))
+                for prompt, new in zip(prompts, max_new_tokens, strict=True)
+                for choice in range(n)
+            ]
+        )
+        for seq in group.seqs:
+            engine.submit(seq)
+        return group
+
+    def _pick_engine(self, dp_rank: int | None) -> Engine:
+        engines = self.engines
+        if len(engines) == 1:
+            return engines[0]
+        if dp_rank is not None:
+            return engines[dp_rank % len(engines)]
+        return min(engines, key=lambda e: len(e.running) + len(e.waiting))
+
+    def flush_cache(self) -> None:
+        for engine in self.engines:
+            engine.cache.clear()
+
+    def live_state(self) -> LiveState:
+        running = sum(len(e.running) for e in self.engines)
+        queued = sum(len(e.waiting) for e in self.engines)
+        usage = sum(e.token_usage for e in self.engines) / len(self.engines)
+        return LiveState(running, queued, usage)
+
+    def load(self) -> list[dict[str, Any]]:
+        """``GET /get_load`` payload: one entry per DP rank."""
+        return [
+            {
+                "dp_rank": rank,
+                "num_reqs": len(e.running) + len(e.waiting),
+                "num_waiting_reqs": len(e.waiting),
+                "num_tokens": e.num_tokens,
+            }
+            for rank, e in enumerate(self.engines)
+        ]
+
+    def counters(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "prompt_tokens": s.prompt_tokens,
+            "cached_tokens": s.cached_tokens,
+            "completion_tokens": s.generation_tokens,
+            "num_requests": s.num_requests,
+        }
+
+    def metrics_text(self) -> str:
+        return self.stats.render(self.config.model, self.engine_type, self.live_state())
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.close()
