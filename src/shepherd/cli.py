@@ -71,7 +71,14 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--balance-abs-threshold", type=int, default=ca.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", type=float, default=ca.balance_rel_threshold)
     r.add_argument("--eviction-interval-secs", type=duration, default=ca.eviction_interval_secs)
-    r.add_argument("--max-tree-size", type=int, default=ca.max_tree_size)
+    r.add_argument("--max-tree-size", type=int, default=ca.max_tree_size, help="characters indexed per model")
+    r.add_argument("--cache-block-chars", type=int, default=ca.block_chars, help="prefix index granularity")
+    r.add_argument(
+        "--worker-kv-tokens", type=int, default=ca.worker_kv_tokens,
+        help="prefix-cache capacity of one worker in tokens, so the index forgets what it evicted; 0: as reported",
+    )  # fmt: skip
+    r.add_argument("--cache-spill-ratio", type=float, default=ca.spill_ratio, help="0 disables spilling hot prefixes")
+    r.add_argument("--cache-spill-margin", type=float, default=ca.spill_margin)
     r.add_argument("--pd-disaggregation", action="store_true")
     r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
     r.add_argument("--decode", action="append", default=[], metavar="URL")
@@ -130,6 +137,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("observability")
     o.add_argument("--prometheus-host", default=d.prometheus_host)
     o.add_argument("--prometheus-port", type=int, default=d.prometheus_port)
+    o.add_argument(
+        "--prometheus-duration-buckets", nargs="+", type=float, default=None, metavar="SECONDS",
+        help="histogram bucket bounds for durations (default: SMG's 0.001 ... 7200)",
+    )  # fmt: skip
     o.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error", "critical"))
     o.add_argument("--log-dir", default=None)
     o.add_argument("--log-json", action="store_true")
@@ -192,6 +203,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             balance_rel_threshold=args.balance_rel_threshold,
             eviction_interval_secs=args.eviction_interval_secs,
             max_tree_size=args.max_tree_size,
+            block_chars=args.cache_block_chars,
+            worker_kv_tokens=args.worker_kv_tokens,
+            spill_ratio=args.cache_spill_ratio,
+            spill_margin=args.cache_spill_margin,
         ),
         pd_disaggregation=args.pd_disaggregation,
         prefill=_prefill_specs(args.prefill),
@@ -234,6 +249,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_id_headers=tuple(h.lower() for h in args.request_id_headers),
         prometheus_host=args.prometheus_host,
         prometheus_port=args.prometheus_port,
+        prometheus_duration_buckets=(
+            tuple(args.prometheus_duration_buckets) if args.prometheus_duration_buckets else None
+        ),
         log_level=args.log_level,
         log_dir=args.log_dir,
         log_json=args.log_json,
@@ -253,6 +271,7 @@ def run_gateway(config: GatewayConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shepherd.observability.sidecar import add_sidecar_arguments
     from shepherd.serve import add_serve_arguments
     from shepherd.sim.server import add_sim_arguments
 
@@ -265,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     sim = sub.add_parser("sim", help="run simulated SGLang workers")
     add_sim_arguments(sim)
+    sidecar = sub.add_parser("metrics-sidecar", help="serve a gRPC engine's Prometheus multiprocess metrics")
+    add_sidecar_arguments(sidecar)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from shepherd.bench import register_benchmarks
@@ -287,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from shepherd.sim.server import run_sim
 
             return run_sim(args)
+        if args.command == "metrics-sidecar":
+            from shepherd.observability.sidecar import run_sidecar
+
+            return run_sidecar(args)
         return args.run(args)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -7,6 +7,7 @@ Defaults follow SMG 1.13 where the design documents disagree (see docs/configura
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -64,7 +65,11 @@ class CacheAwareConfig:
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
-    max_tree_size: int = 2**26
+    max_tree_size: int = 2**26  # characters indexed per model, over all workers
+    block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
+    worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
+    spill_ratio: float = 1.25  # a holder above ratio * mean load (or share) + margin spills; 0 disables
+    spill_margin: float = 2.0
 
 
 DISCOVERY_PROVIDERS = ("kubernetes", "file")
@@ -94,7 +99,7 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 30000
     worker_urls: tuple[str, ...] = ()
-    policy: str = "round_robin"
+    policy: str = "cache_aware"
     prefill_policy: str | None = None
     decode_policy: str | None = None
     cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
@@ -126,6 +131,7 @@ class GatewayConfig:
 
     prometheus_host: str = "0.0.0.0"
     prometheus_port: int = 29000
+    prometheus_duration_buckets: tuple[float, ...] | None = None  # None: the SMG defaults (metrics.py)
     log_level: str = "info"
     log_dir: str | None = None
     log_json: bool = False
@@ -157,6 +163,14 @@ class GatewayConfig:
             raise ConfigError("--balance-rel-threshold must be >= 1.0")
         if not 0.0 <= self.cache_aware.cache_threshold <= 1.0:
             raise ConfigError("--cache-threshold must be between 0 and 1")
+        ca = self.cache_aware
+        if ca.max_tree_size < 1 or ca.block_chars < 1 or ca.worker_kv_tokens < 0 or ca.eviction_interval_secs <= 0:
+            raise ConfigError(
+                "--max-tree-size and --cache-block-chars must be >= 1, --worker-kv-tokens >= 0, "
+                "--eviction-interval-secs > 0"
+            )
+        if ca.spill_margin < 0 or not (ca.spill_ratio == 0 or ca.spill_ratio >= 1.0):
+            raise ConfigError("--cache-spill-ratio must be 0 (off) or >= 1, --cache-spill-margin >= 0")
         hc = self.health_check
         if hc.failure_threshold < 1 or hc.success_threshold < 1:
             raise ConfigError("--health-failure-threshold and --health-success-threshold must be >= 1")
@@ -175,6 +189,11 @@ class GatewayConfig:
             raise ConfigError("--queue-size must be >= 0 and --queue-timeout-secs > 0")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
+        buckets = self.prometheus_duration_buckets
+        if buckets is not None and (
+            not buckets or buckets[0] <= 0 or any(a >= b for a, b in itertools.pairwise(buckets))
+        ):
+            raise ConfigError("--prometheus-duration-buckets must be positive and strictly increasing")
         self._validate_discovery()
         return self
 

@@ -9,9 +9,12 @@ import signal
 from aiohttp import web
 
 from shepherd.config import GatewayConfig
+from shepherd.discovery import create_discovery
 from shepherd.http.admission import Admission
 from shepherd.http.app import build_app
+from shepherd.observability.metrics import GatewayMetrics, MetricsListener
 from shepherd.routing.context import Endpoint
+from shepherd.routing.pd import PD_ENDPOINTS, PDRouter
 from shepherd.routing.policies import create_policy
 from shepherd.routing.router import Router
 from shepherd.upstream.client import UpstreamClient
@@ -29,13 +32,37 @@ class Gateway:
         self.registry = Registry()
         self.client = UpstreamClient()
         self.manager = WorkerManager(self.registry, self.client, config)
-        self.health = HealthChecker(self.registry, self.client, config.health_check, on_failed=self._on_failed)
+        self.discovery = create_discovery(config, self.manager)
         self.admission = Admission(config.concurrency_limit, config.queue_size, config.queue_timeout_secs)
-        self.router = Router(self.registry, create_policy(config.policy, config), self.client, config)
+        self.metrics = GatewayMetrics(self.registry, self.admission, config.prometheus_duration_buckets)
+        self._metrics_listener = MetricsListener.for_config(self.metrics, config)
+        self.health = HealthChecker(
+            self.registry,
+            self.client,
+            config.health_check,
+            on_failed=self._on_failed,
+            on_probe=self.metrics.on_health_probe,
+        )
+        self.router = Router(
+            self.registry, create_policy(config.policy, config), self.client, config, metrics=self.metrics
+        )
+        self.pd_router = (
+            PDRouter(
+                self.registry,
+                create_policy(config.prefill_policy or config.policy, config),
+                create_policy(config.decode_policy or config.policy, config),
+                self.client,
+                config,
+            )
+            if config.pd_disaggregation
+            else None
+        )
         self.shutting_down = False
         self._runner: web.AppRunner | None = None
 
-    def router_for(self, endpoint: Endpoint) -> Router:
+    def router_for(self, endpoint: Endpoint) -> Router | PDRouter:
+        if self.pd_router is not None and endpoint in PD_ENDPOINTS:
+            return self.pd_router
         return self.router
 
     def is_ready(self) -> bool:
@@ -52,6 +79,7 @@ class Gateway:
             self.manager.submit_remove(worker)
 
     async def start(self) -> None:
+        await self._metrics_listener.start()
         app = build_app(self)
         self._runner = web.AppRunner(
             app,
@@ -63,6 +91,8 @@ class Gateway:
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True)
         await site.start()
         self.manager.add_static()
+        if self.discovery is not None:
+            self.discovery.start()
         self.health.start()
         log.info(
             "shepherd listening on http://%s:%d (policy %s)", self.config.host, self.config.port, self.config.policy
@@ -72,9 +102,12 @@ class Gateway:
         """Readiness goes 503, listeners close, in-flight requests get the grace period, then teardown."""
         self.shutting_down = True
         await self.health.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.manager.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self._metrics_listener.stop()
         await self.client.close()
 
     async def serve_forever(self) -> None:

@@ -153,9 +153,12 @@ class ManagedProcess:
 class SimFleet:
     """Simulated SGLang workers served by one ``shepherd.sim`` process."""
 
-    def __init__(self, process: ManagedProcess, urls: list[str]) -> None:
+    def __init__(
+        self, process: ManagedProcess, urls: list[str], bootstrap_ports: list[int | None] | None = None
+    ) -> None:
         self.process = process
         self.urls = urls
+        self.bootstrap_ports = bootstrap_ports or [None] * len(urls)  # PD bootstrap listeners (--role prefill)
 
     def _control(self, method: str, path: str, body: Any = None) -> Any:
         # Any worker can control and inspect its siblings; use the first one that still accepts
@@ -206,8 +209,8 @@ def start_sim(tmp_path: Path, workers: int = 2, *extra_args: str, timeout: float
     process = ManagedProcess([*args, "--ready-file", str(ready), *extra_args], tmp_path, name=ready.stem)
     try:
         process.wait_for(ready.exists, timeout, f"ready file {ready}")
-        urls = json.loads(ready.read_text())["urls"]
+        ready_info = json.loads(ready.read_text())
     except BaseException:
         process.stop()
         raise
-    return SimFleet(process, urls)
+    return SimFleet(process, ready_info["urls"], ready_info.get("bootstrap_ports"))

@@ -7,7 +7,7 @@ import argparse
 
 def register_benchmarks(subparsers: argparse._SubParsersAction) -> None:
     """Add every benchmark's subcommand; each sets `run` (args -> exit code) with `set_defaults`."""
-    from shepherd.bench import overhead
+    from shepherd.bench import overhead, policy
 
-    for register in (overhead.register,):
+    for register in (overhead.register, policy.register):
         register(subparsers)

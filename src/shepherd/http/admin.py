@@ -15,6 +15,7 @@ from aiohttp import web
 from shepherd import __version__
 from shepherd.http.errors import GatewayError
 from shepherd.http.responses import json_response
+from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import auth_headers, relay_response_headers
 from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec
 from shepherd.workers.registry import count_by_type
@@ -33,6 +34,8 @@ def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
     r.add_get("/liveness", routes.liveness)
     r.add_get("/readiness", routes.readiness)
     r.add_get("/health_generate", routes.health_generate)
+    engine_metrics = EngineMetrics(gateway.registry, gateway.client, gateway.metrics, gateway.config)
+    r.add_get("/engine_metrics", engine_metrics.handle)
     r.add_get("/config", routes.config)
     r.add_get("/v1/models", routes.models)
     r.add_get("/get_model_info", routes.proxy_info)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def build_app(gateway: Gateway) -> web.Application:
     app = web.Application(
-        middlewares=[make_middleware(gateway.config)],
+        middlewares=[make_middleware(gateway.config, gateway.metrics)],
         client_max_size=gateway.config.max_payload_size,
         handler_args={"max_field_size": 65536},
     )

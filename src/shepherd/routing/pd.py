@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError, all_workers_unavailable, no_workers_for_model
+from shepherd.http.errors import GatewayError, error_body, no_workers_for_model
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.policies import Policy
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
@@ -32,6 +33,13 @@ from shepherd.workers.worker import Worker, WorkerType
 _MAX_ROOM = 2**63 - 1
 PD_ENDPOINTS = (GENERATE, CHAT, COMPLETIONS)
 _SSE_DATA = b"data: "
+_DECODE_STREAM_BROKEN = (
+    _SSE_DATA
+    + error_body(502, "decode_stream_interrupted", "The decode worker closed the stream before it finished")
+    + b"\n\n"
+)
+_ERROR_KINDS = {500: "internal_error", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
+PrefillLogprobs = dict[int, list[Any]]  # batch item index (0 for a single request) -> input_token_logprobs
 
 
 @dataclass(slots=True)
@@ -71,12 +79,15 @@ class PDRouter:
         registry.subscribe(on_removed=prefill_policy.on_worker_removed)
         registry.subscribe(on_removed=decode_policy.on_worker_removed)
 
-    def select_pair(self, ctx: RequestContext, tried: list[tuple[Worker, Worker]]) -> tuple[Worker, Worker]:
-        prefill = self._select(WorkerType.PREFILL, self.prefill_policy, ctx, [p for p, _ in tried])
-        decode = self._select(WorkerType.DECODE, self.decode_policy, ctx, [d for _, d in tried])
+    def select_pair(
+        self, ctx: RequestContext, failed_prefills: Sequence[Worker] = (), failed_decodes: Sequence[Worker] = ()
+    ) -> tuple[Worker, Worker]:
+        """Pick a pair; workers that already failed this request are avoided while their role has others."""
+        prefill = self._select(WorkerType.PREFILL, self.prefill_policy, ctx, failed_prefills)
+        decode = self._select(WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
         return prefill, decode
 
-    def _select(self, role: WorkerType, policy: Policy, ctx: RequestContext, tried: list[Worker]) -> Worker:
+    def _select(self, role: WorkerType, policy: Policy, ctx: RequestContext, tried: Sequence[Worker]) -> Worker:
         candidates = self.registry.candidates(role, ctx.model)
         if not candidates:
             if not self.registry.of_type(role):
@@ -88,27 +99,33 @@ class PDRouter:
                 )
             if ctx.model is not None and not self.registry.serves(role, ctx.model):
                 raise no_workers_for_model(ctx.model)
-            raise all_workers_unavailable()
+            raise GatewayError(
+                503,
+                "no_available_workers",
+                f"No available {role.value} workers (circuit breaker open or unhealthy)",
+                headers={"retry-after": "1"},
+            )
         fresh = [w for w in candidates if w not in tried] if tried else None
         return policy.pick(fresh or candidates, ctx)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        tried: list[tuple[Worker, Worker]] = []
+        # Only the side that failed is avoided on the next attempt: the other one did nothing wrong.
+        failed: dict[str, list[Worker]] = {"prefill": [], "decode": []}
         failure: SideFailure | None = None
         for attempt in range(self._max_attempts):
             if attempt:
                 await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
             try:
-                pair = self.select_pair(ctx, tried)
+                pair = self.select_pair(ctx, failed["prefill"], failed["decode"])
             except GatewayError:
                 if failure is None:
                     raise
                 break
-            tried.append(pair)
             result = await self._attempt(request, ctx, *pair)
             if not isinstance(result, SideFailure):
                 return result
             failure = result
+            failed[failure.side].append(failure.worker)
             if not failure.retryable:
                 break
         assert failure is not None
@@ -130,16 +147,17 @@ class PDRouter:
                 if isinstance(opened, SideFailure):
                     return self._record(opened, ctx)  # the finally clause aborts the prefill
                 upstream = opened
+                decode_ok = True
                 if ctx.stream and not want_logprobs:
                     # Relay decode tokens at once; the prefill's outcome is only recorded.
-                    response = await self._relay(request, ctx, decode, upstream, None)
+                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None)
                     prefill_result = await prefill_task
                 else:
                     prefill_result = await prefill_task
                     if isinstance(prefill_result, SideFailure):
                         return self._record(prefill_result, ctx)
                     if ctx.stream:
-                        response = await self._relay(request, ctx, decode, upstream, prefill_result)
+                        response, decode_ok = await self._relay(request, ctx, decode, upstream, prefill_result)
                     else:
                         payload = await upstream.read()
                         response = self._merged_response(ctx, decode, upstream, payload, prefill_result)
@@ -155,9 +173,12 @@ class PDRouter:
                 prefill.breaker.record_success()
                 prefill_lease.ok = True
                 self.prefill_policy.on_request_done(prefill, ctx, True)
-            decode.breaker.record_success()
-            decode_lease.ok = True
-            self.decode_policy.on_request_done(decode, ctx, True)
+            if decode_ok:
+                decode.breaker.record_success()
+                decode_lease.ok = True
+                self.decode_policy.on_request_done(decode, ctx, True)
+            else:  # the stream broke after it started: counted against the decode, nothing left to retry
+                self._record(SideFailure("decode", decode, reason="stream interrupted"), ctx)
             return response
 
     async def _open_decode(
@@ -183,7 +204,7 @@ class PDRouter:
 
     async def _call_prefill(
         self, request: web.Request, ctx: RequestContext, prefill: Worker, body: bytes, want_logprobs: bool
-    ) -> list[Any] | SideFailure | None:
+    ) -> PrefillLogprobs | SideFailure | None:
         """Send to the prefill worker and drain its answer; returns its input logprobs when asked for."""
         headers = forward_request_headers(request.headers, ctx.request_id, prefill.api_key, self._config.api_key)
         try:
@@ -228,8 +249,9 @@ class PDRouter:
         ctx: RequestContext,
         decode: Worker,
         upstream: aiohttp.ClientResponse,
-        prefill_logprobs: list[Any] | None,
-    ) -> web.StreamResponse:
+        prefill_logprobs: PrefillLogprobs | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Relay the decode's stream; returns the response and whether the decode finished it."""
         out = web.StreamResponse(
             status=upstream.status,
             headers=relay_response_headers(
@@ -237,14 +259,19 @@ class PDRouter:
             ),
         )
         await out.prepare(request)
-        if prefill_logprobs is None:
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
-        else:
-            async for line in upstream.content:
-                await out.write(_prepend_logprobs_to_frame(line, prefill_logprobs))
+        finished = True
+        try:
+            if not prefill_logprobs:
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+            else:
+                async for line in upstream.content:
+                    await out.write(_prepend_logprobs_to_frame(line, prefill_logprobs))
+        except (aiohttp.ClientError, TimeoutError):
+            finished = False
+            await out.write(_DECODE_STREAM_BROKEN)
         await out.write_eof()
-        return out
+        return out, finished
 
     def _merged_response(
         self,
@@ -252,9 +279,9 @@ class PDRouter:
         decode: Worker,
         upstream: aiohttp.ClientResponse,
         payload: bytes,
-        prefill_logprobs: list[Any] | None,
+        prefill_logprobs: PrefillLogprobs | None,
     ) -> web.Response:
-        if prefill_logprobs is not None:
+        if prefill_logprobs:
             payload = _prepend_logprobs(payload, prefill_logprobs)
         headers = relay_response_headers(
             upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
@@ -290,55 +317,61 @@ def batch_size(ctx: RequestContext) -> int | None:
     return n if isinstance(n, int) and n > 1 else None
 
 
-def _input_logprobs(payload: bytes, stream: bool) -> list[Any] | None:
-    """The prefill's `meta_info.input_token_logprobs` (the last SSE frame that has them, for streams)."""
+def _input_logprobs(payload: bytes, stream: bool) -> PrefillLogprobs:
+    """The prefill's `meta_info.input_token_logprobs` per batch item (of the last SSE frame with them, for streams)."""
+    found: PrefillLogprobs = {}
     if not stream:
-        return _logprobs_of(_loads(payload))
-    found = None
+        data = _loads(payload)
+        for index, item in enumerate(data if isinstance(data, list) else [data]):
+            logprobs = _logprobs_of(item)
+            if logprobs is not None:
+                found[index] = logprobs
+        return found
     for line in payload.split(b"\n"):
         if line.startswith(_SSE_DATA) and b"input_token_logprobs" in line:
-            found = _logprobs_of(_loads(line[len(_SSE_DATA) :])) or found
+            item = _loads(line[len(_SSE_DATA) :])
+            logprobs = _logprobs_of(item)
+            if logprobs is not None:
+                found[_item_index(item)] = logprobs
     return found
 
 
-def _logprobs_of(data: Any) -> list[Any] | None:
-    if isinstance(data, list):  # batch: one list per item
-        items = [_logprobs_of(item) for item in data]
-        return items if any(i is not None for i in items) else None
-    if isinstance(data, dict):
-        meta = data.get("meta_info")
-        if isinstance(meta, dict) and isinstance(meta.get("input_token_logprobs"), list):
-            return meta["input_token_logprobs"]
+def _logprobs_of(item: Any) -> list[Any] | None:
+    meta = item.get("meta_info") if isinstance(item, dict) else None
+    if isinstance(meta, dict) and isinstance(meta.get("input_token_logprobs"), list):
+        return meta["input_token_logprobs"]
     return None
 
 
-def _prepend_logprobs(payload: bytes, prefill_logprobs: list[Any]) -> bytes:
+def _item_index(item: Any) -> int:
+    """A stream frame's batch item (SGLang sets `index` in batch streams)."""
+    index = item.get("index") if isinstance(item, dict) else None
+    return index if isinstance(index, int) else 0
+
+
+def _prepend_logprobs(payload: bytes, prefill_logprobs: PrefillLogprobs) -> bytes:
     data = _loads(payload)
     if data is None:
         return payload
-    _merge_into(data, prefill_logprobs)
+    for index, item in enumerate(data if isinstance(data, list) else [data]):
+        _merge_into(item, prefill_logprobs.get(index))
     return orjson.dumps(data)
 
 
-def _merge_into(data: Any, prefill_logprobs: list[Any]) -> None:
-    if isinstance(data, list):
-        for item, logprobs in zip(data, prefill_logprobs, strict=False):
-            if isinstance(logprobs, list):
-                _merge_into(item, logprobs)
-        return
-    meta = data.get("meta_info") if isinstance(data, dict) else None
-    if isinstance(meta, dict) and isinstance(meta.get("input_token_logprobs"), list):
-        meta["input_token_logprobs"] = prefill_logprobs + meta["input_token_logprobs"]
+def _merge_into(item: Any, prefill: list[Any] | None) -> None:
+    decode = _logprobs_of(item)
+    if prefill is not None and decode is not None:
+        item["meta_info"]["input_token_logprobs"] = prefill + decode
 
 
-def _prepend_logprobs_to_frame(line: bytes, prefill_logprobs: list[Any]) -> bytes:
+def _prepend_logprobs_to_frame(line: bytes, prefill_logprobs: PrefillLogprobs) -> bytes:
     if not line.startswith(_SSE_DATA) or b"input_token_logprobs" not in line:
         return line
-    data = _loads(line[len(_SSE_DATA) :])
-    if data is None:
+    item = _loads(line[len(_SSE_DATA) :])
+    if item is None:
         return line
-    _merge_into(data, prefill_logprobs)
-    return _SSE_DATA + orjson.dumps(data) + b"\n"
+    _merge_into(item, prefill_logprobs.get(_item_index(item)))
+    return _SSE_DATA + orjson.dumps(item) + b"\n"
 
 
 def _loads(raw: bytes) -> Any:
@@ -349,13 +382,23 @@ def _loads(raw: bytes) -> Any:
 
 
 def _pd_error(failure: SideFailure) -> GatewayError:
-    detail = failure.body.decode("utf-8", "replace") if failure.body else failure.reason
+    """The client's one error: which side failed, which worker, and how (code `<side>_<kind>`)."""
+    side, url = failure.side, failure.worker.url
     if failure.status is not None:
-        return GatewayError(
-            failure.status,
-            f"{failure.side}_error",
-            f"{failure.side} worker {failure.worker.url} answered {failure.status}: {detail}",
-        )
+        kind = _ERROR_KINDS.get(failure.status, "error")
+        message = f"{side} worker {url} answered {failure.status}: {_worker_message(failure.body)}"
+        return GatewayError(failure.status, f"{side}_{kind}", message)
     if failure.timed_out:
-        return GatewayError(504, f"{failure.side}_timeout", f"{failure.side} worker {failure.worker.url} timed out")
-    return GatewayError(502, f"{failure.side}_unreachable", f"{failure.side} worker {failure.worker.url}: {detail}")
+        return GatewayError(504, f"{side}_timeout", f"{side} worker {url} timed out")
+    return GatewayError(502, f"{side}_unreachable", f"{side} worker {url} is unreachable: {failure.reason}")
+
+
+def _worker_message(body: bytes) -> str:
+    """The worker's own error message (`error.message` of an OpenAI-style body), else its body as text."""
+    data = _loads(body)
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(error, str):
+        return error
+    return body.decode("utf-8", "replace")

@@ -21,7 +21,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--workers", type=int, default=1, help="workers served by this process")
     net.add_argument(
         "--ready-file",
-        help='write {"urls": [...], "pid": N} here (atomically) once every listener is bound',
+        help='write {"urls": [...], "bootstrap_ports": [...], "pid": N} here (atomically) once every listener '
+        "is bound (bootstrap ports are null unless --role prefill)",
     )
     net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and admin routes")
 
@@ -47,8 +48,23 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
 
     topo = parser.add_argument_group("topology")
     topo.add_argument("--role", choices=ROLES, default="regular", help="PD disaggregation role")
-    topo.add_argument("--bootstrap-port", type=int, default=8998, help="PD bootstrap port (prefill role)")
+    topo.add_argument(
+        "--bootstrap-port", type=int, default=8998,
+        help="prefill role: port of worker 0's bootstrap listener (worker i: port+i; 0 picks free ports) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    topo.add_argument(
+        "--bootstrap-timeout-secs", type=float, default=30.0,
+        help="decode role: how long a request waits for its prefill to publish its bootstrap room(s) "
+        "(default: %(default)s)",
+    )  # fmt: skip
     topo.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks per worker")
+    topo.add_argument(
+        "--grpc-metrics-sidecar",
+        action="store_true",
+        help="stand in for an SGLang gRPC engine: the worker port serves grpc.health.v1 and the HTTP API "
+        "(/metrics included) listens on the metrics sidecar port (gRPC port + 10000, or - 10000 past 65535)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +84,16 @@ class SimConfig:
     latency: LatencyModel | None
     role: str
     bootstrap_port: int
+    bootstrap_timeout_secs: float
     dp_size: int
+    grpc_metrics_sidecar: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
         if args.workers < 1 or args.dp_size < 1 or args.page_size < 1 or args.max_running_requests < 1:
             raise ValueError("--workers, --dp-size, --page-size and --max-running-requests must be >= 1")
+        if args.bootstrap_timeout_secs <= 0 or not 0 <= args.bootstrap_port < 65536:
+            raise ValueError("--bootstrap-timeout-secs must be positive and --bootstrap-port a port number or 0")
         if args.prefill_tokens_per_ms <= 0:
             raise ValueError("--prefill-tokens-per-ms must be positive")
         latency = None
@@ -100,7 +120,9 @@ class SimConfig:
             latency=latency,
             role=args.role,
             bootstrap_port=args.bootstrap_port,
+            bootstrap_timeout_secs=args.bootstrap_timeout_secs,
             dp_size=args.dp_size,
+            grpc_metrics_sidecar=args.grpc_metrics_sidecar,
         )
 
     @property

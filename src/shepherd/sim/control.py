@@ -17,7 +17,9 @@ and answers with the target's fault state (``null`` clears a field).  ``GET /__c
 ``GET /__log[?worker=i]`` answers ``{"worker", "url", "counts": {path: n}, "requests": [{"method",
 "path", "headers", "body", "ts", "status", "disconnected"}, ...] (last 200, oldest first),
 "prompt_tokens", "cached_tokens", "completion_tokens", "num_requests" (since the last clear),
-"running", "queued", "disconnects"}``; ``DELETE /__log[?worker=i]`` clears it.  Requests to
+"running", "queued", "disconnects", "rank_requests": [n per DP rank], "published_rooms", "verified_rooms",
+"unverified_rooms", "orphan_rooms" (PD bootstrap handshake, see ``shepherd.sim.bootstrap``)}``;
+``DELETE /__log[?worker=i]`` clears it.  Requests to
 ``/__ctl`` and ``/__log`` themselves are not recorded.
 
 Every worker can control and inspect its siblings, so a worker whose listener was closed with
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from shepherd.sim.bootstrap import PD_COUNTS
 from shepherd.sim.faults import FaultError
 from shepherd.sim.wire import RequestError, json_response, read_json_object
 from shepherd.sim.worker import SimWorker
@@ -112,6 +115,8 @@ class ControlApi:
                 "running": live.running,
                 "queued": live.queued,
                 "disconnects": log.disconnects,
+                "rank_requests": [log.rank_requests[rank] for rank in range(target.config.dp_size)],
+                **{name: log.pd_counts[name] for name in PD_COUNTS},
             }
         )
 

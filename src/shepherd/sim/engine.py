@@ -46,13 +46,14 @@ class Sequence:
 
     __slots__ = (
         "_engine", "_listener", "aborted", "cached_tokens", "completion", "created", "finished",
-        "finished_at", "first_token_at", "generated", "index", "last_token_at", "lease",
+        "finished_at", "first_token_at", "generated", "index", "kv_transferred", "last_token_at", "lease",
         "max_new_tokens", "prefill_left", "prompt_ids",
     )  # fmt: skip
 
-    def __init__(self, prompt_ids: list[int], completion: Completion) -> None:
+    def __init__(self, prompt_ids: list[int], completion: Completion, kv_transferred: bool = False) -> None:
         self.prompt_ids = prompt_ids
         self.completion = completion
+        self.kv_transferred = kv_transferred  # PD decode: the prompt's KV cache came from a prefill worker
         self.max_new_tokens = len(completion.token_ids)
         self.index = 0  # position in its SequenceGroup
         self.generated = 0
@@ -211,7 +212,8 @@ class Engine:
             self.waiting.popleft()
             seq.lease = self.cache.acquire(seq.prompt_ids)
             seq.cached_tokens = seq.lease.cached_tokens
-            seq.prefill_left = max(1, len(seq.prompt_ids) - seq.cached_tokens)
+            # A transferred KV cache still costs one step (the first decode step), not a prefill.
+            seq.prefill_left = 1 if seq.kv_transferred else max(1, len(seq.prompt_ids) - seq.cached_tokens)
             self._reserved_tokens += need
             self.running.append(seq)
             self.stats.on_admit(len(seq.prompt_ids), seq.cached_tokens)

@@ -55,17 +55,24 @@ class OpenAiApi:
         prompts = [tokenize(chat_prompt_text(body.get("messages")))]
         default_new = int_field(body, "max_tokens", self.worker.config.max_new_tokens_default)
         max_new = int_field(body, "max_completion_tokens", default_new)
-        return await self._complete(request, body, prompts, max_new, chat=True)
+        return await self._complete(request, body, prompts, max_new, chat=True, batch=False)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
-        prompts, _ = token_prompts(body.get("prompt"), "prompt")
+        prompts, batch = token_prompts(body.get("prompt"), "prompt")
         max_new = int_field(body, "max_tokens", self.worker.config.max_new_tokens_default)
-        return await self._complete(request, body, prompts, max_new, chat=False)
+        return await self._complete(request, body, prompts, max_new, chat=False, batch=batch)
 
     async def _complete(
-        self, request: web.Request, body: dict[str, Any], prompts: list[list[int]], max_new: int, chat: bool
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        prompts: list[list[int]],
+        max_new: int,
+        chat: bool,
+        batch: bool,
     ) -> web.StreamResponse:
+        """`batch`: the prompt was a list of prompts."""
         n = int_field(body, "n", 1, minimum=1)
         check_context(prompts, [max_new] * len(prompts), self.worker.config.context_length)
         stream = bool(body.get("stream"))
@@ -74,7 +81,11 @@ class OpenAiApi:
         denied = await apply_inference_faults(request, self.worker.faults, stream)
         if denied is not None:
             return denied
-        group = self.worker.submit(prompts, [max_new] * len(prompts), n)
+        # PD batches (one bootstrap room per item): a prompt list, or a chat with several choices.
+        items = len(prompts) if batch else (n if chat and n > 1 else None)
+        rooms = await self.worker.handshake.before(body, items)
+        dp_rank = body.get("data_parallel_rank")
+        group = self.worker.submit(prompts, [max_new] * len(prompts), n, dp_rank if isinstance(dp_rank, int) else None)
         head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex(),
             "object": "chat.completion" if chat else "text_completion",
@@ -84,9 +95,10 @@ class OpenAiApi:
         try:
             if not stream:
                 await group.wait()
+                self.worker.handshake.after(rooms)
                 choices = [_choice(s.index, s.text, chat) for s in group.seqs]
                 return json_response({**head, "choices": choices, "usage": _usage(group, n)})
-            return await self._stream(request, group, head, chat, include_usage, n)
+            return await self._stream(request, group, head, chat, include_usage, n, rooms)
         finally:
             if not group.done:
                 group.abort()
@@ -99,6 +111,7 @@ class OpenAiApi:
         chat: bool,
         include_usage: bool,
         n: int,
+        rooms: list[int],
     ) -> web.StreamResponse:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         sse = SseStream(request, self.worker.faults.disconnect_after_chunks)
@@ -121,6 +134,7 @@ class OpenAiApi:
             else:
                 choice = {"index": seq.index, "text": delta, "logprobs": None, "finish_reason": finish}
                 await sse.send({**head, "choices": [choice]})
+        self.worker.handshake.after(rooms)
         if include_usage:
             await sse.send({**head, "choices": [], "usage": _usage(group, n)})
         await sse.close()

@@ -52,6 +52,8 @@ class RequestLog:
         self.entries: deque[LogEntry] = deque(maxlen=MAX_ENTRIES)
         self.counts: Counter[str] = Counter()
         self.disconnects = 0
+        self.rank_requests: Counter[int] = Counter()  # inference requests per DP rank
+        self.pd_counts: Counter[str] = Counter()  # PD bootstrap rooms: published, verified, unverified, orphan
         self._baseline: dict[str, int] = {}
 
     def record(self, method: str, path: str, headers: CIMultiDictProxy[str], body: bytes) -> LogEntry:
@@ -71,6 +73,8 @@ class RequestLog:
         self.entries.clear()
         self.counts.clear()
         self.disconnects = 0
+        self.rank_requests.clear()
+        self.pd_counts.clear()
         self._baseline = dict(counters)
 
     def since_clear(self, counters: dict[str, int]) -> dict[str, int]:

@@ -15,11 +15,14 @@ import signal
 import socket
 import sys
 
+import grpc
 import uvloop
 from aiohttp import web
 
+from shepherd.observability.sidecar_address import sidecar_metrics_url
 from shepherd.sim.app import build_app
 from shepherd.sim.config import SimConfig, add_sim_arguments
+from shepherd.sim.grpc_standin import start_grpc_standin
 from shepherd.sim.worker import SimWorker
 
 __all__ = ["SimServer", "add_sim_arguments", "run_sim"]
@@ -34,13 +37,22 @@ class SimServer:
         self.workers = [SimWorker(config, i) for i in range(config.workers)]
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.SockSite | None] = []
+        self._http_ports: list[int] = []  # the HTTP app's port: the worker port, or its metrics sidecar port
+        self._grpc_servers: list[grpc.aio.Server] = []
 
     async def start(self) -> None:
         """Bind every worker's listener (raises ``OSError`` if a port is taken)."""
         for worker in self.workers:
             port = self.config.port + worker.index if self.config.port else 0
-            sock = _listen(self.config.host, port)
-            worker.port = sock.getsockname()[1]
+            if self.config.grpc_metrics_sidecar:
+                grpc_server, worker.port, sock = await start_grpc_standin(
+                    self.config.host, port, worker.faults, _listen
+                )
+                self._grpc_servers.append(grpc_server)
+            else:
+                sock = _listen(self.config.host, port)
+                worker.port = sock.getsockname()[1]
+            self._http_ports.append(sock.getsockname()[1])
             runner = web.AppRunner(
                 build_app(worker, self),
                 handler_cancellation=True,  # a client disconnect cancels its handler
@@ -52,10 +64,21 @@ class SimServer:
             await site.start()
             self._runners.append(runner)
             self._sites.append(site)
+            if self.config.role == "prefill":
+                base = self.config.bootstrap_port
+                sock = _listen(self.config.host, base + worker.index if base else 0)
+                worker.bootstrap_port = await worker.handshake.serve(sock)
 
     @property
     def urls(self) -> list[str]:
         return [w.url for w in self.workers]
+
+    @property
+    def http_urls(self) -> list[str]:
+        """Where each worker's HTTP app listens (with --grpc-metrics-sidecar: the sidecar address)."""
+        if not self.config.grpc_metrics_sidecar:
+            return self.urls
+        return [sidecar_metrics_url(url).removesuffix("/metrics") for url in self.urls]
 
     async def set_refusing(self, index: int, refusing: bool, spare: web.BaseRequest | None = None) -> None:
         """Close (or reopen) a worker's listener.
@@ -75,8 +98,7 @@ class SimServer:
                 else:
                     conn.force_close()
         elif not refusing and site is None:
-            worker = self.workers[index]
-            site = web.SockSite(self._runners[index], _listen(self.config.host, worker.port))
+            site = web.SockSite(self._runners[index], _listen(self.config.host, self._http_ports[index]))
             await site.start()
             self._sites[index] = site
 
@@ -85,6 +107,8 @@ class SimServer:
             worker.faults.reset()  # release hung requests so they can finish
         for runner in self._runners:
             await runner.cleanup()
+        for grpc_server in self._grpc_servers:
+            await grpc_server.stop(None)
         for worker in self.workers:
             await worker.close()
 
@@ -96,10 +120,11 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _write_ready_file(path: str, urls: list[str]) -> None:
+def _write_ready_file(path: str, urls: list[str], http_urls: list[str], bootstrap_ports: list[int | None]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"urls": urls, "pid": os.getpid()}, f)
+        data = {"urls": urls, "http_urls": http_urls, "bootstrap_ports": bootstrap_ports, "pid": os.getpid()}
+        json.dump(data, f)
     os.replace(tmp, path)
 
 
@@ -117,7 +142,8 @@ async def _serve(config: SimConfig) -> int:
         return 1
     print(f"shepherd sim: {len(server.workers)} worker(s) at {' '.join(server.urls)}", flush=True)
     if config.ready_file:
-        _write_ready_file(config.ready_file, server.urls)
+        bootstrap_ports = [w.bootstrap_port for w in server.workers]  # null unless --role prefill
+        _write_ready_file(config.ready_file, server.urls, server.http_urls, bootstrap_ports)
     await stop.wait()
     await server.stop()
     return 0

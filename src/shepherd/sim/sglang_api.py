@@ -80,7 +80,7 @@ class SglangApi:
             "chunked_prefill_size": cfg.latency.chunked_prefill_size if cfg.latency else None,
             "random_seed": cfg.seed,
             "disaggregation_mode": cfg.disaggregation_mode,
-            "disaggregation_bootstrap_port": cfg.bootstrap_port,
+            "disaggregation_bootstrap_port": self.worker.bootstrap_port or cfg.bootstrap_port,
             "is_embedding": False,
             "version": SGLANG_VERSION,
             "internal_states": [
@@ -119,25 +119,31 @@ class SglangApi:
         stream = bool(body.get("stream"))
         rids = _request_ids(body.get("rid"), len(prompts) * n, n)
         logprobs = bool(body.get("return_logprob"))
+        # A PD decode worker did not compute the prompt: its prefill reports the input logprobs.
+        input_logprobs = logprobs and self.worker.config.role != "decode"
         dp_rank = body.get("data_parallel_rank")
 
         denied = await apply_inference_faults(request, self.worker.faults, stream)
         if denied is not None:
             return denied
+        handshake = self.worker.handshake
+        rooms = await handshake.before(body, len(prompts) if batch else None)
         group = self.worker.submit(prompts, max_new, n, dp_rank if isinstance(dp_rank, int) else None)
         batch = batch or n > 1
         try:
             if not stream:
                 await group.wait()
-                outputs = [_generate_output(s, rids[s.index], logprobs) for s in group.seqs]
+                handshake.after(rooms)
+                outputs = [_generate_output(s, rids[s.index], logprobs, input_logprobs) for s in group.seqs]
                 return json_response(outputs if batch else outputs[0])
             sse = SseStream(request, self.worker.faults.disconnect_after_chunks)
             await sse.open()
             async for seq in group.updates():
-                frame = _generate_output(seq, rids[seq.index], logprobs)
+                frame = _generate_output(seq, rids[seq.index], logprobs, input_logprobs)
                 if batch:
                     frame["index"] = seq.index
                 await sse.send(frame)
+            handshake.after(rooms)
             await sse.close()
             return sse.response
         finally:
@@ -153,7 +159,7 @@ def _request_ids(rid: Any, count: int, n: int) -> list[str]:
     return [os.urandom(16).hex() for _ in range(count)]
 
 
-def _generate_output(seq: Sequence, rid: str, logprobs: bool) -> dict[str, Any]:
+def _generate_output(seq: Sequence, rid: str, logprobs: bool, input_logprobs: bool) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": {"type": "length", "length": seq.max_new_tokens} if seq.finished else None,
@@ -166,8 +172,10 @@ def _generate_output(seq: Sequence, rid: str, logprobs: bool) -> dict[str, Any]:
     output_ids = seq.output_ids
     if logprobs:
         # SGLang reports no logprob for the first prompt token (nothing precedes it).
-        meta["input_token_logprobs"] = [
-            [None if i == 0 else fake_logprob(t), t, None] for i, t in enumerate(seq.prompt_ids)
-        ]
+        meta["input_token_logprobs"] = (
+            [[None if i == 0 else fake_logprob(t), t, None] for i, t in enumerate(seq.prompt_ids)]
+            if input_logprobs
+            else []
+        )
         meta["output_token_logprobs"] = [[fake_logprob(t), t, None] for t in output_ids]
     return {"text": seq.text, "output_ids": output_ids, "meta_info": meta}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shepherd.sim.bootstrap import Handshake
 from shepherd.sim.config import SimConfig
 from shepherd.sim.engine import Engine, Sequence, SequenceGroup
 from shepherd.sim.faults import FaultState
@@ -32,6 +33,8 @@ class SimWorker:
         ]
         self.faults = FaultState(seed=config.seed * 7919 + index)
         self.log = RequestLog()
+        self.handshake = Handshake(config.role, config.bootstrap_timeout_secs, self.log)
+        self.bootstrap_port: int | None = None  # prefill role: set by the server once its listener is bound
 
     @property
     def url(self) -> str:
@@ -40,7 +43,8 @@ class SimWorker:
             host = "127.0.0.1"  # a wildcard bind is reachable on loopback
         elif ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "grpc" if self.config.grpc_metrics_sidecar else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def engine_type(self) -> str:
@@ -51,12 +55,21 @@ class SimWorker:
         self, prompts: list[list[int]], max_new_tokens: list[int], n: int = 1, dp_rank: int | None = None
     ) -> SequenceGroup:
         """Start ``n`` generations per prompt (``max_new_tokens`` is per prompt).  Sequences are
-        ordered prompt-major; all of one request's sequences share a DP rank."""
-        engine = self._pick_engine(dp_rank)
+        ordered prompt-major; all of one request's sequences share a DP rank.
+
+        PD roles: a prefill worker stops after the first token, as SGLang's does (the decode worker
+        generates the rest); a decode worker gets the prompt's KV cache from its prefill, so it does
+        not compute the prompt again."""
+        rank = self._pick_rank(dp_rank)
+        self.log.rank_requests[rank] += 1
+        engine = self.engines[rank]
+        role = self.config.role
+        if role == "prefill":
+            max_new_tokens = [min(new, 1) for new in max_new_tokens]
         seed = self.config.seed
         group = SequenceGroup(
             [
-                Sequence(prompt, generate(prompt, new, seed, choice))
+                Sequence(prompt, generate(prompt, new, seed, choice), kv_transferred=role == "decode")
                 for prompt, new in zip(prompts, max_new_tokens, strict=True)
                 for choice in range(n)
             ]
@@ -65,13 +78,13 @@ class SimWorker:
             engine.submit(seq)
         return group
 
-    def _pick_engine(self, dp_rank: int | None) -> Engine:
+    def _pick_rank(self, dp_rank: int | None) -> int:
         engines = self.engines
         if len(engines) == 1:
-            return engines[0]
+            return 0
         if dp_rank is not None:
-            return engines[dp_rank % len(engines)]
-        return min(engines, key=lambda e: len(e.running) + len(e.waiting))
+            return dp_rank % len(engines)
+        return min(range(len(engines)), key=lambda r: len(engines[r].running) + len(engines[r].waiting))
 
     def flush_cache(self) -> None:
         for engine in self.engines:
@@ -110,3 +123,4 @@ class SimWorker:
     async def close(self) -> None:
         for engine in self.engines:
             await engine.close()
+        await self.handshake.close()

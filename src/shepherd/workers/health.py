@@ -16,6 +16,7 @@ import aiohttp
 
 from shepherd.config import HealthCheckConfig
 from shepherd.upstream.client import UpstreamClient, auth_headers
+from shepherd.upstream.grpc_health import GrpcHealthError, check_grpc_health, is_grpc_url
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus
 
@@ -78,6 +79,12 @@ class HealthChecker:
         return ok
 
     async def _check(self, base_url: str, api_key: str | None) -> bool:
+        if is_grpc_url(base_url):
+            try:
+                await check_grpc_health(base_url, self._config.timeout_secs, api_key)
+                return True
+            except GrpcHealthError:
+                return False
         try:
             async with self._client.session.get(
                 base_url + self._config.endpoint, headers=auth_headers(api_key), timeout=self._timeout

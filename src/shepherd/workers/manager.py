@@ -18,6 +18,7 @@ import aiohttp
 
 from shepherd.config import GatewayConfig
 from shepherd.upstream.client import UpstreamClient, auth_headers
+from shepherd.upstream.grpc_health import GrpcHealthError, check_grpc_health, is_grpc_url
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import UNKNOWN_MODEL, Worker, WorkerStatus, WorkerType
@@ -72,6 +73,8 @@ class WorkerSpec:
         cost = _optional(data, "cost", (int, float))
         spec.cost = 1.0 if cost is None else float(cost)
         spec.model_id = _optional(data, "model_id", str) or _optional(data, "model", str)
+        if spec.model_id is None and is_grpc_url(spec.url):
+            raise SpecError("model_id", "a gRPC worker needs its model: set 'model_id' (or 'model')")
         return spec
 
 
@@ -103,6 +106,8 @@ def normalize_url(url: str) -> str:
         raise SpecError("url", f"field 'url' has an invalid port: {url!r}") from None
     if parts.query or parts.fragment:
         raise SpecError("url", f"field 'url' must not carry a query or fragment: {url!r}")
+    if parts.port is None and is_grpc_url(url):
+        raise SpecError("url", f"a gRPC worker URL needs a port: {url!r}")
     return url.rstrip("/")
 
 
@@ -183,28 +188,44 @@ class WorkerManager:
         self.jobs.pop(job.worker_id, None)
 
     async def _discover(self, spec: WorkerSpec) -> dict[str, Any]:
-        """Wait until the worker answers /health, then read its server and model info."""
+        """Wait until the worker is healthy, then read its server and model info.
+
+        A gRPC worker is only probed (grpc.health.v1): its model comes from the spec.
+        """
         deadline = time.monotonic() + self._config.worker_startup_timeout_secs
         delay = 0.2
-        session = self._client.session
-        headers = auth_headers(spec.api_key)
         timeout = aiohttp.ClientTimeout(total=self._config.health_check.timeout_secs)
-        while True:
-            try:
-                async with session.get(spec.url + "/health", headers=headers, timeout=timeout) as resp:
-                    if resp.status < 400:
-                        break
-                    last = f"/health answered {resp.status}"
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                last = str(exc) or type(exc).__name__
+        while (last := await self._unhealthy_reason(spec, timeout)) is not None:
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(last)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._config.worker_startup_check_interval)
+        if is_grpc_url(spec.url):
+            return {"server_info": {}, "model_info": {}, "models": {}}
         server_info = await self._get_json(spec, ("/server_info", "/get_server_info"), timeout)
         model_info = await self._get_json(spec, ("/model_info", "/get_model_info"), timeout)
         models = await self._get_json(spec, ("/v1/models",), timeout)
         return {"server_info": server_info, "model_info": model_info, "models": models}
+
+    async def _unhealthy_reason(self, spec: WorkerSpec, timeout: aiohttp.ClientTimeout) -> str | None:
+        """None when one probe finds the worker healthy, else what the probe saw."""
+        if is_grpc_url(spec.url):
+            try:
+                await check_grpc_health(spec.url, self._config.health_check.timeout_secs, spec.api_key)
+            except GrpcHealthError as exc:
+                return str(exc)
+            return None
+        try:
+            async with self._client.session.get(
+                spec.url + "/health", headers=self._auth_headers(spec), timeout=timeout
+            ) as resp:
+                return None if resp.status < 400 else f"/health answered {resp.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return str(exc) or type(exc).__name__
+
+    def _auth_headers(self, spec: WorkerSpec) -> dict[str, str]:
+        """The worker's own key, else the gateway's `--api-key`, as for inference requests (DP discovery needs it)."""
+        return auth_headers(spec.api_key or self._config.api_key)
 
     async def _get_json(
         self, spec: WorkerSpec, paths: tuple[str, ...], timeout: aiohttp.ClientTimeout
@@ -213,7 +234,7 @@ class WorkerManager:
         for path in paths:
             try:
                 async with self._client.session.get(
-                    spec.url + path, headers=auth_headers(spec.api_key), timeout=timeout
+                    spec.url + path, headers=self._auth_headers(spec), timeout=timeout
                 ) as resp:
                     if resp.status == 404:
                         continue

@@ -10,12 +10,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
+from shepherd.upstream.grpc_health import is_grpc_url
 from shepherd.workers.breaker import CircuitBreaker, CircuitState
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
 log = logging.getLogger(__name__)
 
 WorkerListener = Callable[[Worker], None]
+BreakerListener = Callable[[str, CircuitState, CircuitState], None]  # (worker url, old, new)
 _ANY_MODEL = None
 
 
@@ -28,6 +30,7 @@ class Registry:
         self._on_added: list[WorkerListener] = []
         self._on_removed: list[WorkerListener] = []
         self._on_changed: list[WorkerListener] = []
+        self._on_breaker: list[BreakerListener] = []
         self._reopen_timer: asyncio.TimerHandle | None = None
 
     # --- subscriptions -------------------------------------------------------------------------------------
@@ -36,6 +39,7 @@ class Registry:
         on_added: WorkerListener | None = None,
         on_removed: WorkerListener | None = None,
         on_changed: WorkerListener | None = None,
+        on_breaker: BreakerListener | None = None,
     ) -> None:
         """Policies and observers learn about the fleet here; callbacks must not block."""
         if on_added:
@@ -44,6 +48,8 @@ class Registry:
             self._on_removed.append(on_removed)
         if on_changed:
             self._on_changed.append(on_changed)
+        if on_breaker:
+            self._on_breaker.append(on_breaker)
 
     # --- membership ----------------------------------------------------------------------------------------
     def add(self, worker: Worker) -> None:
@@ -95,6 +101,8 @@ class Registry:
 
         def on_transition(_breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
             log.warning("worker %s: circuit %s -> %s", worker_url, old.value, new.value)
+            for listener in self._on_breaker:
+                listener(worker_url, old, new)
             worker = self._by_url.get(worker_url)
             if worker is not None and new is not CircuitState.HALF_OPEN:
                 self.changed(worker)
@@ -125,8 +133,8 @@ class Registry:
         next_reopen: float | None = None
         for worker in self._by_id.values():
             models.setdefault(worker.worker_type, set()).add(worker.model_id)
-            if worker.status is not WorkerStatus.READY:
-                continue
+            if worker.status is not WorkerStatus.READY or is_grpc_url(worker.base_url):
+                continue  # gRPC workers are registered and probed, but their data plane is not served yet
             if not worker.breaker.allows():
                 wait = worker.breaker.reopen_in()
                 next_reopen = wait if next_reopen is None else min(next_reopen, wait)

@@ -1,0 +1,237 @@
+"""`shepherd bench policy`: CPU time of one routing decision, by policy and fleet size.
+
+No network and no event loop: real `Worker` objects, and a `RequestContext` parsed from a chat body right before each
+timed `pick` (so the routing text is extracted inside the timed call, as on the request path). The workload is shared
+prefixes: `--groups` system prompts, each request one of them plus a fresh question, `--prompt-chars` in total.
+A synthetic in-flight load keeps `--inflight-per-worker` requests per worker: each decision adds one to the chosen
+worker and the oldest in-flight request completes.
+
+Policies:
+- cache_aware: Shepherd's (prefix index keyed by chained block hashes, sampled least-loaded selection);
+- naive_scan: what a per-worker prefix store costs: every worker's set of 64-character block keys is walked per
+  request and the least-loaded worker is found by a full scan (unbounded, no eviction);
+- round_robin: the floor, no text work at all.
+
+Per (policy, workers): mean, p50 and p99 microseconds per decision; for cache_aware also index probes and worker
+entries examined per decision, which stay flat as the fleet grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shepherd.bench.report import fmt, render_table, run_metadata, write_json
+from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
+from shepherd.routing.context import CHAT, RequestContext
+from shepherd.routing.policies.base import Policy, StatelessPolicy
+from shepherd.routing.policies.cache_aware import CacheAwarePolicy
+from shepherd.routing.policies.round_robin import RoundRobinPolicy
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.worker import Worker
+
+POLICIES = ("cache_aware", "naive_scan", "round_robin")
+_VOCABULARY = (
+    "the gateway routes each request to a worker whose prefix cache probably holds the prompt while keeping load "
+    "balanced across engines that batch tokens pages memory queue latency throughput model system user assistant"
+)
+_WORDS = tuple(_VOCABULARY.split(" "))
+
+
+class NaiveScanPolicy(StatelessPolicy):
+    """Baseline: per-worker sets of fixed-block chain keys, scanned worker by worker on every request."""
+
+    name = "naive_scan"
+
+    def __init__(self, threshold: float = 0.3, block: int = 64) -> None:
+        self._threshold = threshold
+        self._block = block
+        self._held: dict[Worker, set[int]] = {}
+
+    def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        text = ctx.routing_text
+        block = self._block
+        keys = []
+        key = 0
+        for start in range(0, len(text), block):
+            key = hash((key, text[start : start + block]))
+            keys.append(key)
+        best, best_depth = candidates[0], -1
+        least = candidates[0]
+        for worker in candidates:
+            held = self._held.setdefault(worker, set())
+            depth = 0
+            for key in keys:
+                if key not in held:
+                    break
+                depth += 1
+            if depth > best_depth:
+                best, best_depth = worker, depth
+            if worker.load < least.load:
+                least = worker
+        matched = min(len(text), best_depth * block)
+        target = best if text and matched / len(text) > self._threshold else least
+        self._held[target].update(keys)
+        return target
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    workers: tuple[int, ...] = (16, 1000)
+    policies: tuple[str, ...] = POLICIES
+    prompt_chars: int = 8192
+    shared_fraction: float = 0.75
+    groups: int = 64
+    decisions: int = 5000
+    warmup: int = 2000
+    inflight_per_worker: int = 4
+    seed: int = 0
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    words: list[str] = []
+    total = 0
+    while total < chars:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        total += len(word) + 1
+    return " ".join(words)[:chars]
+
+
+def _bodies(settings: Settings) -> list[bytes]:
+    """Chat bodies: one of the group system prompts plus a fresh question, `prompt_chars` long in total."""
+    rng = random.Random(settings.seed)
+    shared = int(settings.prompt_chars * settings.shared_fraction)
+    systems = [_text(rng, shared) for _ in range(settings.groups)]
+    question = settings.prompt_chars - shared - 1  # the routing text joins the two messages with a space
+    bodies = []
+    for _ in range(settings.warmup + settings.decisions):
+        messages = [
+            {"role": "system", "content": rng.choice(systems)},
+            {"role": "user", "content": _text(rng, question)},
+        ]
+        bodies.append(orjson.dumps({"model": "bench-model", "messages": messages}))
+    return bodies
+
+
+def _make_policy(name: str) -> Policy:
+    if name == "cache_aware":
+        return CacheAwarePolicy(CacheAwareConfig(), random.Random(0))
+    if name == "naive_scan":
+        return NaiveScanPolicy()
+    return RoundRobinPolicy()
+
+
+def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) -> dict[str, Any]:
+    """Time every decision after the warmup; returns the figures of one (policy, fleet size) cell."""
+    breaker_config = CircuitBreakerConfig()
+    fleet = tuple(Worker(f"http://worker-{i}:8000", CircuitBreaker(breaker_config)) for i in range(workers))
+    policy = _make_policy(name)
+    inflight: deque[Worker] = deque()
+    limit = settings.inflight_per_worker * workers
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    for i, body in enumerate(bodies):
+        ctx = RequestContext(CHAT, body, f"bench-{i}")
+        started = clock()
+        worker = policy.pick(fleet, ctx)
+        elapsed = clock() - started
+        if i >= settings.warmup:
+            samples.append(elapsed)
+        worker.load += 1
+        inflight.append(worker)
+        if len(inflight) > limit:
+            inflight.popleft().load -= 1
+    samples.sort()
+    result: dict[str, Any] = {
+        "policy": name,
+        "workers": workers,
+        "decisions": len(samples),
+        "mean_us": statistics.fmean(samples) / 1000,
+        "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000,
+    }
+    if isinstance(policy, CacheAwarePolicy):
+        index = policy.index_for("bench-model")
+        total = len(bodies)
+        result["index_probes_per_decision"] = index.lookups / total
+        result["entries_examined_per_decision"] = policy.examined / total
+        result["indexed_chars"] = index.chars
+    return result
+
+
+def run(settings: Settings, json_path: str | None) -> int:
+    bodies = _bodies(settings)
+    results = [measure(name, n, bodies, settings) for n in settings.workers for name in settings.policies]
+    rows = [
+        [
+            r["policy"],
+            str(r["workers"]),
+            fmt(r["mean_us"]),
+            fmt(r["p50_us"]),
+            fmt(r["p99_us"]),
+            fmt(r.get("index_probes_per_decision")),
+            fmt(r.get("entries_examined_per_decision")),
+        ]
+        for r in results
+    ]
+    title = (
+        f"µs per routing decision: {settings.prompt_chars}-char chat prompts, {settings.groups} shared prefixes "
+        f"({settings.shared_fraction:.0%}), {settings.decisions} decisions after {settings.warmup} warmup"
+    )
+    headers = ["policy", "workers", "mean µs", "p50 µs", "p99 µs", "probes/dec", "examined/dec"]
+    print(render_table(headers, rows, title))
+    if json_path:
+        write_json(json_path, {"benchmark": "policy", "meta": run_metadata(), "settings": _settings_json(settings),
+                               "results": results})  # fmt: skip
+    return 0
+
+
+def _settings_json(settings: Settings) -> dict[str, Any]:
+    return {field: getattr(settings, field) for field in Settings.__dataclass_fields__}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = Settings()
+    p = subparsers.add_parser(
+        "policy",
+        help="µs per routing decision by policy and fleet size (in-process, no network)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workers", type=int, nargs="+", default=list(d.workers), help="fleet sizes (default: 16 1000)")
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(d.policies))
+    p.add_argument("--prompt-chars", type=int, default=d.prompt_chars)
+    p.add_argument("--shared-fraction", type=float, default=d.shared_fraction, help="system prompt share of a prompt")
+    p.add_argument("--groups", type=int, default=d.groups, help="distinct system prompts")
+    p.add_argument("--decisions", type=int, default=d.decisions, help="timed decisions per cell")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decisions first (fill the index)")
+    p.add_argument("--inflight-per-worker", type=int, default=d.inflight_per_worker)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results here")
+    p.set_defaults(run=_run_from_args)
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    if args.prompt_chars < 2 or not 0.0 <= args.shared_fraction < 1.0 or args.groups < 1 or args.decisions < 1:
+        raise SystemExit("--prompt-chars >= 2, --shared-fraction in [0, 1), --groups and --decisions >= 1")
+    settings = Settings(
+        workers=tuple(args.workers),
+        policies=tuple(args.policies),
+        prompt_chars=args.prompt_chars,
+        shared_fraction=args.shared_fraction,
+        groups=args.groups,
+        decisions=args.decisions,
+        warmup=args.warmup,
+        inflight_per_worker=args.inflight_per_worker,
+        seed=args.seed,
+    )
+    return run(settings, args.json_path)

@@ -1,0 +1,307 @@
+"""An approximate, bounded index of which workers were recently sent which prompt prefixes (one per model).
+
+The index estimates each worker's prefix (KV) cache from the traffic the gateway sent it; it never talks to workers.
+
+Keys. Every prompt is cut at the same character positions: every page (`page_chars`, 64 by default, about one
+16-token KV page) up to 16 pages, then every 1/8 of the prefix so far, rounded down to whole pages. A block's key
+hashes the previous block's key with the block's text, so one key stands for the whole prefix up to the block's end,
+and two prompts share exactly the keys of the blocks they have in common. A prompt that does not end on a cut gets
+one more key for its tail, so a repeated prompt matches completely. Growing blocks keep the number of keys
+logarithmic in prompt length (8k characters: 35 keys; 100k: 57) while a measured match is at most 1/8 shorter than
+the true shared prefix, which is precise enough for a ratio threshold.
+
+Holders. `holders[key]` is the set of workers believed to hold the prefix ending at that key. A lookup walks the
+request's keys from the root while they are present: its cost depends on the prompt, not on the number of workers.
+
+Capacity. Each worker's keys form an LRU, and a worker's indexed characters are kept within its `capacity`:
+the model's budget divided evenly among its workers, or less when `capacity_of(worker)` (its KV cache size in
+characters) is smaller, so the whole index never outgrows its budget and forgets what a bounded engine cache would
+have evicted. A request touches
+its keys deepest first, so a prompt's root is more recent than its leaves and eviction goes leaf first, like an
+engine's radix cache. A record that pushes its worker over capacity evicts at once (bounded work, so bursts are
+trimmed as they arrive); larger backlogs (a removed worker, a fleet that grew) are queued for `maintain(budget)`,
+which the policy runs in small chunks.
+
+Traffic share. Recording a request also adds it to the worker's exponentially decayed request count (half-life:
+32 requests per worker), the policy's view of how placement is spread when in-flight counts are too small to tell.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+
+from shepherd.workers.worker import Worker
+
+CHARS_PER_TOKEN = 4  # converts a worker's KV capacity in tokens to indexed characters
+_GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
+_SHARE_HALF_LIFE_PER_WORKER = 32
+_SHARE_RENORMALIZE_AT = 1e18
+_EVICT_SLACK = 64  # inline evictions allowed per record beyond the number of keys it touched
+_MAX_VIEWS = 8
+_HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key before giving up on it
+
+
+class BlockLayout:
+    """The cut positions every prompt shares, and the chained keys of a prompt's blocks."""
+
+    def __init__(self, page_chars: int) -> None:
+        if page_chars < 1:
+            raise ValueError("page_chars must be >= 1")
+        self.page_chars = page_chars
+        self._cuts = [page_chars]
+
+    def cuts(self, length: int) -> list[int]:
+        """Cut positions up to `length`, plus `length` itself when it is not a cut."""
+        cuts = self._cuts
+        page = self.page_chars
+        while cuts[-1] < length:
+            last = cuts[-1]
+            cuts.append(last + max(page, last // _GROWTH // page * page))
+        ends = cuts[: bisect.bisect_right(cuts, length)]
+        if not ends or ends[-1] != length:
+            ends.append(length)
+        return ends
+
+    def keys(self, text: str) -> tuple[list[int], list[int]]:
+        """(keys, ends): keys[i] identifies text[:ends[i]]. Empty text has no keys."""
+        if not text:
+            return [], []
+        ends = self.cuts(len(text))
+        keys: list[int] = []
+        append = keys.append
+        key = 0
+        start = 0
+        for end in ends:
+            key = hash((key, text[start:end]))
+            append(key)
+            start = end
+        return keys, ends
+
+
+class WorkerEntry:
+    """What one index believes about one worker: the prefixes it holds (LRU first) and its recent traffic."""
+
+    __slots__ = ("alive", "capacity", "chars", "kv_chars", "lru", "share", "worker")
+
+    def __init__(self, worker: Worker, kv_chars: int) -> None:
+        self.worker = worker
+        self.lru: OrderedDict[int, int] = OrderedDict()  # key -> characters of its block
+        self.chars = 0
+        self.kv_chars = kv_chars  # the worker's cache size in characters; 0 = unknown
+        self.capacity = 0  # set by PrefixIndex._fleet_changed
+        self.share = 0.0  # decayed request count, in units of PrefixIndex.share_unit
+        self.alive = True
+
+    def __repr__(self) -> str:
+        return f"WorkerEntry({self.worker.url}, chars={self.chars})"
+
+
+class FleetView:
+    """The entries of one candidates snapshot, resolved once per snapshot instead of once per request."""
+
+    __slots__ = ("entries", "members", "source")
+
+    def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...]) -> None:
+        self.source = source
+        self.entries = entries
+        self.members = frozenset(entries)
+
+
+class PrefixIndex:
+    def __init__(
+        self, page_chars: int = 64, budget_chars: int = 2**26, capacity_of: Callable[[Worker], int] | None = None
+    ) -> None:
+        if budget_chars < 1:
+            raise ValueError("budget_chars must be >= 1")
+        self.layout = BlockLayout(page_chars)
+        self.budget_chars = budget_chars
+        self._capacity_of = capacity_of
+        self.holders: dict[int, dict[WorkerEntry, None]] = {}
+        self.entries: dict[Worker, WorkerEntry] = {}
+        self.chars = 0  # indexed characters over all (key, worker) pairs, removed workers' until purged
+        self.fair_share = budget_chars  # of the budget, per worker
+        self.share_unit = 1.0
+        self.total_share = 0.0
+        self._share_growth = 1.0
+        self._views: dict[int, FleetView] = {}
+        self._dead: deque[WorkerEntry] = deque()
+        self._over: dict[WorkerEntry, None] = {}  # live entries above capacity, trimmed by maintain()
+        # Cost accounting (plain counters, read by tests and `shepherd bench policy`).
+        self.lookups = 0  # holder-map probes and holders looked at
+        self.views_built = 0
+        self._fleet_changed()
+
+    # --- fleet -----------------------------------------------------------------------------------------------
+    def view(self, candidates: Sequence[Worker]) -> FleetView:
+        """Entries for `candidates`; O(1) while the registry hands out the same snapshot object."""
+        view = self._views.get(id(candidates))
+        if view is not None and view.source is candidates:
+            return view
+        return self._build_view(candidates)
+
+    def remove(self, worker: Worker) -> None:
+        """Forget `worker` now for routing; its keys are purged by maintain() in bounded steps."""
+        entry = self.entries.pop(worker, None)
+        if entry is None:
+            return
+        entry.alive = False
+        self.total_share -= entry.share
+        self._over.pop(entry, None)
+        self._dead.append(entry)
+        self._views.clear()
+        self._fleet_changed()
+
+    def _build_view(self, candidates: Sequence[Worker]) -> FleetView:
+        if len(self._views) >= _MAX_VIEWS:
+            self._views.clear()
+        entries = []
+        grew = False
+        for worker in candidates:
+            entry = self.entries.get(worker)
+            if entry is None:
+                kv_chars = self._capacity_of(worker) if self._capacity_of else 0
+                entry = self.entries[worker] = WorkerEntry(worker, kv_chars)
+                grew = True
+            entries.append(entry)
+        if grew:
+            self._fleet_changed()
+        view = self._views[id(candidates)] = FleetView(candidates, tuple(entries))
+        self.views_built += 1
+        return view
+
+    def _fleet_changed(self) -> None:
+        workers = max(1, len(self.entries))
+        self.fair_share = fair_share = self.budget_chars // workers
+        self._share_growth = 2.0 ** (1.0 / (_SHARE_HALF_LIFE_PER_WORKER * workers))
+        for entry in self.entries.values():
+            entry.capacity = min(fair_share, entry.kv_chars) if entry.kv_chars > 0 else fair_share
+            if entry.chars > entry.capacity:
+                self._over[entry] = None
+
+    # --- lookups ---------------------------------------------------------------------------------------------
+    def longest_match(
+        self, keys: list[int], members: frozenset[WorkerEntry], limit: int
+    ) -> tuple[int, list[WorkerEntry]]:
+        """(depth, holders): the most keys of `keys` that some member holds, and up to `limit` such members."""
+        holders = self.holders
+        depth = 0
+        for key in keys:
+            if key not in holders:
+                break
+            depth += 1
+        probes = depth + 1
+        scan = limit * _HOLDER_SCAN_FACTOR
+        found: list[WorkerEntry] = []
+        while depth:
+            seen = 0
+            for entry in holders[keys[depth - 1]]:
+                seen += 1
+                if entry in members:
+                    found.append(entry)
+                    if len(found) == limit:
+                        break
+                elif seen >= scan:
+                    break
+            probes += seen
+            if found:
+                break
+            depth -= 1  # the deepest holders are gone or not routable right now: settle for a shorter match
+        self.lookups += probes
+        return depth, found
+
+    def rotate_holder(self, entry: WorkerEntry, key: int) -> None:
+        """Move `entry` behind the other holders of `key`, so longest_match offers the least recently chosen first."""
+        owners = self.holders.get(key)
+        if owners is not None and owners.pop(entry, False) is None:
+            owners[entry] = None
+
+    def holds(self, entry: WorkerEntry, key: int) -> bool:
+        owners = self.holders.get(key)
+        return owners is not None and entry in owners
+
+    def mean_share(self) -> float:
+        return self.total_share / max(1, len(self.entries))
+
+    # --- updates ---------------------------------------------------------------------------------------------
+    def record(self, entry: WorkerEntry, keys: list[int], ends: list[int]) -> None:
+        """`entry`'s worker was just sent the text with these keys: it now holds all of them, most recently."""
+        lru = entry.lru
+        holders = self.holders
+        added = 0
+        for i in range(len(keys) - 1, -1, -1):  # deepest first, so the root ends up most recent
+            key = keys[i]
+            if key in lru:
+                lru.move_to_end(key)
+                continue
+            size = ends[i] - ends[i - 1] if i else ends[0]
+            lru[key] = size
+            added += size
+            owners = holders.get(key)
+            if owners is None:
+                holders[key] = {entry: None}
+            else:
+                owners[entry] = None
+        entry.chars += added
+        self.chars += added
+        unit = self.share_unit
+        entry.share += unit
+        self.total_share += unit
+        self.share_unit = unit * self._share_growth
+        if self.share_unit > _SHARE_RENORMALIZE_AT:
+            self._renormalize_shares()
+        if entry.chars > entry.capacity:
+            self._trim(entry, len(keys) + _EVICT_SLACK)
+            if entry.chars > entry.capacity:
+                self._over[entry] = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether maintain() has work queued."""
+        return bool(self._dead or self._over)
+
+    def maintain(self, budget: int) -> int:
+        """Purge removed workers and trim over-capacity ones, evicting at most `budget` keys; returns keys evicted."""
+        done = 0
+        dead = self._dead
+        while done < budget and dead:
+            entry = dead[0]
+            if not entry.lru:
+                dead.popleft()
+                continue
+            self._evict_oldest(entry)
+            done += 1
+        over = self._over
+        while done < budget and over:
+            entry = next(iter(over))
+            if not entry.alive or entry.chars <= entry.capacity:
+                del over[entry]
+                continue
+            done += self._trim(entry, budget - done)
+        return done
+
+    def _trim(self, entry: WorkerEntry, limit: int) -> int:
+        evicted = 0
+        capacity = entry.capacity
+        while entry.chars > capacity and evicted < limit and entry.lru:
+            self._evict_oldest(entry)
+            evicted += 1
+        return evicted
+
+    def _evict_oldest(self, entry: WorkerEntry) -> None:
+        key, size = entry.lru.popitem(last=False)
+        entry.chars -= size
+        self.chars -= size
+        owners = self.holders.get(key)
+        if owners is not None:
+            owners.pop(entry, None)
+            if not owners:
+                del self.holders[key]
+
+    def _renormalize_shares(self) -> None:
+        unit = self.share_unit
+        for entry in self.entries.values():
+            entry.share /= unit
+        self.total_share /= unit
+        self.share_unit = 1.0

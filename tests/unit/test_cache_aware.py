@@ -1,0 +1,245 @@
+import asyncio
+import collections
+import dataclasses
+import random
+import time
+
+import orjson
+
+from shepherd.config import CacheAwareConfig, CircuitBreakerConfig, GatewayConfig
+from shepherd.routing.context import GENERATE, RequestContext
+from shepherd.routing.policies import create_policy
+from shepherd.routing.policies.cache_aware import HOLDERS_PROBED, SAMPLES, CacheAwarePolicy
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.worker import Worker
+
+NO_SPILL = CacheAwareConfig(spill_ratio=0)
+
+
+def make_workers(count, model="m"):
+    return tuple(Worker(f"http://w{i}", CircuitBreaker(CircuitBreakerConfig()), model_id=model) for i in range(count))
+
+
+def words(seed, chars):
+    rng = random.Random(seed)
+    out = []
+    total = 0
+    while total < chars:
+        word = rng.choice(("alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "tau"))
+        out.append(word)
+        total += len(word) + 1
+    return " ".join(out)[:chars]
+
+
+def ctx(text, model="m"):
+    return RequestContext(GENERATE, orjson.dumps({"text": text, "model": model}), "req")
+
+
+def policy(config=None, seed=0):
+    return CacheAwarePolicy(config or CacheAwareConfig(), random.Random(seed))
+
+
+def test_create_policy_builds_cache_aware_and_it_is_the_default():
+    config = GatewayConfig()
+    assert config.policy == "cache_aware"
+    assert isinstance(create_policy("cache_aware", config), CacheAwarePolicy)
+
+
+def test_requests_sharing_a_prefix_stick_to_one_worker():
+    p = policy(NO_SPILL)
+    fleet = make_workers(8)
+    systems = [words(100 + g, 2000) for g in range(12)]
+    order = [(g, q) for g in range(12) for q in range(15)]
+    random.Random(1).shuffle(order)
+    placed = collections.defaultdict(set)
+    for g, q in order:
+        placed[g].add(p.pick(fleet, ctx(systems[g] + " " + words(1000 * g + q, 300))))
+    assert all(len(workers) == 1 for workers in placed.values())
+    assert len(set().union(*placed.values())) == 8  # first requests of new prefixes went to the least loaded
+
+
+def test_default_config_keeps_affinity_and_balances_prefix_groups():
+    p = policy()
+    fleet = make_workers(8)
+    systems = [words(100 + g, 2000) for g in range(32)]
+    order = [(g, q) for g in range(32) for q in range(20)]
+    random.Random(2).shuffle(order)
+    per_group = collections.defaultdict(collections.Counter)
+    per_worker = collections.Counter()
+    for g, q in order:
+        worker = p.pick(fleet, ctx(systems[g] + " " + words(1000 * g + q, 300)))
+        per_group[g][worker] += 1
+        per_worker[worker] += 1
+    on_primary = sum(counts.most_common(1)[0][1] for counts in per_group.values())
+    assert on_primary / len(order) >= 0.9
+    assert max(per_worker.values()) / (len(order) / 8) <= 1.3
+
+
+def test_match_ratio_must_exceed_the_threshold():
+    p = policy(dataclasses.replace(NO_SPILL, cache_threshold=0.5))
+    a, b = make_workers(2)
+    shared = words(1, 1024)
+    assert p.pick((a, b), ctx(shared + words(2, 64))) is a
+    a.load = 1  # b is now the least loaded; only a holds `shared`
+    assert p.pick((a, b), ctx(shared + " " + words(4, 600))) is a  # 1024 of 1625 chars match: a hit
+    assert p.pick((a, b), ctx(shared + " " + words(3, 1400))) is b  # 1024 of 2425: a miss
+
+
+def test_load_check_is_about_the_chosen_worker_not_the_fleet():
+    p = policy(dataclasses.replace(NO_SPILL, balance_abs_threshold=4, balance_rel_threshold=1.5))
+    a, b, c = make_workers(3)
+    prompt = words(7, 3000)
+    assert p.pick((a, b, c), ctx(prompt)) is a
+    c.load = 100  # the fleet is imbalanced, but not because of a
+    a.load = 1
+    assert p.pick((a, b, c), ctx(prompt)) is a
+    a.load = 4  # 4 - 0 is not above the absolute threshold
+    assert p.pick((a, b, c), ctx(prompt)) is a
+    a.load = 5  # 5 - 0 > 4 and 5 > 1.5 * 0: route by load
+    assert p.pick((a, b, c), ctx(prompt)) is b
+
+
+def test_no_death_spiral_misses_and_hits_avoid_an_overloaded_worker():
+    p = policy()
+    fleet = make_workers(4)
+    hot = fleet[0]
+    prompt = words(9, 3000)
+    assert p.pick(fleet, ctx(prompt)) is hot
+    hot.load = 50
+    for i in range(200):
+        worker = p.pick(fleet, ctx(words(10_000 + i, 800)))  # misses
+        assert worker is not hot
+        worker.load += 1
+        if i % 4 == 3:
+            for w in fleet[1:]:
+                w.load = max(0, w.load - 1)
+    assert p.pick(fleet, ctx(prompt + " again")) is not hot  # its own prefix spills rather than queue behind 50
+
+
+def test_hot_holder_spills_to_the_least_loaded_which_then_shares_the_prefix():
+    p = policy()
+    a, b, c = make_workers(3)
+    prompt = words(11, 4000)
+    assert p.pick((a, b, c), ctx(prompt + " q0")) is a
+    a.load, b.load, c.load = 9, 2, 1
+    assert p.pick((a, b, c), ctx(prompt + " q1")) is c  # 9 > 1.25 * 4 + 2: a runs hot
+    a.load, b.load, c.load = 3, 0, 2
+    # a and c both hold the prefix, neither is hot: the less loaded holder wins over the idle non-holder b.
+    assert p.pick((a, b, c), ctx(prompt + " q2")) is c
+
+
+def test_shared_system_prompt_does_not_pull_every_new_conversation_onto_one_worker():
+    p = policy()
+    fleet = make_workers(8)
+    system = words(12, 3000)
+    first_turn = {s: system + " " + words(100 + s, 400) for s in range(64)}
+    home = {s: p.pick(fleet, ctx(first_turn[s])) for s in range(64)}  # idle fleet: in-flight counts say nothing
+    spread = collections.Counter(home.values())
+    assert len(spread) == 8 and max(spread.values()) <= 8 * 1.5
+    second_turn = {s: first_turn[s] + " " + words(200 + s, 800) for s in range(64)}
+    stayed = sum(p.pick(fleet, ctx(second_turn[s])) is home[s] for s in range(64))
+    assert stayed >= 0.9 * 64
+
+
+def test_index_stays_within_its_budget_under_a_burst():
+    budget = 200_000
+    p = policy(CacheAwareConfig(max_tree_size=budget))
+    fleet = make_workers(4)
+    index = p.index_for("m")
+    for i in range(3000):
+        p.pick(fleet, ctx(words(i, 1500)))
+        assert index.chars <= budget
+    assert index.chars > budget // 2
+
+
+def test_worker_capacity_estimate_forgets_prefixes_a_bounded_cache_has_evicted():
+    p = policy(dataclasses.replace(NO_SPILL, worker_kv_tokens=2000))  # 8000 characters per worker
+    a, b = make_workers(2)
+    old = words(13, 3000)
+    assert p.pick((a, b), ctx(old)) is a
+    b.load = 1
+    for i in range(3):  # newer prefixes push `old` out of a's estimated cache
+        assert p.pick((a, b), ctx(words(14 + i, 3000))) is a
+    b.load = 0
+    a.load = 1
+    assert p.pick((a, b), ctx(old)) is b  # not a hit any more: least loaded
+
+
+def test_worker_reported_kv_capacity_is_used_when_not_configured():
+    p = policy(NO_SPILL)
+    a, b = make_workers(2)
+    a.labels["max_total_num_tokens"] = "2000"  # as discovered from its /server_info
+    entry_a, entry_b = p.index_for("m").view((a, b)).entries
+    assert entry_a.capacity == 8000
+    assert entry_b.capacity == CacheAwareConfig().max_tree_size // 2  # unknown: only the budget share applies
+    configured = policy(dataclasses.replace(NO_SPILL, worker_kv_tokens=1000))
+    assert configured.index_for("m").view((a, b)).entries[0].capacity == 4000
+
+
+def test_removed_worker_leaves_the_index():
+    p = policy()
+    fleet = make_workers(3)
+    for i in range(30):
+        p.pick(fleet, ctx(words(i % 6, 2000) + str(i)))
+    gone = fleet[0]
+    index = p.index_for("m")
+    gone_entry = index.entries[gone]
+    assert gone_entry.lru
+    p.on_worker_removed(gone)
+    while p.maintain(16):
+        pass
+    assert gone not in index.entries and not gone_entry.lru
+    assert all(gone_entry not in owners for owners in index.holders.values())
+    rest = fleet[1:]
+    assert all(p.pick(rest, ctx(words(i % 6, 2000) + str(i))) in rest for i in range(30))
+
+
+def test_state_is_kept_per_model():
+    p = policy()
+    m1 = make_workers(2, "m1")
+    m2 = make_workers(2, "m2")
+    prompt = words(15, 2000)
+    assert p.pick(m1, ctx(prompt, "m1")) is m1[0]
+    assert p.pick(m2, ctx(prompt, "m2")) is m2[0]
+    index_m1, index_m2 = p.index_for("m1"), p.index_for("m2")
+    assert set(index_m1.entries) == set(m1) and set(index_m2.entries) == set(m2)
+    assert index_m1.chars == index_m1.entries[m1[0]].chars == len(prompt)
+    assert index_m2.chars == index_m2.entries[m2[0]].chars == len(prompt)
+
+
+def test_cost_per_decision_does_not_grow_with_the_fleet():
+    prompts = [words(g, 6000) + " " + words(1000 + i, 2000) for i, g in enumerate([i % 32 for i in range(400)])]
+    per_decision = {}
+    for size in (100, 1000, 5000):
+        p = policy(seed=1)
+        fleet = make_workers(size)
+        inflight = collections.deque()
+        for prompt in prompts:
+            worker = p.pick(fleet, ctx(prompt))
+            worker.load += 1
+            inflight.append(worker)
+            if len(inflight) > 2 * size:
+                inflight.popleft().load -= 1
+        index = p.index_for("m")
+        keys = len(index.layout.cuts(8001))
+        assert index.views_built == 1  # the fleet is resolved once per snapshot, not per request
+        assert p.examined <= len(prompts) * (SAMPLES + HOLDERS_PROBED)
+        assert index.lookups <= len(prompts) * (keys + 1 + 4 * HOLDERS_PROBED)
+        per_decision[size] = (p.examined + index.lookups) / len(prompts)
+    assert per_decision[5000] <= per_decision[1000] * 1.1
+    assert per_decision[1000] <= per_decision[100] * 1.1
+
+
+async def test_background_eviction_purges_a_removed_worker_without_traffic():
+    p = policy(CacheAwareConfig(eviction_interval_secs=0.01))
+    fleet = make_workers(2)
+    for i in range(20):
+        p.pick(fleet, ctx(words(i, 3000)))
+    index = p.index_for("m")
+    p.on_worker_removed(fleet[0])
+    assert index.pending
+    deadline = time.monotonic() + 5
+    while index.pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert not index.pending
+    assert index.chars == index.entries[fleet[1]].chars

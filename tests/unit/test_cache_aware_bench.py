@@ -1,0 +1,18 @@
+import orjson
+
+from shepherd.cli import main
+
+
+def test_bench_policy_reports_every_policy_and_fleet_size(tmp_path, capsys):
+    out = tmp_path / "policy.json"
+    argv = ["bench", "policy", "--workers", "4", "40", "--decisions", "60", "--warmup", "20", "--prompt-chars", "2000"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "µs per routing decision" in printed and "naive_scan" in printed
+    results = orjson.loads(out.read_bytes())["results"]
+    assert {(r["policy"], r["workers"]) for r in results} == {
+        (policy, workers) for policy in ("cache_aware", "naive_scan", "round_robin") for workers in (4, 40)
+    }
+    assert all(r["decisions"] == 60 and 0 < r["p50_us"] <= r["p99_us"] for r in results)
+    cache_aware = [r for r in results if r["policy"] == "cache_aware"]
+    assert all(r["index_probes_per_decision"] > 0 and r["indexed_chars"] > 0 for r in cache_aware)

@@ -1,0 +1,177 @@
+import itertools
+import random
+
+from shepherd.config import CircuitBreakerConfig
+from shepherd.routing.prefix_index import BlockLayout, PrefixIndex
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.worker import Worker
+
+
+def make_workers(count):
+    return tuple(Worker(f"http://w{i}", CircuitBreaker(CircuitBreakerConfig())) for i in range(count))
+
+
+def text(seed, chars):
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefgh ") for _ in range(chars))
+
+
+def test_cuts_are_pages_then_grow_by_an_eighth_of_the_prefix():
+    layout = BlockLayout(64)
+    cuts = layout.cuts(100_000)
+    assert cuts[:16] == [64 * i for i in range(1, 17)]
+    for before, after in itertools.pairwise(cuts[15:-1]):
+        assert after - before == max(64, before // 8 // 64 * 64)
+    assert cuts[-1] == 100_000  # the tail
+    assert len(layout.cuts(8192)) == 35  # logarithmic in the prompt length
+    assert layout.cuts(100) == [64, 100]
+    assert layout.cuts(128) == [64, 128]
+
+
+def test_keys_are_shared_exactly_by_common_blocks():
+    layout = BlockLayout(64)
+    shared = text(1, 3000)
+    keys_a, ends_a = layout.keys(shared + text(2, 500))
+    keys_b, _ = layout.keys(shared + text(3, 500))
+    common = sum(1 for end in ends_a if end <= 3000)
+    assert keys_a[:common] == keys_b[:common]
+    assert keys_a[common] != keys_b[common]
+    assert layout.keys(shared) == layout.keys(shared)  # identical prompts: every key, tail included
+    assert layout.keys("") == ([], [])
+
+
+def test_longest_match_returns_the_deepest_routable_holders():
+    index = PrefixIndex(page_chars=64)
+    a, b, c = make_workers(3)
+    view = index.view((a, b, c))
+    entry_a, entry_b, _ = view.entries
+    prompt = text(1, 2000)
+    keys, ends = index.layout.keys(prompt)
+    index.record(entry_a, keys, ends)
+    index.record(entry_b, keys[:10], ends[:10])  # b holds only a shorter prefix
+    depth, holders = index.longest_match(keys, view.members, 8)
+    assert (depth, holders) == (len(keys), [entry_a])
+    # When a is not routable, the match falls back to the deepest prefix b holds.
+    view_bc = index.view((b, c))
+    depth, holders = index.longest_match(keys, view_bc.members, 8)
+    assert (depth, holders) == (10, [entry_b])
+    other_keys, _ = index.layout.keys(text(2, 2000))
+    assert index.longest_match(other_keys, view.members, 8) == (0, [])
+
+
+def test_view_is_built_once_per_candidates_snapshot():
+    index = PrefixIndex()
+    fleet = make_workers(4)
+    first = index.view(fleet)
+    assert index.view(fleet) is first
+    assert index.views_built == 1
+    smaller = fleet[:3]
+    assert index.view(smaller) is not first
+    assert index.views_built == 2
+    assert index.view(fleet) is first  # a retry's candidate list does not evict the main snapshot
+
+
+def test_worker_capacity_evicts_least_recent_keys_leaf_first():
+    index = PrefixIndex(page_chars=64, capacity_of=lambda worker: 4096)
+    (worker,) = make_workers(1)
+    entry = index.view((worker,)).entries[0]
+    system = text(0, 1024)
+    prompts = [system + text(i, 1024) for i in range(1, 20)]
+    for prompt in prompts:
+        keys, ends = index.layout.keys(prompt)
+        index.record(entry, keys, ends)
+        assert entry.chars <= 4096
+    assert index.chars == entry.chars
+    # The shared system prompt (touched by every request, root last) is still held; the oldest questions are not.
+    system_keys, _ = index.layout.keys(system)
+    assert all(index.holds(entry, key) for key in system_keys)
+    oldest_keys, _ = index.layout.keys(prompts[0])
+    assert not index.holds(entry, oldest_keys[-1])
+    newest_keys, _ = index.layout.keys(prompts[-1])
+    assert index.holds(entry, newest_keys[-1])
+
+
+def test_budget_is_split_among_workers_and_bounds_the_index_under_a_burst():
+    budget = 64 * 1024
+    index = PrefixIndex(page_chars=64, budget_chars=budget)
+    fleet = make_workers(4)
+    view = index.view(fleet)
+    assert index.fair_share == budget // 4 and all(entry.capacity == budget // 4 for entry in view.entries)
+    longest = 0
+    for i in range(2000):  # a burst of unique prompts, far more than the budget
+        prompt = text(i, 500 + i % 3000)
+        longest = max(longest, len(prompt))
+        keys, ends = index.layout.keys(prompt)
+        index.record(view.entries[i % 4], keys, ends)
+        assert index.chars <= budget
+        assert sum(len(owners) for owners in index.holders.values()) == sum(len(e.lru) for e in view.entries)
+    assert index.chars >= budget // 2  # it is a cache, not a leak-free empty set
+
+
+def test_fleet_growth_shrinks_capacity_and_maintain_trims_in_bounded_steps():
+    index = PrefixIndex(page_chars=64, budget_chars=40_000)
+    fleet = make_workers(8)
+    view = index.view(fleet[:2])
+    for i in range(200):
+        keys, ends = index.layout.keys(text(i, 1000))
+        index.record(view.entries[i % 2], keys, ends)
+    before = index.chars
+    assert before > 40_000 // 8
+    index.view(fleet)  # six more workers: each may now hold 1/8 of the budget
+    assert index.fair_share == 5000 and index.pending
+    assert index.maintain(10) == 10
+    while index.pending:
+        assert index.maintain(10) <= 10
+    assert all(entry.chars <= 5000 for entry in index.entries.values())
+    assert index.chars <= 10_000 < before
+
+
+def test_removed_worker_is_purged_incrementally():
+    index = PrefixIndex(page_chars=64)
+    a, b = make_workers(2)
+    view = index.view((a, b))
+    entry_a, entry_b = view.entries
+    for i in range(50):
+        keys, ends = index.layout.keys(text(i, 2000))
+        index.record(entry_a, keys, ends)
+        index.record(entry_b, keys[:5], ends[:5])
+    held_by_a = len(entry_a.lru)
+    index.remove(a)
+    assert a not in index.entries and index.pending
+    assert index.maintain(7) == 7
+    assert len(entry_a.lru) == held_by_a - 7
+    while index.pending:
+        index.maintain(100)
+    assert all(entry_a not in owners for owners in index.holders.values())
+    assert index.chars == entry_b.chars
+    assert index.view((b,)).entries == (entry_b,)
+
+
+def test_traffic_share_decays_with_later_requests():
+    index = PrefixIndex()
+    a, b = make_workers(2)
+    entry_a, entry_b = index.view((a, b)).entries
+    keys, ends = index.layout.keys("x" * 100)
+    for _ in range(64):  # one half-life (32 requests per worker, 2 workers)
+        index.record(entry_a, keys, ends)
+    share_a = entry_a.share / index.share_unit
+    for _ in range(64):
+        index.record(entry_b, keys, ends)
+    assert abs(entry_a.share / index.share_unit - share_a / 2) < 0.01
+    assert entry_b.share > entry_a.share
+    assert abs(index.mean_share() * 2 - (entry_a.share + entry_b.share)) < 1e-6 * index.total_share
+
+
+def test_rotate_holder_offers_the_least_recently_chosen_holders_first():
+    index = PrefixIndex(page_chars=64)
+    fleet = make_workers(3)
+    view = index.view(fleet)
+    keys, ends = index.layout.keys(text(5, 500))
+    for entry in view.entries:
+        index.record(entry, keys, ends)
+    first, second, third = view.entries
+    assert index.longest_match(keys, view.members, 2) == (len(keys), [first, second])
+    index.rotate_holder(first, keys[-1])
+    assert index.longest_match(keys, view.members, 2) == (len(keys), [second, third])
+    index.rotate_holder(first, keys[0])  # other keys keep their own order
+    assert list(index.holders[keys[-1]]) == [second, third, first]
