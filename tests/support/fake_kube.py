@@ -15,6 +15,7 @@ What it serves (JSON only, bearer-token auth):
 Test controls (call them on the server's event loop): `create_pod`, `update_pod`, `delete_pod`, `compact`,
 `drop_watches` (abort open watch connections mid-stream), `hold_watches`/`release_watches` (new watch requests
 wait), and counters of list and watch requests. `write_kubeconfig(path)` points a real client at it.
+`FakeKubeThread` runs one on its own event-loop thread for synchronous tests and forwards those calls.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class FakeKube:
         self.watch_requests: list[dict[str, str]] = []  # the query of each watch request
         self.expired_watches = 0
         self._subscribers: set[asyncio.Queue[_Change]] = set()
-        self._watching: set[web.Request] = set()  # requests of the open watch streams
+        self._watching: set[asyncio.Transport] = set()  # connections of the open watch streams
         self._released = asyncio.Event()
         self._released.set()
         self._pages: dict[str, tuple[int, list[dict[str, Any]]]] = {}
@@ -265,9 +266,8 @@ class FakeKube:
 
     def drop_watches(self) -> None:
         """Abort every open watch connection mid-stream (no chunked terminator: a broken connection)."""
-        for request in list(self._watching):
-            if request.transport is not None:
-                request.transport.abort()
+        for transport in list(self._watching):
+            transport.abort()
 
     def hold_watches(self) -> None:
         """New watch requests wait (without an answer) until `release_watches`."""
@@ -339,9 +339,11 @@ class FakeKube:
             return resp
 
         resp = await self._open_stream(request)
+        transport = request.transport
+        assert transport is not None
         queue: asyncio.Queue[_Change] = asyncio.Queue()
         self._subscribers.add(queue)  # subscribed before the backlog is read: nothing falls in between
-        self._watching.add(request)
+        self._watching.add(transport)
         try:
             if start is None:  # no resourceVersion: synthetic ADDED events for the current state, then live ones
                 backlog = [
@@ -357,7 +359,7 @@ class FakeKube:
             await resp.write_eof()
         finally:
             self._subscribers.discard(queue)
-            self._watching.discard(request)
+            self._watching.discard(transport)
         return resp
 
     async def _follow(

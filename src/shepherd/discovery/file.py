@@ -99,11 +99,14 @@ class FileDiscovery:
         next_full_read = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_full_read:
-                next_full_read = now + self._interval
-                await self._refresh()
-            elif await asyncio.to_thread(self._file_stat) != self._stat:
-                await self._refresh()
+            try:
+                if now >= next_full_read:
+                    next_full_read = now + self._interval
+                    await self._refresh()
+                elif await asyncio.to_thread(self._file_stat) != self._stat:
+                    await self._refresh()
+            except Exception:  # a bug must not end discovery for the life of the gateway
+                log.exception("file discovery pass failed")
             await asyncio.sleep(poll)
 
     def _file_stat(self) -> tuple[int, int, int] | None:

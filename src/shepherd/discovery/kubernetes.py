@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +163,7 @@ class KubernetesDiscovery:
         self,
         config: GatewayConfig,
         manager: WorkerManager,
-        api_factory: Any = load_core_api,
+        api_factory: Callable[[], Any] = load_core_api,
         timing: WatchTiming | None = None,
     ) -> None:
         sd = config.discovery
@@ -190,7 +190,8 @@ class KubernetesDiscovery:
     def start(self) -> None:
         where = f"namespace '{self._namespace}'" if self._namespace else "all namespaces"
         selectors = " | ".join(
-            f"{role.value}: {','.join(f'{k}={v}' for k, v in sel.items())}" for role, sel in self._selection.roles
+            ("" if role is WorkerType.REGULAR else f"{role.value}: ") + ",".join(f"{k}={v}" for k, v in sel.items())
+            for role, sel in self._selection.roles
         )
         log.info("Watching pods in %s with selector '%s' (worker port %d)", where, selectors, self._port)
         loop = asyncio.get_running_loop()
@@ -206,13 +207,17 @@ class KubernetesDiscovery:
     async def _reconcile_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            if self._synced:
+            if not self._synced:
+                continue
+            try:
                 self._reconciler.reconcile()
+            except Exception:  # a bug must not end the periodic passes for the life of the gateway
+                log.exception("kubernetes discovery pass failed")
 
     def _on_snapshot(self, pods: list[PodInfo]) -> None:
         self._pods = {pod.key: pod for pod in pods}
         self._synced = True
-        log.info("Listed %d matching pod(s)", len(pods))
+        log.info("Listed %d pod(s)", len(pods))
         self._reconciler.schedule()
 
     def _on_event(self, kind: str, pod: PodInfo) -> None:
