@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
-URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
+STATIC_URL_SCHEMES = ("http://", "https://")
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,7 @@ class CacheAwareConfig:
     max_tree_size: int = 2**26  # characters indexed per model, over all workers
     block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
     worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
-    spill_ratio: float = 1.25  # a holder above ratio * mean load (or share) + margin spills; 0 disables
+    spill_ratio: float = 1.15  # a holder above ratio * mean traffic share + margin spills; 0 disables
     spill_margin: float = 2.0
 
 
@@ -151,8 +151,11 @@ class GatewayConfig:
             if value is not None and value not in POLICIES:
                 raise ConfigError(f"{flag} must be one of {', '.join(POLICIES)}, got {value!r}")
         for url in (*self.worker_urls, *(p.url for p in self.prefill), *self.decode):
-            if not url.startswith(URL_SCHEMES):
-                raise ConfigError(f"worker URL {url!r} must start with http://, https://, grpc:// or grpcs://")
+            if not url.startswith(STATIC_URL_SCHEMES):
+                raise ConfigError(
+                    f"worker URL {url!r} must start with http:// or https:// "
+                    "(gRPC workers need a model: add them with POST /workers)"
+                )
         if self.pd_disaggregation and self.worker_urls:
             raise ConfigError("--worker-urls cannot be combined with --pd-disaggregation; use --prefill/--decode")
         if not self.pd_disaggregation and (self.prefill or self.decode):

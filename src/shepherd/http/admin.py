@@ -17,6 +17,7 @@ from shepherd.http.errors import GatewayError
 from shepherd.http.responses import json_response
 from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import auth_headers, relay_response_headers
+from shepherd.upstream.grpc_health import is_grpc_url
 from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec
 from shepherd.workers.registry import count_by_type
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
@@ -326,10 +327,10 @@ class AdminRoutes:
 
 
 def _distinct_bases(workers: Iterable[Worker]) -> list[Worker]:
-    """One worker per base URL, so DP ranks of one engine are called once."""
+    """One HTTP worker per base URL, so DP ranks of one engine are called once (gRPC workers have no HTTP API)."""
     seen: dict[str, Worker] = {}
     for worker in workers:
-        if worker.status is not WorkerStatus.DRAINING:
+        if worker.status is not WorkerStatus.DRAINING and not is_grpc_url(worker.base_url):
             seen.setdefault(worker.base_url, worker)
     return list(seen.values())
 
