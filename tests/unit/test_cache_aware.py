@@ -16,8 +16,11 @@ from shepherd.workers.worker import Worker
 NO_SPILL = CacheAwareConfig(spill_ratio=0)
 
 
-def make_workers(count, model="m"):
-    return tuple(Worker(f"http://w{i}", CircuitBreaker(CircuitBreakerConfig()), model_id=model) for i in range(count))
+def make_workers(count, model="m", labels=None):
+    return tuple(
+        Worker(f"http://w{i}", CircuitBreaker(CircuitBreakerConfig()), model_id=model, labels=labels)
+        for i in range(count)
+    )
 
 
 def words(seed, chars):
@@ -101,7 +104,7 @@ def test_load_check_is_about_the_chosen_worker_not_the_fleet():
 
 def test_no_death_spiral_misses_and_hits_avoid_an_overloaded_worker():
     p = policy()
-    fleet = make_workers(4)
+    fleet = make_workers(4, labels={"max_running_requests": "32"})  # as reported in /server_info
     hot = fleet[0]
     prompt = words(9, 3000)
     assert p.pick(fleet, ctx(prompt)) is hot
@@ -113,19 +116,33 @@ def test_no_death_spiral_misses_and_hits_avoid_an_overloaded_worker():
         if i % 4 == 3:
             for w in fleet[1:]:
                 w.load = max(0, w.load - 1)
-    assert p.pick(fleet, ctx(prompt + " again")) is not hot  # its own prefix spills rather than queue behind 50
+    # Its own prefix spills rather than wait for one of the 32 batch slots.
+    assert p.pick(fleet, ctx(prompt + " again")) is not hot
 
 
-def test_hot_holder_spills_to_the_least_loaded_which_then_shares_the_prefix():
+def test_misses_go_to_the_emptiest_of_the_least_loaded_workers():
     p = policy()
     a, b, c = make_workers(3)
+    for i in range(5):
+        assert p.pick((a,), ctx(words(20 + i, 2000))) is a  # a holds a lot
+    a.load, b.load, c.load = 0, 2, 3
+    assert p.pick((a, b, c), ctx(words(30, 2000))) is b  # within the margin of the least load, and emptier
+    a.load, b.load, c.load = 0, 3, 3
+    assert p.pick((a, b, c), ctx(words(31, 2000))) is a  # the others are too busy
+
+
+def test_holder_with_a_full_batch_spills_to_a_spare_worker_which_then_shares_the_prefix():
+    p = policy()
+    a, b, c = make_workers(3, labels={"max_running_requests": "8"})
     prompt = words(11, 4000)
     assert p.pick((a, b, c), ctx(prompt + " q0")) is a
-    a.load, b.load, c.load = 9, 2, 1
-    assert p.pick((a, b, c), ctx(prompt + " q1")) is c  # 9 > 1.25 * 4 + 2: a runs hot
+    a.load, b.load, c.load = 7, 2, 1
+    assert p.pick((a, b, c), ctx(prompt + " q1")) is a  # a busy batch is no reason to lose the cache
+    a.load, b.load, c.load = 8, 5, 1
+    assert p.pick((a, b, c), ctx(prompt + " q2")) is c  # a is full: a hit there would wait for a slot
     a.load, b.load, c.load = 3, 0, 2
-    # a and c both hold the prefix, neither is hot: the less loaded holder wins over the idle non-holder b.
-    assert p.pick((a, b, c), ctx(prompt + " q2")) is c
+    # a and c both hold the prefix, neither is full: the less loaded holder wins over the idle non-holder b.
+    assert p.pick((a, b, c), ctx(prompt + " q3")) is c
 
 
 def test_shared_system_prompt_does_not_pull_every_new_conversation_onto_one_worker():
@@ -157,12 +174,12 @@ def test_worker_capacity_estimate_forgets_prefixes_a_bounded_cache_has_evicted()
     a, b = make_workers(2)
     old = words(13, 3000)
     assert p.pick((a, b), ctx(old)) is a
-    b.load = 1
+    b.load = 3
     for i in range(3):  # newer prefixes push `old` out of a's estimated cache
         assert p.pick((a, b), ctx(words(14 + i, 3000))) is a
     b.load = 0
     a.load = 1
-    assert p.pick((a, b), ctx(old)) is b  # not a hit any more: least loaded
+    assert p.pick((a, b), ctx(old)) is b  # not a hit any more: a miss goes to the idle, empty worker
 
 
 def test_worker_reported_kv_capacity_is_used_when_not_configured():

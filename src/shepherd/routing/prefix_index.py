@@ -125,7 +125,7 @@ class PrefixIndex:
         self.share_unit = 1.0
         self.total_share = 0.0
         self._share_growth = 1.0
-        self._views: dict[int, FleetView] = {}
+        self._views: OrderedDict[int, FleetView] = OrderedDict()  # least recently used first
         self._dead: deque[WorkerEntry] = deque()
         self._over: dict[WorkerEntry, None] = {}  # live entries above capacity, trimmed by maintain()
         # Cost accounting (plain counters, read by tests and `shepherd bench policy`).
@@ -136,8 +136,10 @@ class PrefixIndex:
     # --- fleet -----------------------------------------------------------------------------------------------
     def view(self, candidates: Sequence[Worker]) -> FleetView:
         """Entries for `candidates`; O(1) while the registry hands out the same snapshot object."""
-        view = self._views.get(id(candidates))
+        key = id(candidates)
+        view = self._views.get(key)
         if view is not None and view.source is candidates:
+            self._views.move_to_end(key)  # retries' one-off lists must not push out the registry's snapshot
             return view
         return self._build_view(candidates)
 
@@ -155,7 +157,7 @@ class PrefixIndex:
 
     def _build_view(self, candidates: Sequence[Worker]) -> FleetView:
         if len(self._views) >= _MAX_VIEWS:
-            self._views.clear()
+            self._views.popitem(last=False)
         entries = []
         grew = False
         for worker in candidates:
@@ -173,7 +175,7 @@ class PrefixIndex:
 
     def _fleet_changed(self) -> None:
         workers = max(1, len(self.entries))
-        self.fair_share = fair_share = self.budget_chars // workers
+        self.fair_share = fair_share = max(1, self.budget_chars // workers)
         self._share_growth = 2.0 ** (1.0 / (_SHARE_HALF_LIFE_PER_WORKER * workers))
         for entry in self.entries.values():
             entry.capacity = min(fair_share, entry.kv_chars) if entry.kv_chars > 0 else fair_share

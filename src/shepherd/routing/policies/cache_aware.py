@@ -1,30 +1,32 @@
-"""cache_aware: send a request where its prompt prefix is probably cached, unless that worker is running hot.
+"""cache_aware: send a request where its prompt prefix is probably cached, unless that worker is overloaded.
 
 Per model, a `PrefixIndex` estimates which workers hold which prompt prefixes (see prefix_index.py), each worker's
-share bounded by its KV cache size (--worker-kv-tokens, else the `max_total_num_tokens` the worker reported at
+part bounded by its KV cache size (--worker-kv-tokens, else the `max_total_num_tokens` the worker reported at
 registration) so the index forgets what the engine must have evicted. Per request:
 
-1. Least loaded. The worker with the fewest in-flight requests (`Worker.load`, counted from dispatch), ties broken
-   by the smaller recent traffic share. Exact up to 32 candidates; for larger fleets the best of 8 random samples
-   (power of d choices), so the cost does not grow with the fleet. The same pass gives the mean load.
+1. Survey. Exactly over up to 32 candidates, else over 8 random ones (power of d choices), so the cost does not grow
+   with the fleet: `least` has the fewest in-flight requests (`Worker.load`, counted from dispatch), then the
+   smallest recent traffic share; `spare` has the emptiest estimated cache among the workers within spill_margin of
+   the least load.
 2. Match. The longest prefix of the routing text that some routable worker holds, and up to 8 of its holders,
    least recently chosen first. match ratio = matched characters / text length. At or below `cache_threshold` it
-   is a miss: the request goes to the least-loaded worker (never to a busy worker that happens to hold a sliver of
-   it, so misses cannot pile onto an overloaded worker).
-3. Hit. Among the holders that are not overloaded, the least loaded (then smallest share) wins; if the least-loaded
-   worker holds the same prefix, it wins. A holder is overloaded when, compared with the least-loaded worker,
-   - SMG's rule holds for it: load - least > balance_abs_threshold and load > balance_rel_threshold * least. This is
-     checked for the chosen worker only, so a hot spot elsewhere in the fleet does not switch every request to
-     load balancing; or
-   - it runs hot (unless spill_ratio is 0): load > spill_ratio * mean load + spill_margin; or its recent request
-     share exceeds spill_ratio * mean share + spill_margin, or exceeds the mean while the least-loaded worker's
-     share is below mean / spill_ratio - spill_margin (a cold worker). Share tests need the least-loaded worker's
-     share to be lower by more than the margin. They catch a popular shared prefix (one system prompt for all
-     conversations) collecting every new session while the in-flight counts are still too small to show it.
-   If every holder is overloaded, the request spills to the least-loaded worker, which then holds the prefix too:
-   a hot prefix gains a replica, and a session on a hot worker migrates at the cost of one re-prefill.
-4. Record. The whole routing text is recorded for the chosen worker (also after load-based choices) at dispatch, so
-   concurrent requests with the same prefix follow it before the first one finishes.
+   is a miss and goes to `spare`: never to a busy worker (no death spiral), and new prefixes fill the caches
+   evenly instead of following momentary queue lengths.
+3. Hit. Among the holders that are not overloaded, the least loaded (then smallest share) wins; if `least` holds the
+   same prefix, it wins. A holder is overloaded when
+   - SMG's rule holds for it against `least`: load - least > balance_abs_threshold and load > balance_rel_threshold
+     * least. Checked for the chosen worker only, so a hot spot elsewhere does not switch every request to load
+     balancing;
+   - (the rest unless spill_ratio is 0) its batch is full: load >= the `max_running_requests` it reported, while
+     `spare` has room. Before that, queue length costs an engine little, far less than a prefill;
+   - its recent request share exceeds spill_ratio * mean share + spill_margin, or exceeds the mean while `spare`'s
+     share is below mean / spill_ratio - spill_margin (a cold worker); `spare` must be lower by more than the
+     margin. This keeps traffic balanced, and stops one shared prefix (a system prompt used by every conversation)
+     from collecting every new session while in-flight counts are too small to show it.
+   If every holder is overloaded, the request spills to `spare`, which then holds the prefix too: a hot prefix
+   gains a replica, and a session on a hot worker moves at the cost of one re-prefill.
+4. Record. The whole routing text is recorded for the chosen worker at dispatch, so concurrent requests with the
+   same prefix follow it before the first one finishes.
 
 Maintenance. A record trims its own worker inline (bounded); removed workers and capacity changes are purged by
 `maintain` in chunks: up to 64 keys per request and, every `eviction_interval_secs`, a background pass in chunks of
@@ -43,6 +45,7 @@ from shepherd.routing.prefix_index import CHARS_PER_TOKEN, PrefixIndex, WorkerEn
 from shepherd.workers.worker import Worker
 
 KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
+RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requests wait for a batch slot
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many random candidates
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
@@ -62,6 +65,7 @@ class CacheAwarePolicy:
         self._spill_ratio = config.spill_ratio
         self._spill_margin = config.spill_margin
         self._indexes: dict[str | None, PrefixIndex] = {}
+        self._running_limits: dict[Worker, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_checked = False
         self._background_running = False
@@ -88,6 +92,7 @@ class CacheAwarePolicy:
         return None
 
     def on_worker_removed(self, worker: Worker) -> None:
+        self._running_limits.pop(worker, None)
         for index in self._indexes.values():
             index.remove(worker)
 
@@ -106,6 +111,14 @@ class CacheAwarePolicy:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
         return tokens * CHARS_PER_TOKEN
+
+    def _running_limit(self, worker: Worker) -> int:
+        """How many requests the worker runs at once, as it reported at registration; 0 = unknown."""
+        limit = self._running_limits.get(worker)
+        if limit is None:
+            reported = worker.labels.get(RUNNING_LIMIT_LABEL, "")
+            limit = self._running_limits[worker] = int(reported) if reported.isdigit() else 0
+        return limit
 
     def maintain(self, budget: int = _BACKGROUND_CHUNK) -> bool:
         """Run up to `budget` evictions of queued maintenance; True when work remains."""
@@ -127,82 +140,87 @@ class CacheAwarePolicy:
     ) -> WorkerEntry:
         if len(entries) == 1:
             return entries[0]
-        least, mean_load = self._least_loaded(entries)
+        least, spare = self._survey(entries)
         if not keys:
-            return least
+            return spare
         depth, holders = index.longest_match(keys, members, HOLDERS_PROBED)
         if not depth or ends[depth - 1] <= self._threshold * length:
-            return least
-        return self._best_holder(index, holders, least, mean_load, keys[depth - 1])
+            return spare
+        return self._best_holder(index, holders, least, spare, keys[depth - 1])
 
-    def _least_loaded(self, entries: tuple[WorkerEntry, ...]) -> tuple[WorkerEntry, float]:
-        """(least-loaded entry, mean load) over all entries, or over a random sample of a large fleet."""
+    def _survey(self, entries: tuple[WorkerEntry, ...]) -> tuple[WorkerEntry, WorkerEntry]:
+        """(least loaded, spare) over all entries, or over a random sample of a large fleet.
+
+        least: fewest requests in flight, then smallest share. spare: the emptiest estimated cache among those
+        within spill_margin of the least load. New prefixes and spills go to the spare worker: where a prefix
+        lands decides its traffic for a long time, so it should go where the cache has room, not merely to the
+        momentarily shortest queue (that spreads prefix groups unevenly, and overfull caches thrash).
+        """
         count = len(entries)
         if count <= SCAN_LIMIT:
             pool: Sequence[WorkerEntry] = entries
         else:
             rand = self._rng.random
             pool = [entries[int(rand() * count)] for _ in range(SAMPLES)]
-        best = pool[0]
-        best_load = best.worker.load
-        best_share = best.share
-        total = 0
+        least = pool[0]
+        least_load = least.worker.load
+        least_share = least.share
         for entry in pool:
             load = entry.worker.load
-            total += load
-            if load < best_load or (load == best_load and entry.share < best_share):
-                best, best_load, best_share = entry, load, entry.share
+            if load < least_load or (load == least_load and entry.share < least_share):
+                least, least_load, least_share = entry, load, entry.share
+        spare_limit = least_load + self._spill_margin
+        spare = least
+        spare_fill = least.chars / least.capacity
+        for entry in pool:
+            if entry.worker.load <= spare_limit:
+                fill = entry.chars / entry.capacity
+                if fill < spare_fill:
+                    spare, spare_fill = entry, fill
         self.examined += len(pool)
-        return best, total / len(pool)
+        return least, spare
 
     def _best_holder(
-        self, index: PrefixIndex, holders: list[WorkerEntry], least: WorkerEntry, mean_load: float, key: int
+        self, index: PrefixIndex, holders: list[WorkerEntry], least: WorkerEntry, spare: WorkerEntry, key: int
     ) -> WorkerEntry:
+        """The least-loaded holder that is not overloaded (see the module docstring); `spare` if there is none."""
         least_load = least.worker.load
+        abs_threshold, rel_threshold, ratio = self._abs, self._rel, self._spill_ratio
+        # Share tests, in the index's share units: a holder above `share_cap` is hot, and so is one above the mean
+        # while `spare` is cold; neither counts unless the holder is above `share_floor`.
         mean_share = index.mean_share()
-        share_margin = self._spill_margin * index.share_unit
+        margin = self._spill_margin * index.share_unit
+        share_floor = spare.share + margin
+        share_cap = ratio * mean_share + margin
+        if ratio and spare.share < mean_share / ratio - margin:
+            share_cap = min(share_cap, mean_share)
+        spare_has_slot = None  # computed when first needed
         chosen: WorkerEntry | None = None
         chosen_load = 0
         for entry in holders:
-            load = entry.worker.load
-            if self._overloaded(entry, load, least, least_load, mean_load, mean_share, share_margin):
-                continue
+            worker = entry.worker
+            load = worker.load
+            if load - least_load > abs_threshold and load > rel_threshold * least_load:
+                continue  # SMG's imbalance rule, for this holder only
+            if ratio:
+                limit = self._running_limit(worker)
+                if limit and load >= limit:  # full batch: a hit would wait for a slot
+                    if spare_has_slot is None:
+                        spare_has_slot = spare.worker.load < (self._running_limit(spare.worker) or limit)
+                    if spare_has_slot:
+                        continue
+                if entry.share > share_cap and entry.share > share_floor:
+                    continue  # runs hot by traffic share
             if chosen is None or load < chosen_load or (load == chosen_load and entry.share < chosen.share):
                 chosen, chosen_load = entry, load
         self.examined += len(holders)
         if chosen is None:
-            return least  # spill: every holder runs hot
+            return spare  # spill: every holder is overloaded
         least_is_better = least_load < chosen_load or (least_load == chosen_load and least.share < chosen.share)
         if chosen is not least and least_is_better and index.holds(least, key):
             chosen = least
         index.rotate_holder(chosen, key)
         return chosen
-
-    def _overloaded(
-        self,
-        entry: WorkerEntry,
-        load: int,
-        least: WorkerEntry,
-        least_load: int,
-        mean_load: float,
-        mean_share: float,
-        share_margin: float,
-    ) -> bool:
-        if load - least_load > self._abs and load > self._rel * least_load:
-            return True
-        ratio = self._spill_ratio
-        if not ratio:
-            return False
-        margin = self._spill_margin
-        if load > ratio * mean_load + margin and load > least_load + margin:
-            return True
-        share = entry.share
-        if share <= least.share + share_margin:
-            return False
-        # Hot by share, or above the mean while the least-loaded worker sits well below it (a cold worker).
-        return share > ratio * mean_share + share_margin or (
-            share > mean_share and least.share < mean_share / ratio - share_margin
-        )
 
     # --- background maintenance ------------------------------------------------------------------------------
     def _start_timer(self) -> None:
