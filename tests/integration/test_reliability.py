@@ -195,21 +195,22 @@ def test_per_worker_api_key_goes_to_that_worker_only(tmp_path):
         assert "worker-secret" not in gw.process.tail(1000)
 
 
-def test_cors_preflight_and_response_headers(tmp_path):
-    with (
-        start_sim(tmp_path, 1) as sims,
-        start_gateway(tmp_path, sims.urls, "--cors-allowed-origins", "https://app.example") as gw,
-    ):
-        status, _ = http_request("OPTIONS", gw.url + "/v1/chat/completions", headers={"Origin": "https://app.example"})
-        assert status == 200
-        import urllib.request
-
-        req = urllib.request.Request(gw.url + "/v1/models", headers={"Origin": "https://app.example"})
-        with urllib.request.urlopen(req) as resp:
-            assert resp.headers["access-control-allow-origin"] == "https://app.example"
-        req = urllib.request.Request(gw.url + "/v1/models", headers={"Origin": "https://evil.example"})
-        with urllib.request.urlopen(req) as resp:
-            assert resp.headers["access-control-allow-origin"] is None
+async def test_cors_preflight_and_response_headers_streams_included(tmp_path):
+    with start_sim(tmp_path, 1) as sims, start_gateway(
+        tmp_path, sims.urls, "--cors-allowed-origins", "https://app.example"
+    ) as gw:
+        allowed, denied = {"Origin": "https://app.example"}, {"Origin": "https://evil.example"}
+        async with aiohttp.ClientSession() as session:
+            async with session.options(gw.url + "/v1/chat/completions", headers=allowed) as resp:
+                assert resp.status == 200 and "POST" in resp.headers["access-control-allow-methods"]
+            async with session.get(gw.url + "/v1/models", headers=allowed) as resp:
+                assert resp.headers["access-control-allow-origin"] == "https://app.example"
+            async with session.get(gw.url + "/v1/models", headers=denied) as resp:
+                assert "access-control-allow-origin" not in resp.headers
+            stream = {"text": "x", "stream": True}
+            async with session.post(gw.url + "/generate", json=stream, headers=allowed) as resp:
+                assert resp.headers["access-control-allow-origin"] == "https://app.example"
+                assert (await resp.read()).rstrip().endswith(b"[DONE]")
 
 
 async def test_sigterm_lets_in_flight_streams_finish_then_exits_zero(tmp_path):

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from shepherd.http.admin import add_admin_routes
 from shepherd.http.inference import add_inference_routes
-from shepherd.http.middleware import make_middleware
+from shepherd.http.middleware import add_cors, make_middleware
 
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
@@ -20,6 +20,7 @@ def build_app(gateway: Gateway) -> web.Application:
         client_max_size=gateway.config.max_payload_size,
         handler_args={"max_field_size": 65536},
     )
+    add_cors(app, gateway.config)
     add_inference_routes(app, gateway)
     add_admin_routes(app, gateway)
     return app

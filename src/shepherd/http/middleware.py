@@ -63,7 +63,6 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
     max_payload = config.max_payload_size
     expected_auth = f"bearer {config.api_key}".encode() if config.api_key else None
     origins = frozenset(config.cors_allowed_origins)
-    any_origin = "*" in origins
 
     def request_id_of(request: web.Request) -> str:
         headers = request.headers
@@ -87,18 +86,11 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
         if not hmac.compare_digest(candidate, expected_auth):  # type: ignore[arg-type]
             raise GatewayError(401, "invalid_api_key", "Invalid API key")
 
-    def allowed_origin(request: web.Request) -> str | None:
-        origin = request.headers.get("Origin")
-        if origin is None or not origins:
-            return None
-        return origin if any_origin or origin in origins else None
-
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_of(request)
         request["request_id"] = request_id
-        origin = allowed_origin(request) if origins else None
         try:
             if origins and request.method == "OPTIONS":
                 response: web.StreamResponse = web.Response(status=200, headers=_CORS_PREFLIGHT)
@@ -152,12 +144,28 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
             _log_request(request, request_id, response, time.perf_counter() - started)
         if not response.prepared:
             response.headers["x-request-id"] = request_id
-            if origin is not None:
-                response.headers["access-control-allow-origin"] = origin
-                response.headers["access-control-expose-headers"] = _CORS_EXPOSE
         return response
 
     return gateway_middleware
+
+
+def add_cors(app: web.Application, config: GatewayConfig) -> None:
+    """With --cors-allowed-origins, every response to an allowed origin (streams included) carries CORS headers.
+
+    A response-prepare signal rather than the middleware, because streamed responses are prepared inside the router.
+    """
+    origins = frozenset(config.cors_allowed_origins)
+    if not origins:
+        return
+    any_origin = "*" in origins
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin is not None and (any_origin or origin in origins):
+            response.headers["access-control-allow-origin"] = origin
+            response.headers["access-control-expose-headers"] = _CORS_EXPOSE
+
+    app.on_response_prepare.append(on_prepare)
 
 
 def _log_request(request: web.Request, request_id: str, response: web.StreamResponse, seconds: float) -> None:
