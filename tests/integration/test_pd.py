@@ -248,6 +248,21 @@ async def test_stream_is_the_decode_workers_relayed_as_it_arrives(gateway, fleet
     assert_paired(prefills, decodes, "/generate", None)
 
 
+async def test_decode_stream_cut_midway_ends_with_one_error_event_and_no_retry(gateway, fleets):
+    _, decodes = fleets
+    for i in (0, 1):
+        decodes.ctl(i, disconnect_after_chunks=3)
+    body = {"text": "cut me off", "stream": True, "sampling_params": {"max_new_tokens": 20}}
+    _, frames = await stream_frames(gateway.url + "/generate", body)
+    data = [f for _, f in frames if isinstance(f, dict)]
+    assert len(data) == 4 and "meta_info" in data[2]
+    assert data[3]["error"]["code"] == "decode_stream_interrupted"
+    assert len(served(decodes, "/generate")) == 1  # bytes went out: nothing to retry
+    decodes.reset()
+    status, answer, _ = await post(gateway.url + "/generate", {"text": "still fine"})
+    assert status == 200, answer
+
+
 def attempts(gateway: GatewayProcess) -> dict[str, int]:
     """Attempts the gateway made per worker URL (each attempt of a pair counts on both of its workers)."""
     return {w["url"]: w["requests_total"] for w in gateway.workers()}

@@ -30,7 +30,7 @@ from aiohttp import web
 from shepherd.sim.request_log import RequestLog
 from shepherd.sim.wire import RequestError, json_response, read_json_object
 
-MAX_PUBLISHED_ROOMS = 1_000_000  # oldest rooms are forgotten beyond this
+MAX_PUBLISHED_ROOMS = 100_000  # oldest rooms are forgotten beyond this (a few MB)
 PD_COUNTS = ("published_rooms", "verified_rooms", "unverified_rooms", "orphan_rooms")  # reported by GET /__log
 _RECONNECT_DELAY_S = 0.05  # a decode retries an unreachable bootstrap listener this often until its deadline
 
@@ -182,7 +182,8 @@ class Handshake:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No connection cap: every waiting decode request holds one long poll open.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     async def _wait_handler(self, request: web.Request) -> web.Response:
