@@ -43,6 +43,7 @@ class Gateway:
             config.health_check,
             on_failed=self._on_failed,
             on_probe=self.metrics.on_health_probe,
+            gateway_api_key=config.api_key,
         )
         self.router = Router(
             self.registry, create_policy(config.policy, config), self.client, config, metrics=self.metrics

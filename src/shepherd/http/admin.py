@@ -311,7 +311,10 @@ class AdminRoutes:
         async def call(worker: Worker) -> tuple[str, dict[str, Any]]:
             try:
                 async with self.gw.client.session.request(
-                    method, worker.base_url + path, headers=auth_headers(worker.api_key), timeout=_FANOUT_TIMEOUT
+                    method,
+                    worker.base_url + path,
+                    headers=auth_headers(worker.api_key or self.gw.config.api_key),
+                    timeout=_FANOUT_TIMEOUT,
                 ) as resp:
                     raw = await resp.read()
                     try:

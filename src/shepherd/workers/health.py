@@ -33,12 +33,14 @@ class HealthChecker:
         config: HealthCheckConfig,
         on_failed: Callable[[Worker], None] | None = None,
         on_probe: Callable[[Worker, bool], None] | None = None,
+        gateway_api_key: str | None = None,
     ) -> None:
         self._registry = registry
         self._client = client
         self._config = config
         self._on_failed = on_failed
         self._on_probe = on_probe
+        self._gateway_api_key = gateway_api_key  # for workers without a key of their own
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_secs)
         self._in_flight: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
@@ -73,7 +75,7 @@ class HealthChecker:
             task.add_done_callback(lambda _t, url=base_url: self._in_flight.pop(url, None))
 
     async def probe(self, base_url: str, workers: list[Worker]) -> bool:
-        ok = await self._check(base_url, workers[0].api_key)
+        ok = await self._check(base_url, workers[0].api_key or self._gateway_api_key)
         for worker in workers:
             self.record(worker, ok)
         return ok
