@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from shepherd.http.errors import GatewayError
+from shepherd.http.middleware import REQUEST_ID
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint, InvalidRequest, RequestContext
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def _handler(gateway: Gateway, endpoint: Endpoint):
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
-            ctx = RequestContext(endpoint, body, request["request_id"])
+            ctx = RequestContext(endpoint, body, request[REQUEST_ID])
         except InvalidRequest as exc:
             raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
         async with admission:

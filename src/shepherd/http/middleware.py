@@ -21,6 +21,7 @@ from shepherd.observability.metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("request_id", str)
 
 # Routes that stay open under --api-key (probes, model listing, engine metrics).
 PUBLIC_PATHS = frozenset(
@@ -90,7 +91,7 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_of(request)
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
         try:
             if origins and request.method == "OPTIONS":
                 response: web.StreamResponse = web.Response(status=200, headers=_CORS_PREFLIGHT)
