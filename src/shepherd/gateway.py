@@ -55,6 +55,7 @@ class Gateway:
                 create_policy(config.decode_policy or config.policy, config),
                 self.client,
                 config,
+                metrics=self.metrics,
             )
             if config.pd_disaggregation
             else None

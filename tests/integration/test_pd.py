@@ -465,3 +465,46 @@ def test_load_counts_on_both_workers_from_dispatch(tmp_path, fleets, prefill_pol
             assert [f.result()[0] for f in futures] == [200] * 6
     assert [prefills.log(i)["counts"]["/generate"] for i in (0, 1)] == [3, 3]
     assert room_counts(decodes)["verified_rooms"] == 6 and room_counts(decodes)["orphan_rooms"] == 0
+
+
+def scrape(gateway: GatewayProcess):
+    import urllib.request
+
+    from tests.support.metrics import Exposition
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.prometheus_port}/metrics", timeout=5) as resp:
+        return Exposition(resp.read().decode())
+
+
+async def test_pd_traffic_is_counted_per_worker_and_streams_record_ttft(tmp_path, fleets):
+    prefills, decodes = fleets
+    with start_pd_gateway(tmp_path, prefills, decodes, "--policy", "round_robin") as gw:
+        for _ in range(4):
+            status, _, _ = await post(
+                gw.url + "/generate", {"text": "count me", "sampling_params": {"max_new_tokens": 2}}
+            )
+            assert status == 200
+        await stream_frames(
+            gw.url + "/generate", {"text": "stream", "stream": True, "sampling_params": {"max_new_tokens": 4}}
+        )
+        exposition = scrape(gw)
+        for fleet in (prefills, decodes):
+            per_worker = [exposition.total("smg_worker_requests_total", worker=url) for url in fleet.urls]
+            assert sum(per_worker) == 5 and all(n >= 2 for n in per_worker), per_worker
+        assert exposition.total("smg_router_ttft_seconds_count") == 1
+
+
+def test_dp_aware_pd_addresses_each_sides_rank_in_its_own_body(tmp_path):
+    prefill_args = ("--role", "prefill", "--bootstrap-port", "0", "--dp-size", "2", "--api-key", "k")
+    decode_args = ("--role", "decode", "--bootstrap-timeout-secs", "10", "--dp-size", "2", "--api-key", "k")
+    with start_sim(tmp_path / "p", 1, *prefill_args) as prefills, start_sim(tmp_path / "d", 1, *decode_args) as decodes:
+        args = ("--pd-disaggregation", "--prefill", prefills.urls[0], str(prefills.bootstrap_ports[0]),
+                "--decode", decodes.urls[0], "--dp-aware", "--policy", "round_robin", *FAST)  # fmt: skip
+        with start_gateway(tmp_path, (), *args, ready_workers=4, api_key="k") as gw:
+            for _ in range(4):
+                status, body = gw.post("/generate", {"text": "rank"}, headers={"Authorization": "Bearer k"})
+                assert status == 200, body
+        prefill_ranks = [r["body"]["data_parallel_rank"] for r in served(prefills, "/generate")]
+        decode_ranks = [r["body"]["data_parallel_rank"] for r in served(decodes, "/generate")]
+        assert sorted(prefill_ranks) == [0, 0, 1, 1] and sorted(decode_ranks) == [0, 0, 1, 1]
+        assert room_counts(decodes)["orphan_rooms"] == 0

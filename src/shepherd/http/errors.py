@@ -9,6 +9,8 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from shepherd.workers.worker import WorkerType
+
 _TYPE_BY_STATUS = {429: "rate_limit_error"}
 
 
@@ -56,10 +58,11 @@ def no_workers_for_model(model: str | None) -> GatewayError:
     return GatewayError(404, "model_not_found", f"No worker available for model '{model or 'unknown'}'")
 
 
-def all_workers_unavailable() -> GatewayError:
+def all_workers_unavailable(worker_type: WorkerType = WorkerType.REGULAR) -> GatewayError:
+    role = "" if worker_type is WorkerType.REGULAR else f"{worker_type.value} "
     return GatewayError(
         503,
         "no_available_workers",
-        "All workers are unavailable (circuit breaker open or unhealthy)",
+        f"All {role}workers are unavailable (circuit breaker open or unhealthy)",
         headers={"retry-after": "1"},
     )

@@ -14,6 +14,7 @@ Label values are bounded: workers (removed with the worker), route templates (un
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from shepherd.observability.cells import Count, CounterFamily, Distribution, His
 from shepherd.observability.exposition import TEXT_CONTENT_TYPE
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint
 from shepherd.upstream.grpc_health import is_grpc_url
+from shepherd.upstream.relay import RelayOutcome
 from shepherd.workers.breaker import CircuitState
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
@@ -180,6 +182,17 @@ class GatewayMetrics:
         cells[0].observe(ttft_seconds)
         if tokens > 1:
             cells[1].observe(decode_seconds / (tokens - 1))
+
+    def record_relay(self, worker: Worker, endpoint: Endpoint, started: float, outcome: RelayOutcome) -> None:
+        """A relayed stream ended; `started` is the perf_counter() when the gateway began dispatching it."""
+        if outcome.first_chunk_at:
+            self.record_stream(
+                worker,
+                endpoint,
+                outcome.first_chunk_at - started,
+                outcome.events,
+                time.perf_counter() - outcome.first_chunk_at,
+            )
 
     def record_retry(self, worker_type: WorkerType, endpoint: Endpoint) -> None:
         self.retries.child(worker_type.value, endpoint.name).inc()

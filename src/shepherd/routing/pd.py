@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,13 @@ import orjson
 from aiohttp import web
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError, error_body, no_workers_for_model
+from shepherd.http.errors import GatewayError, error_body
+from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.policies import Policy
+from shepherd.routing.router import choose_worker
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
@@ -66,8 +70,10 @@ class PDRouter:
         decode_policy: Policy,
         client: UpstreamClient,
         config: GatewayConfig,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
+        self._metrics = metrics
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self._client = client
@@ -83,37 +89,19 @@ class PDRouter:
         self, ctx: RequestContext, failed_prefills: Sequence[Worker] = (), failed_decodes: Sequence[Worker] = ()
     ) -> tuple[Worker, Worker]:
         """Pick a pair; workers that already failed this request are avoided while their role has others."""
-        prefill = self._select(WorkerType.PREFILL, self.prefill_policy, ctx, failed_prefills)
-        decode = self._select(WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
+        prefill = choose_worker(self.registry, WorkerType.PREFILL, self.prefill_policy, ctx, failed_prefills)
+        decode = choose_worker(self.registry, WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
         return prefill, decode
-
-    def _select(self, role: WorkerType, policy: Policy, ctx: RequestContext, tried: Sequence[Worker]) -> Worker:
-        candidates = self.registry.candidates(role, ctx.model)
-        if not candidates:
-            if not self.registry.of_type(role):
-                raise GatewayError(
-                    503,
-                    "no_available_workers",
-                    f"No {role.value} workers available: PD mode needs at least one prefill and one decode worker",
-                    headers={"retry-after": "1"},
-                )
-            if ctx.model is not None and not self.registry.serves(role, ctx.model):
-                raise no_workers_for_model(ctx.model)
-            raise GatewayError(
-                503,
-                "no_available_workers",
-                f"No available {role.value} workers (circuit breaker open or unhealthy)",
-                headers={"retry-after": "1"},
-            )
-        fresh = [w for w in candidates if w not in tried] if tried else None
-        return policy.pick(fresh or candidates, ctx)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         # Only the side that failed is avoided on the next attempt: the other one did nothing wrong.
         failed: dict[str, list[Worker]] = {"prefill": [], "decode": []}
         failure: SideFailure | None = None
+        started = time.perf_counter()
         for attempt in range(self._max_attempts):
-            if attempt:
+            if failure is not None:
+                if self._metrics is not None:
+                    self._metrics.record_retry(failure.worker.worker_type, ctx.endpoint)
                 await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
             try:
                 pair = self.select_pair(ctx, failed["prefill"], failed["decode"])
@@ -121,7 +109,10 @@ class PDRouter:
                 if failure is None:
                     raise
                 break
-            result = await self._attempt(request, ctx, *pair)
+            attempt_started = time.perf_counter()
+            result = await self._attempt(request, ctx, *pair, started)
+            if self._metrics is not None:
+                self._record_metrics(pair, result, time.perf_counter() - attempt_started)
             if not isinstance(result, SideFailure):
                 return result
             failure = result
@@ -131,14 +122,30 @@ class PDRouter:
         assert failure is not None
         raise _pd_error(failure)
 
+    def _record_metrics(
+        self, pair: tuple[Worker, Worker], result: web.StreamResponse | SideFailure, seconds: float
+    ) -> None:
+        """Per-worker request counts and latency for both sides of one attempt."""
+        metrics = self._metrics
+        assert metrics is not None
+        for worker in pair:
+            if not isinstance(result, SideFailure):
+                status = result.status
+            elif result.worker is worker:
+                status = result.status or (504 if result.timed_out else 502)
+            else:
+                status = 499  # aborted because the other side failed
+            metrics.worker_cells(worker).record(status, seconds)
+
     async def _attempt(
-        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker
+        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker, started: float
     ) -> web.StreamResponse | SideFailure:
-        body = ctx.inject(self._bootstrap_fields(ctx, prefill))
+        fields = self._bootstrap_fields(ctx, prefill)
+        prefill_body, decode_body = (ctx.inject(_with_rank(fields, worker)) for worker in (prefill, decode))
         want_logprobs = ctx.payload.get("return_logprob") is True
         with Lease(prefill) as prefill_lease, Lease(decode) as decode_lease:
-            prefill_task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, body, want_logprobs))
-            decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, body))
+            prefill_task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, prefill_body, want_logprobs))
+            decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, decode_body))
             try:
                 await asyncio.wait((prefill_task, decode_task), return_when=asyncio.FIRST_COMPLETED)
                 if prefill_task.done() and isinstance(prefill_task.result(), SideFailure):
@@ -150,14 +157,14 @@ class PDRouter:
                 decode_ok = True
                 if ctx.stream and not want_logprobs:
                     # Relay decode tokens at once; the prefill's outcome is only recorded.
-                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None)
+                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None, started)
                     prefill_result = await prefill_task
                 else:
                     prefill_result = await prefill_task
                     if isinstance(prefill_result, SideFailure):
                         return self._record(prefill_result, ctx)
                     if ctx.stream:
-                        response, decode_ok = await self._relay(request, ctx, decode, upstream, prefill_result)
+                        response, decode_ok = await self._relay(request, ctx, decode, upstream, prefill_result, started)
                     else:
                         payload = await upstream.read()
                         response = self._merged_response(ctx, decode, upstream, payload, prefill_result)
@@ -250,6 +257,7 @@ class PDRouter:
         decode: Worker,
         upstream: aiohttp.ClientResponse,
         prefill_logprobs: PrefillLogprobs | None,
+        started: float,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay the decode's stream; returns the response and whether the decode finished it."""
         out = web.StreamResponse(
@@ -259,19 +267,11 @@ class PDRouter:
             ),
         )
         await out.prepare(request)
-        finished = True
-        try:
-            if not prefill_logprobs:
-                async for chunk in upstream.content.iter_any():
-                    await out.write(chunk)
-            else:
-                async for line in upstream.content:
-                    await out.write(_prepend_logprobs_to_frame(line, prefill_logprobs))
-        except (aiohttp.ClientError, TimeoutError):
-            finished = False
-            await out.write(_DECODE_STREAM_BROKEN)
-        await out.write_eof()
-        return out, finished
+        rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
+        outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, rewrite)
+        if self._metrics is not None:
+            self._metrics.record_relay(decode, ctx.endpoint, started, outcome)
+        return out, not outcome.broken
 
     def _merged_response(
         self,
@@ -287,6 +287,11 @@ class PDRouter:
             upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
         )
         return web.Response(status=upstream.status, body=payload, headers=headers)
+
+
+def _with_rank(fields: dict[str, Any], worker: Worker) -> dict[str, Any]:
+    """DP-aware ranks are addressed through the body, separately for each side of the pair."""
+    return fields if worker.dp_rank is None else {**fields, "data_parallel_rank": worker.dp_rank}
 
 
 async def _abort(prefill_task: asyncio.Future, decode_task: asyncio.Future) -> None:

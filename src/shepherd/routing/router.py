@@ -17,6 +17,7 @@ from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import RequestContext
 from shepherd.routing.policies import Policy
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
@@ -66,18 +67,7 @@ class Router:
 
     def select(self, ctx: RequestContext, tried: Sequence[Worker] = ()) -> Worker:
         """Pick a routable worker for `ctx`, preferring ones not tried yet; 404/503 when there is none."""
-        candidates = self.registry.candidates(self._worker_type, ctx.model)
-        if not candidates:
-            if ctx.model is not None and not self.registry.serves(self._worker_type, ctx.model):
-                raise no_workers_for_model(ctx.model)
-            if ctx.model is None and not self.registry.of_type(self._worker_type):
-                raise no_workers_for_model(None)
-            raise all_workers_unavailable()
-        if tried:
-            fresh = [w for w in candidates if w not in tried]
-            if fresh:
-                candidates = fresh
-        return self.policy.pick(candidates, ctx)
+        return choose_worker(self.registry, self._worker_type, self.policy, ctx, tried)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         tried: list[Worker] = []
@@ -156,41 +146,23 @@ class Router:
         upstream: aiohttp.ClientResponse,
         started: float,
     ) -> web.StreamResponse:
-        """Relay SSE chunks as they arrive. After the first byte nothing can be retried.
-
-        For the TTFT/TPOT metrics each SSE `data:` event counts as one token (SGLang streams one event per
-        decode step); a final `data: [DONE]` is not a token.
-        """
+        """Relay SSE chunks as they arrive. After the first byte nothing can be retried."""
         out = web.StreamResponse(
             status=upstream.status,
             headers=relay_response_headers(upstream.headers, self._routing_headers(worker, ctx)),
         )
         await out.prepare(request)
-        first_chunk_at = 0.0
-        events = 0
-        chunk = b""
-        try:
-            async for chunk in upstream.content.iter_any():
-                if not first_chunk_at:
-                    first_chunk_at = time.perf_counter()
-                events += chunk.count(b"data:")
-                await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        outcome = await relay_sse(upstream, out, _STREAM_INTERRUPTED)
+        if outcome.broken:
             worker.breaker.record_failure()
             log.warning(
-                "worker %s broke stream %s: %s",
+                "worker %s broke stream %s",
                 worker.url,
                 ctx.request_id,
-                exc or type(exc).__name__,
                 extra={"request_id": ctx.request_id, "worker": worker.url, "status": upstream.status},
             )
-            await out.write(_STREAM_INTERRUPTED)
-        await out.write_eof()
-        if self._metrics is not None and first_chunk_at:
-            tokens = events - 1 if chunk.rstrip().endswith(b"[DONE]") else events
-            self._metrics.record_stream(
-                worker, ctx.endpoint, first_chunk_at - started, tokens, time.perf_counter() - first_chunk_at
-            )
+        if self._metrics is not None:
+            self._metrics.record_relay(worker, ctx.endpoint, started, outcome)
         return out
 
     def _worker_response(
@@ -221,3 +193,32 @@ def _attempt_status(result: web.StreamResponse | AttemptFailure) -> int:
             return result.status
         return 504 if result.timed_out else 502
     return result.status
+
+
+def choose_worker(
+    registry: Registry, worker_type: WorkerType, policy: Policy, ctx: RequestContext, avoid: Sequence[Worker] = ()
+) -> Worker:
+    """The policy's pick among routable workers of a type for `ctx`, avoiding `avoid` while others remain.
+
+    No candidate at all: 404 when nothing of this type serves the model (or, for regular workers, nothing is
+    registered), 503 when workers exist but none is routable right now (unhealthy, draining, circuit open).
+    """
+    candidates = registry.candidates(worker_type, ctx.model)
+    if not candidates:
+        if not registry.of_type(worker_type) and worker_type is not WorkerType.REGULAR:
+            raise GatewayError(
+                503,
+                "no_available_workers",
+                f"No {worker_type.value} workers available: PD mode needs at least one prefill and one decode worker",
+                headers={"retry-after": "1"},
+            )
+        if not registry.of_type(worker_type) or (
+            ctx.model is not None and not registry.serves(worker_type, ctx.model)
+        ):
+            raise no_workers_for_model(ctx.model)
+        raise all_workers_unavailable(worker_type)
+    if avoid:
+        fresh = [w for w in candidates if w not in avoid]
+        if fresh:
+            candidates = fresh
+    return policy.pick(candidates, ctx)

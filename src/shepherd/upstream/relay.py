@@ -1,0 +1,53 @@
+"""Relaying a worker's SSE stream to the client as it arrives, shared by the regular and PD routers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+_DONE = b"[DONE]"
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    first_chunk_at: float  # perf_counter() when the first chunk arrived, 0.0 if none did
+    events: int  # SSE `data:` events relayed, a final `data: [DONE]` excluded (one per decode step in SGLang)
+    broken: bool  # the worker's side failed before the stream ended
+
+
+async def relay_sse(
+    upstream: aiohttp.ClientResponse,
+    out: web.StreamResponse,
+    interrupted_frame: bytes,
+    rewrite_line: Callable[[bytes], bytes] | None = None,
+) -> RelayOutcome:
+    """Copy `upstream`'s body to the prepared `out` chunk by chunk (line by line with `rewrite_line`), then end it.
+
+    A worker that breaks the stream midway gets `interrupted_frame` written in place of the rest (and no
+    `[DONE]`), so the client can tell a cut stream from a finished one. A client that goes away raises from
+    `out.write`, which ends the handler and closes the upstream connection with it.
+    """
+    first_chunk_at = 0.0
+    events = 0
+    chunk = b""
+    broken = False
+    chunks = upstream.content.iter_any() if rewrite_line is None else upstream.content
+    try:
+        async for chunk in chunks:
+            if not first_chunk_at:
+                first_chunk_at = time.perf_counter()
+            if rewrite_line is not None:
+                chunk = rewrite_line(chunk)
+            events += chunk.count(b"data:")
+            await out.write(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        broken = True
+        await out.write(interrupted_frame)
+    await out.write_eof()
+    if not broken and _DONE in chunk[-16:]:
+        events -= 1
+    return RelayOutcome(first_chunk_at, events, broken)
