@@ -178,6 +178,7 @@ class SimFleet:
         self._dir = tempfile.TemporaryDirectory(prefix="bench-sim-")
         self.procs: list[ManagedProcess] = []
         self.urls: list[str] = []
+        self.bootstrap_ports: list[int | None] = []  # per URL; null unless the workers run `--role prefill`
 
     def start(self, timeout: float = 30.0) -> SimFleet:
         ready_files = []
@@ -200,7 +201,9 @@ class SimFleet:
             self.stop()
             raise
         for path in ready_files:
-            self.urls += json.loads(path.read_text())["urls"]
+            ready = json.loads(path.read_text())
+            self.urls += ready["urls"]
+            self.bootstrap_ports += ready.get("bootstrap_ports") or [None] * len(ready["urls"])
         return self
 
     def cpu_seconds(self) -> float:

@@ -1,0 +1,595 @@
+"""`shepherd bench routing`: how well gateways place requests on workers with prefix caches.
+
+One fleet of simulated workers with the batching latency model and a bounded prefix (KV) cache each (default 8
+workers of 8,192 tokens: less than the workload's prefixes, so placement matters), then, one gateway after the other,
+each workload through each gateway: Shepherd with every `--policies` policy, SMG's `cache_aware` when its binary is
+found (`--smg`), and every `--gateway NAME=TEMPLATE`. Before each run the workers' caches are flushed and their
+request logs cleared; each gateway is started fresh for each workload, so no run inherits another's state.
+
+Workloads (`shepherd.bench.workloads`): generated shared prefix (groups of prompts sharing a system prompt,
+shuffled) and multi-turn conversations (each turn carries the history, with the real answers fed back). The load is
+open loop at `--rate` requests/s, or closed loop with `--concurrency` clients.
+
+Per gateway and workload:
+- hit rate: cached / prompt tokens summed over the workers' `/__log` counters (prefill workers in PD mode);
+- TTFT and end-to-end latency p50/p99 (streamed chat requests) and throughput;
+- share: the busiest worker's request count over the mean (1.0 is perfectly even);
+- and per workload the bounds a router cannot beat (`shepherd.bench.cache_bounds`): the infinite-cache oracle and
+  the optimal cache of the fleet's total capacity.
+
+`--pd`: 2 prefill + 2 decode workers (`--prefill-workers`, `--decode-workers`) of 32,768 KV tokens each (the
+default regular fleet's total on the prefill side) at 60 req/s, gateways in PD mode (`{worker_urls}` then stands for
+`--prefill URL BOOTSTRAP_PORT ... --decode URL ...`); hit rate from the prefill workers, share reported per role.
+
+A table on the terminal, `--output` JSON, `--chart` PNG (matplotlib, from the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shepherd.bench import workloads as wl
+from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate
+from shepherd.bench.conversation_load import WorkloadRun, run_workload
+from shepherd.bench.fleet import FleetError, GatewayProcess, GatewayTemplate, SimFleet, wait_until
+from shepherd.bench.report import fmt, render_table, run_metadata, write_json
+
+CHAT_PATH = "/v1/chat/completions"
+SIM_SEED = 0  # the simulators' seed: their answers, and so the multi-turn histories, follow from it
+REFERENCE_SMG = "/work/refvenv/bin/smg"
+SHEPHERD = "shepherd-cache_aware"
+SMG = "smg-cache_aware"
+POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
+DEFAULT_POLICIES = ("cache_aware", "round_robin", "power_of_two")
+# PD defaults: the same total prefix-cache capacity as the default regular fleet, spread over the prefill workers,
+# and a rate that two prefill workers sustain.
+PD_KV_TOKENS = 32768
+PD_RATE = 60.0
+GOAL_HIT_RATIO = 1.1  # Shepherd cache_aware hit rate over SMG's, at least
+GOAL_TTFT_P99_RATIO = 0.8  # Shepherd cache_aware TTFT p99 over SMG's, at most
+GOAL_SHARE = 1.3  # busiest worker's share over the mean, at most
+
+_SHEPHERD = (
+    "{python} -m shepherd.cli launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warning"
+)
+_SMG = "{smg} launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warn"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    workloads: tuple[str, ...] = wl.WORKLOADS
+    pd: bool = False
+    workers: int = 8
+    prefill_workers: int = 2
+    decode_workers: int = 2
+    sim_processes: int = 2
+    kv_tokens: int = 8192
+    page_size: int = 16
+    max_running_requests: int = 64
+    prefill_tokens_per_ms: float = 20.0
+    decode_step_ms: float = 8.0
+    decode_step_ms_per_request: float = 0.15
+    sim_args: tuple[str, ...] = ()
+    model: str = "sim-model"
+    rate: float | None = 100.0
+    concurrency: int | None = None
+    groups: int = 32
+    prompts_per_group: int = 16
+    system_tokens: int = 1024
+    question_tokens: int = 64
+    clients: int = 48
+    rounds: int = 6
+    first_tokens: int = 512
+    turn_tokens: int = 64
+    conversation_system_tokens: int = 0
+    answer_tokens: int = 16
+    seed: int = 0
+    timeout_secs: float = 60.0
+    startup_timeout: float = 60.0
+
+    def sim_argv(self) -> list[str]:
+        """`shepherd sim` flags shared by every simulated worker (PD roles add theirs)."""
+        return [
+            "--latency-model", "batch", "--model", self.model, "--seed", str(SIM_SEED),
+            "--kv-tokens", str(self.kv_tokens), "--page-size", str(self.page_size),
+            "--max-running-requests", str(self.max_running_requests),
+            "--prefill-tokens-per-ms", str(self.prefill_tokens_per_ms), "--decode-step-ms", str(self.decode_step_ms),
+            "--decode-step-ms-per-request", str(self.decode_step_ms_per_request), *self.sim_args,
+        ]  # fmt: skip
+
+    @property
+    def cache_workers(self) -> int:
+        """Workers whose prefix cache saves prefill work: all of them, or the prefill workers in PD mode."""
+        return self.prefill_workers if self.pd else self.workers
+
+    @property
+    def load(self) -> str:
+        return f"{self.rate:g} req/s open loop" if self.rate is not None else f"{self.concurrency} clients closed loop"
+
+
+def build_workload(name: str, settings: Settings) -> wl.Workload:
+    if name == wl.SHARED_PREFIX:
+        return wl.shared_prefix(
+            settings.groups, settings.prompts_per_group, settings.system_tokens, settings.question_tokens,
+            settings.answer_tokens, settings.seed,
+        )  # fmt: skip
+    return wl.multi_turn(
+        settings.clients, settings.rounds, settings.first_tokens, settings.turn_tokens, settings.answer_tokens,
+        settings.conversation_system_tokens, settings.seed,
+    )  # fmt: skip
+
+
+def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
+    """The hit rates no router can beat on `workload` with this fleet (see `cache_bounds`)."""
+    turns = list(workload.replay(SIM_SEED))
+    if settings.pd:  # a prefill worker generates only the first token: that is all it leaves behind of an answer
+        turns = [(prompt, answer[:1]) for prompt, answer in turns]
+    capacity = settings.cache_workers * settings.kv_tokens
+    return {
+        "infinite_cache": infinite_cache_hit_rate(turns, settings.page_size),
+        "fleet_capacity": capacity_hit_rate(turns, settings.page_size, capacity),
+        "fleet_capacity_tokens": capacity,
+        "prompt_tokens": sum(len(prompt) for prompt, _ in turns),
+    }
+
+
+# -- gateways ----------------------------------------------------------------------------------------------------
+
+
+def default_gateways(policies: Sequence[str], smg: str | None, pd: bool) -> list[GatewayTemplate]:
+    """Shepherd with each policy, then SMG's cache_aware when `smg` (its executable) is given."""
+    workers = "--pd-disaggregation {worker_urls}" if pd else "--worker-urls {worker_urls}"
+    out = [GatewayTemplate(f"shepherd-{policy}", f"{_SHEPHERD} {workers} --policy {policy}") for policy in policies]
+    if smg:
+        out.append(GatewayTemplate(SMG, _SMG.replace("{smg}", shlex.quote(smg)) + f" {workers} --policy cache_aware"))
+    return out
+
+
+def find_smg(requested: str | None) -> str | None:
+    """The SMG executable: `requested`, else the reference install, else `smg` on PATH; None if absent."""
+    if requested:
+        return requested
+    if Path(REFERENCE_SMG).exists():
+        return REFERENCE_SMG
+    return shutil.which("smg")
+
+
+def gateways_from_args(
+    policies: Sequence[str], smg: str | None, specs: Sequence[str], pd: bool
+) -> list[GatewayTemplate]:
+    """The defaults in order, then each `NAME=TEMPLATE` (replacing a default of the same name)."""
+    templates = {t.name: t for t in default_gateways(policies, smg, pd)}
+    for spec in specs:
+        template = GatewayTemplate.parse(spec)
+        if "/" in template.name:
+            raise ValueError(f"gateway names cannot contain '/': {template.name!r}")
+        templates[template.name] = template
+    if not templates:
+        raise ValueError("no gateway to measure: give --policies, --smg or --gateway")
+    return list(templates.values())
+
+
+# -- the simulated fleet -----------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """The simulated workers of one run: one group of regular workers, or prefill and decode groups (PD)."""
+
+    def __init__(self, settings: Settings) -> None:
+        base = settings.sim_argv()
+        if settings.pd:
+            prefill = [*base, "--role", "prefill", "--bootstrap-port", "0"]
+            decode = [*base, "--role", "decode"]
+            self.groups = {
+                "prefill": SimFleet(settings.prefill_workers, settings.sim_processes, prefill),
+                "decode": SimFleet(settings.decode_workers, settings.sim_processes, decode),
+            }
+        else:
+            self.groups = {"regular": SimFleet(settings.workers, settings.sim_processes, base)}
+        self.cache_role = "prefill" if settings.pd else "regular"
+
+    def start(self, timeout: float) -> Fleet:
+        try:
+            for group in self.groups.values():
+                group.start(timeout)
+        except FleetError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for group in self.groups.values():
+            group.stop()
+
+    def urls(self) -> Iterator[str]:
+        for group in self.groups.values():
+            yield from group.urls
+
+    def gateway_args(self) -> list[str]:
+        """What `{worker_urls}` stands for in a gateway template."""
+        if "regular" in self.groups:
+            return list(self.groups["regular"].urls)
+        prefill, decode = self.groups["prefill"], self.groups["decode"]
+        args: list[str] = []
+        for url, port in zip(prefill.urls, prefill.bootstrap_ports, strict=True):
+            args += ["--prefill", url, "none" if port is None else str(port)]
+        for url in decode.urls:
+            args += ["--decode", url]
+        return args
+
+    def wait_idle(self, timeout: float) -> None:
+        """Until no worker runs or queues a request (a stream can end at the client before its worker is done)."""
+        wait_until(lambda: all(_idle(url) for url in self.urls()), timeout, "the simulated workers to go idle", 0.05)
+
+    def reset(self, timeout: float) -> None:
+        """Once idle, flush every prefix cache and clear every log."""
+        self.wait_idle(timeout)
+        for url in self.urls():
+            _call("POST", url + "/flush_cache")
+            _call("DELETE", url + "/__log")
+
+    def logs(self) -> dict[str, list[dict[str, Any]]]:
+        """Each worker's `/__log` counters, per role."""
+        return {role: [_log_counters(url) for url in group.urls] for role, group in self.groups.items()}
+
+
+def _call(method: str, url: str) -> bytes:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with _NO_PROXY.open(request, timeout=30) as response:
+            return response.read()
+    except OSError as exc:  # URLError and HTTPError included
+        raise FleetError(f"{method} {url} failed: {exc}") from exc
+
+
+def _log_counters(url: str) -> dict[str, Any]:
+    log = orjson.loads(_call("GET", url + "/__log"))
+    return {key: log[key] for key in ("counts", "prompt_tokens", "cached_tokens", "num_requests")}
+
+
+def _idle(url: str) -> bool:
+    """No request running or queued on any DP rank (`/get_load`: cheaper to poll than `/__log` and its bodies)."""
+    return all(rank["num_reqs"] == 0 for rank in orjson.loads(_call("GET", url + "/get_load")))
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+def share(counts: Sequence[int]) -> float | None:
+    """The busiest worker's request count over the mean; None when nothing was served."""
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total else None
+
+
+def figures(run: WorkloadRun, logs: dict[str, list[dict[str, Any]]], cache_role: str) -> dict[str, Any]:
+    """The figures of one (workload, gateway) run."""
+    summary = run.load.summary()
+    cache_logs = logs[cache_role]
+    prompt = sum(log["prompt_tokens"] for log in cache_logs)
+    cached = sum(log["cached_tokens"] for log in cache_logs)
+    out: dict[str, Any] = {
+        "requests": summary["requests"],
+        "ok": summary["ok"],
+        "failed": summary["failed"],
+        "skipped": run.skipped,
+        "hit_rate": cached / prompt if prompt else None,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "client_reported_hit_rate": run.cached_tokens / run.prompt_tokens if run.prompt_tokens else None,
+        "rps": summary["rps"],
+        "elapsed_s": summary["elapsed_s"],
+        "latency_ms": summary["latency_ms"],
+        "ttft_ms": summary.get("ttft_ms"),
+    }
+    for role, role_logs in logs.items():
+        counts = [log["counts"].get(CHAT_PATH, 0) for log in role_logs]
+        key = "" if role == "regular" else f"{role}_"
+        out[f"{key}worker_requests"] = counts
+        out[f"{key}share_max_mean"] = share(counts)
+    for key in ("failed_statuses", "errors"):
+        if key in summary:
+            out[key] = summary[key]
+    return out
+
+
+def measure(gateway: GatewayTemplate, fleet: Fleet, workload: wl.Workload, settings: Settings) -> dict[str, Any]:
+    """Start `gateway` on the fleet, run `workload` through it from clean caches, stop it; its figures."""
+    import uvloop
+
+    process = GatewayProcess(gateway, fleet.gateway_args())
+    probe = orjson.dumps({"model": settings.model, "messages": [{"role": "user", "content": " ping"}], "max_tokens": 1})
+    process.start(CHAT_PATH, probe, settings.startup_timeout)
+    try:
+        fleet.reset(settings.timeout_secs)
+        run = uvloop.run(
+            run_workload(
+                process.url, workload, settings.model, settings.concurrency, settings.rate, settings.timeout_secs
+            )
+        )
+        fleet.wait_idle(settings.timeout_secs)
+        logs = fleet.logs()
+    finally:
+        process.stop()
+    return figures(run, logs, fleet.cache_role)
+
+
+def run_routing(
+    settings: Settings, gateways: Sequence[GatewayTemplate], progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Every workload through every gateway on one fleet; the JSON document of the run."""
+    results: dict[str, Any] = {}
+    fleet = Fleet(settings).start(settings.startup_timeout)
+    try:
+        for name in settings.workloads:
+            workload = build_workload(name, settings)
+            limits = bounds(workload, settings)
+            progress(
+                f"{name}: {workload.description}; {workload.requests} requests at {settings.load};"
+                f" hit-rate bounds {limits['infinite_cache']:.3f} (infinite cache),"
+                f" {limits['fleet_capacity']:.3f} (the fleet's capacity)"
+            )
+            measured: dict[str, Any] = {}
+            for gateway in gateways:
+                started = time.monotonic()
+                measured[gateway.name] = figures_ = measure(gateway, fleet, workload, settings)
+                progress(f"  {gateway.name:<24} {_progress_line(figures_)}  ({time.monotonic() - started:.0f}s)")
+            results[name] = {"description": workload.description, "requests": workload.requests,
+                             "bounds": limits, "gateways": measured}  # fmt: skip
+    finally:
+        fleet.stop()
+    return {
+        "benchmark": "routing",
+        "meta": run_metadata(),
+        "settings": {
+            **{f.name: getattr(settings, f.name) for f in fields(settings)},
+            "gateways": {g.name: g.template for g in gateways},
+        },
+        "results": results,
+        "goal": goal(results),
+    }
+
+
+def _progress_line(f: dict[str, Any]) -> str:
+    ttft = f["ttft_ms"] or {}
+    shares = "  ".join(f"{k.removesuffix('_max_mean')} {fmt(v, 2)}" for k, v in f.items() if k.endswith("max_mean"))
+    return (
+        f"hit {fmt(f['hit_rate'], 3)}  TTFT p50 {fmt(ttft.get('p50'), 0)} p99 {fmt(ttft.get('p99'), 0)} ms"
+        f"  {fmt(f['rps'], 1)} req/s  {shares}" + (f"  FAILED {f['failed']}" if f["failed"] else "")
+    )
+
+
+def goal(results: dict[str, Any]) -> dict[str, Any]:
+    """Shepherd cache_aware against SMG cache_aware per workload, when both ran: the issue's targets."""
+    out: dict[str, Any] = {}
+    for name, result in results.items():
+        ours, theirs = result["gateways"].get(SHEPHERD), result["gateways"].get(SMG)
+        if ours is None or theirs is None:
+            continue
+        hit = _ratio(ours["hit_rate"], theirs["hit_rate"])
+        ttft = _ratio((ours["ttft_ms"] or {}).get("p99"), (theirs["ttft_ms"] or {}).get("p99"))
+        shares = [v for k, v in ours.items() if k.endswith("share_max_mean") and not k.startswith("decode")]
+        worst_share = max((s for s in shares if s is not None), default=None)
+        out[name] = {
+            "hit_rate_ratio": hit,
+            "ttft_p99_ratio": ttft,
+            "share_max_mean": worst_share,
+            "met": hit is not None and hit >= GOAL_HIT_RATIO and ttft is not None and ttft <= GOAL_TTFT_P99_RATIO
+            and worst_share is not None and worst_share <= GOAL_SHARE,
+        }  # fmt: skip
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+
+def render(document: dict[str, Any]) -> str:
+    settings = document["settings"]
+    pd = settings["pd"]
+    parts = []
+    for name, result in document["results"].items():
+        limits = result["bounds"]
+        share_headers = ["prefill share", "decode share"] if pd else ["share"]
+        headers = ["gateway", "hit rate", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99", "req/s", *share_headers]
+        headers.append("failed")
+        rows = []
+        for gateway, f in result["gateways"].items():
+            ttft, latency = f["ttft_ms"] or {}, f["latency_ms"]
+            shares = [f.get("prefill_share_max_mean"), f.get("decode_share_max_mean")] if pd else [f["share_max_mean"]]
+            rows.append(
+                [gateway, fmt(f["hit_rate"], 3), fmt(ttft.get("p50"), 1), fmt(ttft.get("p99"), 1),
+                 fmt(latency["p50"], 1), fmt(latency["p99"], 1), fmt(f["rps"], 1), *(fmt(s, 2) for s in shares),
+                 str(f["failed"] + f["skipped"])]
+            )  # fmt: skip
+        fleet = (
+            f"{settings['prefill_workers']} prefill + {settings['decode_workers']} decode workers" if pd
+            else f"{settings['workers']} workers"
+        )  # fmt: skip
+        title = (
+            f"{name}{' (PD)' if pd else ''}: {result['description']}; {result['requests']} requests, {fleet} of"
+            f" {settings['kv_tokens']:,} KV tokens, {_load(settings)}\n"
+            f"hit-rate bounds: {limits['infinite_cache']:.3f} with an infinite cache,"
+            f" {limits['fleet_capacity']:.3f} with the fleet's {limits['fleet_capacity_tokens']:,} tokens;"
+            f" times in ms; share = busiest worker's requests / mean"
+        )
+        parts.append(render_table(headers, rows, title))
+    if document["goal"]:
+        rows = [
+            [name, fmt(g["hit_rate_ratio"], 2, "x"), fmt(g["ttft_p99_ratio"], 2, "x"), fmt(g["share_max_mean"], 2),
+             "yes" if g["met"] else "no"]
+            for name, g in document["goal"].items()
+        ]  # fmt: skip
+        headers = [f"{SHEPHERD} vs {SMG}", f"hit rate (>= {GOAL_HIT_RATIO})", f"TTFT p99 (<= {GOAL_TTFT_P99_RATIO})",
+                   f"share (<= {GOAL_SHARE})", "goal met"]  # fmt: skip
+        parts.append(render_table(headers, rows))
+    return "\n\n".join(parts)
+
+
+def _load(settings: dict[str, Any]) -> str:
+    if settings["rate"] is not None:
+        return f"{settings['rate']:g} req/s open loop"
+    return f"{settings['concurrency']} clients closed loop"
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = Settings()
+    p = subparsers.add_parser(
+        "routing",
+        help="prefix-cache hit rate, TTFT and load spread of gateways and policies on simulated workers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("gateways")
+    g.add_argument(
+        "--policies", nargs="*", choices=POLICIES, default=list(DEFAULT_POLICIES),
+        help="Shepherd policies to measure, each as gateway shepherd-POLICY (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--smg", metavar="PATH",
+        help=f"SMG executable, measured as {SMG} (default: {REFERENCE_SMG} if present, else smg on PATH)",
+    )  # fmt: skip
+    g.add_argument("--no-smg", action="store_true", help="do not measure SMG")
+    g.add_argument(
+        "--gateway", action="append", default=[], metavar="NAME=TEMPLATE",
+        help="another gateway (repeatable; a default of the same name is replaced); placeholders {port} {prom_port}"
+        " {worker_urls} {host} {python}",
+    )  # fmt: skip
+
+    w = p.add_argument_group("workloads")
+    w.add_argument("--workloads", nargs="+", choices=wl.WORKLOADS, default=list(d.workloads))
+    w.add_argument("--groups", type=int, default=d.groups, help="shared prefix: system prompts (default: %(default)s)")
+    w.add_argument("--prompts-per-group", type=int, default=d.prompts_per_group, help="(default: %(default)s)")
+    w.add_argument("--system-tokens", type=int, default=d.system_tokens, help="(default: %(default)s)")
+    w.add_argument("--question-tokens", type=int, default=d.question_tokens, help="(default: %(default)s)")
+    w.add_argument("--clients", type=int, default=d.clients, help="multi-turn: conversations (default: %(default)s)")
+    w.add_argument("--rounds", type=int, default=d.rounds, help="turns per conversation (default: %(default)s)")
+    w.add_argument("--first-tokens", type=int, default=d.first_tokens, help="first turn (default: %(default)s)")
+    w.add_argument("--turn-tokens", type=int, default=d.turn_tokens, help="later turns (default: %(default)s)")
+    w.add_argument(
+        "--conversation-system-tokens", type=int, default=d.conversation_system_tokens,
+        help="a system prompt shared by every conversation (default: %(default)s)",
+    )  # fmt: skip
+    w.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="every answer (default: %(default)s)")
+    w.add_argument("--seed", type=int, default=d.seed, help="workload seed (default: %(default)s)")
+
+    lo = p.add_argument_group("load").add_mutually_exclusive_group()
+    lo.add_argument("--rate", type=float, help=f"open loop, requests/s (default: {d.rate:g}; {PD_RATE:g} with --pd)")
+    lo.add_argument("--concurrency", type=int, help="closed loop with this many clients")
+
+    f = p.add_argument_group("simulated fleet")
+    f.add_argument("--workers", type=int, default=d.workers, help="(default: %(default)s)")
+    f.add_argument("--pd", action="store_true", help="prefill-decode disaggregation")
+    f.add_argument("--prefill-workers", type=int, default=d.prefill_workers, help="PD (default: %(default)s)")
+    f.add_argument("--decode-workers", type=int, default=d.decode_workers, help="PD (default: %(default)s)")
+    f.add_argument("--sim-processes", type=int, default=d.sim_processes, help="(default: %(default)s)")
+    f.add_argument(
+        "--kv-tokens", type=int, help=f"prefix cache per worker (default: {d.kv_tokens}; {PD_KV_TOKENS} with --pd)"
+    )
+    f.add_argument("--page-size", type=int, default=d.page_size, help="(default: %(default)s)")
+    f.add_argument("--max-running-requests", type=int, default=d.max_running_requests, help="(default: %(default)s)")
+    f.add_argument(
+        "--prefill-tokens-per-ms", type=float, default=d.prefill_tokens_per_ms, help="(default: %(default)s)"
+    )
+    f.add_argument("--decode-step-ms", type=float, default=d.decode_step_ms, help="(default: %(default)s)")
+    f.add_argument(
+        "--decode-step-ms-per-request", type=float, default=d.decode_step_ms_per_request, help="(default: %(default)s)"
+    )
+    f.add_argument("--sim-args", default="", help="more `shepherd sim` flags")
+
+    o = p.add_argument_group("run and output")
+    o.add_argument("--timeout-secs", type=float, default=d.timeout_secs, help="per request (default: %(default)s)")
+    o.add_argument("--startup-timeout", type=float, default=d.startup_timeout, help="per process start")
+    o.add_argument("--output", help="write the JSON report here")
+    o.add_argument("--chart", help="write a PNG chart of hit rate and TTFT per gateway here")
+    p.set_defaults(run=main)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    kv_tokens = args.kv_tokens if args.kv_tokens is not None else PD_KV_TOKENS if args.pd else Settings().kv_tokens
+    counts = (args.workers, args.prefill_workers, args.decode_workers, args.sim_processes, kv_tokens,
+              args.page_size, args.max_running_requests)  # fmt: skip
+    if min(counts) < 1:
+        raise ValueError("worker counts, processes, KV tokens, page size and running requests must be >= 1")
+    if (args.rate is not None and not args.rate > 0) or (args.concurrency is not None and args.concurrency < 1):
+        raise ValueError("--rate must be > 0 and --concurrency >= 1")
+    settings = Settings(
+        workloads=tuple(dict.fromkeys(args.workloads)),
+        pd=args.pd,
+        workers=args.workers,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        sim_processes=args.sim_processes,
+        kv_tokens=kv_tokens,
+        page_size=args.page_size,
+        max_running_requests=args.max_running_requests,
+        prefill_tokens_per_ms=args.prefill_tokens_per_ms,
+        decode_step_ms=args.decode_step_ms,
+        decode_step_ms_per_request=args.decode_step_ms_per_request,
+        sim_args=tuple(shlex.split(args.sim_args)),
+        groups=args.groups,
+        prompts_per_group=args.prompts_per_group,
+        system_tokens=args.system_tokens,
+        question_tokens=args.question_tokens,
+        clients=args.clients,
+        rounds=args.rounds,
+        first_tokens=args.first_tokens,
+        turn_tokens=args.turn_tokens,
+        conversation_system_tokens=args.conversation_system_tokens,
+        answer_tokens=args.answer_tokens,
+        seed=args.seed,
+        timeout_secs=args.timeout_secs,
+        startup_timeout=args.startup_timeout,
+    )
+    if args.concurrency is not None:
+        settings = replace(settings, rate=None, concurrency=args.concurrency)
+    else:
+        settings = replace(
+            settings, rate=args.rate if args.rate is not None else PD_RATE if args.pd else Settings().rate
+        )
+    for name in settings.workloads:
+        build_workload(name, settings)  # validates the sizes
+    return settings
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        smg = None if args.no_smg else find_smg(args.smg)
+        gateways = gateways_from_args(args.policies, smg, args.gateway, settings.pd)
+    except ValueError as exc:
+        print(f"shepherd bench routing: {exc}", file=sys.stderr)
+        return 2
+    try:
+        document = run_routing(settings, gateways, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except FleetError as exc:
+        print(f"shepherd bench routing: {exc}", file=sys.stderr)
+        return 1
+    print(render(document))
+    if args.output:
+        write_json(args.output, document)
+        print(f"\nJSON report: {args.output}")
+    if args.chart:
+        from shepherd.bench.chart import write_chart
+
+        write_chart(document, args.chart)
+        print(f"Chart: {args.chart}")
+    failed = sum(f["failed"] for r in document["results"].values() for f in r["gateways"].values())
+    return 1 if failed else 0
