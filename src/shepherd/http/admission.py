@@ -32,12 +32,17 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def __aenter__(self) -> None:
+    def try_enter(self) -> bool:
+        """Take a permit if one is free right now (the common case, without a coroutine)."""
         if not self._limit:
-            return
+            return True
         if self._active < self._limit and not self._waiters:
             self._active += 1
-            return
+            return True
+        return False
+
+    async def wait_for_permit(self) -> None:
+        """Queue for a permit after `try_enter` failed: 429 when the queue is full, 503 after the queue timeout."""
         if len(self._waiters) >= self._queue_size:
             message = (
                 "concurrency limit reached and queuing is disabled"
@@ -61,9 +66,16 @@ class Admission:
                 ) from None
             raise
 
-    async def __aexit__(self, *exc: object) -> None:
+    def leave(self) -> None:
         if self._limit:
             self._release()
+
+    async def __aenter__(self) -> None:
+        if not self.try_enter():
+            await self.wait_for_permit()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.leave()
 
     def _release(self) -> None:
         """Hand the permit to the oldest waiter, or give it back."""

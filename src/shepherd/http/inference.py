@@ -28,7 +28,11 @@ def _handler(gateway: Gateway, endpoint: Endpoint):
             ctx = RequestContext(endpoint, body, request[REQUEST_ID])
         except InvalidRequest as exc:
             raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
-        async with admission:
+        if not admission.try_enter():  # the fast path takes a free permit without a coroutine
+            await admission.wait_for_permit()
+        try:
             return await gateway.router_for(endpoint).dispatch(request, ctx)
+        finally:
+            admission.leave()
 
     return handle
