@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 
 from shepherd.discovery.kube_watch import PodListWatch, WatchTiming
 from shepherd.discovery.kubernetes import PodInfo
 from tests.support.fake_kube import FakeKube
+from tests.support.polling import until
 
 SELECTOR = "app=sglang"
 LABELS = {"app": "sglang"}
@@ -31,13 +30,6 @@ class Seen:
     def on_event(self, kind: str, pod: PodInfo) -> None:
         self.events.append((kind, pod.name))
         self.pods[pod.name] = pod
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

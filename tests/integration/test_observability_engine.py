@@ -38,13 +38,11 @@ def http_sims(tmp_path_factory) -> SimFleet:
 @pytest.fixture(scope="module")
 def grpc_sim(tmp_path_factory) -> SimFleet:
     """A sim standing in for one gRPC engine; its `urls` are the sidecar (HTTP) addresses, for ctl and log."""
-    sims = start_sim(tmp_path_factory.mktemp("eng-grpc"), 1, "--grpc-metrics-sidecar")
-    grpc_url = sims.urls[0]
-    assert grpc_url.startswith("grpc://")
-    control = SimFleet(sims.process, [sidecar_metrics_url(grpc_url).removesuffix("/metrics")])
-    control.grpc_url = grpc_url
-    with control:
-        yield control
+    with start_sim(tmp_path_factory.mktemp("eng-grpc"), 1, "--grpc-metrics-sidecar") as sims:
+        sims.grpc_url = sims.urls[0]
+        assert sims.grpc_url.startswith("grpc://")
+        sims.urls = [sidecar_metrics_url(sims.grpc_url).removesuffix("/metrics")]
+        yield sims
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +74,6 @@ def clean_workers(http_sims, grpc_sim):
     grpc_sim.reset()
 
 
-def scrape(gateway: GatewayProcess) -> Exposition:
-    status, text = http_request("GET", f"http://127.0.0.1:{gateway.prometheus_port}/metrics")
-    assert status == 200
-    return Exposition(text)
-
-
 def engine_metrics(gateway: GatewayProcess) -> tuple[str, Exposition]:
     status, text = gateway.get("/engine_metrics")  # a public route: no key even under --api-key
     assert status == 200, text
@@ -107,10 +99,10 @@ def test_grpc_registration_needs_the_model(gateway, grpc_sim):
 def test_grpc_health_is_probed_with_grpc_health_v1(gateway, grpc_sim):
     grpc_sim.ctl(0, health_status=503)  # the stand-in now answers NOT_SERVING
     gateway.process.wait_for(lambda: grpc_worker_status(gateway, grpc_sim.grpc_url) == "not_ready", 10, "not_ready")
-    assert scrape(gateway).value("smg_worker_health", worker=grpc_sim.grpc_url) == 0
+    assert gateway.metrics().value("smg_worker_health", worker=grpc_sim.grpc_url) == 0
     grpc_sim.ctl(0, health_status=None)
     gateway.process.wait_for(lambda: grpc_worker_status(gateway, grpc_sim.grpc_url) == "ready", 10, "ready again")
-    exposition = scrape(gateway)
+    exposition = gateway.metrics()
     assert exposition.value("smg_worker_health", worker=grpc_sim.grpc_url) == 1
     assert exposition.value("smg_worker_pool_size", worker_type="regular", connection_mode="grpc", model=MODEL) == 1
 
@@ -125,7 +117,7 @@ def test_http_routing_never_picks_grpc_workers(gateway, http_sims, grpc_sim):
 
 
 def test_engine_metrics_merge_http_and_grpc_workers_and_skip_a_failing_one(gateway, http_sims, grpc_sim):
-    before = scrape(gateway)
+    before = gateway.metrics()
     http_sims.ctl(1, refuse=True)
     text, exposition = engine_metrics(gateway)
     good, failing = http_sims.urls
@@ -137,7 +129,7 @@ def test_engine_metrics_merge_http_and_grpc_workers_and_skip_a_failing_one(gatew
     assert text.startswith("# shepherd engine_metrics: scraped 2 of 3 workers\n")
     assert f"# shepherd engine_metrics: failed {failing} ({failing}/metrics)" in text
     failures = "smg_engine_metrics_scrapes_total"
-    assert scrape(gateway).total(failures, result="failure") - before.total(failures, result="failure") == 1
+    assert gateway.metrics().total(failures, result="failure") - before.total(failures, result="failure") == 1
 
 
 def test_no_key_reaches_the_sidecar_and_http_workers_get_only_their_own(gateway, http_sims, grpc_sim):
@@ -192,7 +184,7 @@ async def test_metrics_sidecar_serves_a_grpc_engine_end_to_end(gateway, tmp_path
         if not port_is_free(sidecar_port(engine.port)):
             pytest.skip(f"sidecar port {sidecar_port(engine.port)} of gRPC port {engine.port} is taken")
         command = sidecar_command(tmp_path, "--host", "127.0.0.1", "--grpc-port", str(engine.port))
-        with ManagedProcess(command, tmp_path, name="sidecar") as sidecar:
+        with ManagedProcess(command, "sidecar", log_dir=tmp_path).start() as sidecar:
             await asyncio.to_thread(sidecar.wait_http, sidecar_metrics_url(engine.url))
             status, body = await asyncio.to_thread(
                 gateway.post, "/workers", {"url": engine.url, "model": MODEL}, headers=AUTH
@@ -221,7 +213,8 @@ def test_metrics_sidecar_binds_ipv6_and_fails_clearly_on_a_taken_port(tmp_path):
     with socket.socket(socket.AF_INET6) as probe:
         probe.bind(("::1", 0))
         port = probe.getsockname()[1]
-    with ManagedProcess(sidecar_command(tmp_path, "--host", "::1", "--port", str(port)), tmp_path, name="v6") as v6:
+    command = sidecar_command(tmp_path, "--host", "::1", "--port", str(port))
+    with ManagedProcess(command, "v6", log_dir=tmp_path).start() as v6:
         v6.wait_http(f"http://[::1]:{port}/metrics")
         status, text = http_request("GET", f"http://[::1]:{port}/metrics")
         assert status == 200 and 'sglang:num_requests_total{model_name="sim-model"} 3.0' in text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 
 import aiohttp
 import pytest
@@ -40,19 +39,13 @@ def sims(fleet: SimFleet) -> SimFleet:
     return fleet
 
 
-def scrape(gateway: GatewayProcess) -> Exposition:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.prometheus_port}/metrics", timeout=5) as resp:
-        assert resp.status == 200
-        return Exposition(resp.read().decode())
-
-
 def routed_count(sims: SimFleet, index: int, *paths: str) -> int:
     counts = sims.log(index)["counts"]
     return sum(counts.get(path, 0) for path in paths)
 
 
 async def test_counts_after_known_traffic_are_exact(gateway, sims):
-    before = scrape(gateway)
+    before = gateway.metrics()
     async with aiohttp.ClientSession() as session:
         for i in range(6):
             payload = {"text": f"hello {i}", "sampling_params": {"max_new_tokens": 2}}
@@ -69,7 +62,7 @@ async def test_counts_after_known_traffic_are_exact(gateway, sims):
             assert resp.status == 404
         async with session.get(gateway.url + "/metrics") as resp:
             assert resp.status == 404  # metrics live on the Prometheus port only
-    after = scrape(gateway)
+    after = gateway.metrics()
 
     def delta(name: str, **labels: str) -> float:
         return after.total(name, **labels) - before.total(name, **labels)
@@ -96,12 +89,12 @@ async def test_counts_after_known_traffic_are_exact(gateway, sims):
 
 async def test_retries_and_worker_errors_are_counted_per_attempt(gateway, sims):
     sims.ctl(0, error_status=503)  # every attempt on worker 0 fails and is retried on worker 1
-    before = scrape(gateway)
+    before = gateway.metrics()
     async with aiohttp.ClientSession() as session:
         for i in range(4):
             async with session.post(gateway.url + "/generate", json={"text": f"r{i}"}) as resp:
                 assert resp.status == 200
-    after = scrape(gateway)
+    after = gateway.metrics()
     failed_attempts = routed_count(sims, 0, "/generate")
     assert failed_attempts >= 1  # round robin sends some requests to worker 0 first
     assert (

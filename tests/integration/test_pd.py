@@ -467,15 +467,6 @@ def test_load_counts_on_both_workers_from_dispatch(tmp_path, fleets, prefill_pol
     assert room_counts(decodes)["verified_rooms"] == 6 and room_counts(decodes)["orphan_rooms"] == 0
 
 
-def scrape(gateway: GatewayProcess):
-    import urllib.request
-
-    from tests.support.metrics import Exposition
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.prometheus_port}/metrics", timeout=5) as resp:
-        return Exposition(resp.read().decode())
-
-
 async def test_pd_traffic_is_counted_per_worker_and_streams_record_ttft(tmp_path, fleets):
     prefills, decodes = fleets
     with start_pd_gateway(tmp_path, prefills, decodes, "--policy", "round_robin") as gw:
@@ -487,7 +478,7 @@ async def test_pd_traffic_is_counted_per_worker_and_streams_record_ttft(tmp_path
         await stream_frames(
             gw.url + "/generate", {"text": "stream", "stream": True, "sampling_params": {"max_new_tokens": 4}}
         )
-        exposition = scrape(gw)
+        exposition = gw.metrics()
         for fleet in (prefills, decodes):
             per_worker = [exposition.total("smg_worker_requests_total", worker=url) for url in fleet.urls]
             assert sum(per_worker) == 5 and all(n >= 2 for n in per_worker), per_worker

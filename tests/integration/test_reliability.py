@@ -105,7 +105,10 @@ def test_refused_connections_are_retried_on_another_worker(tmp_path):
     args = ("--disable-health-check", "--policy", "round_robin", "--retry-initial-backoff-ms", "1")
     with start_sim(tmp_path, 2) as sims, start_gateway(tmp_path, sims.urls, *args) as gw:
         sims.ctl(1, refuse=True)
+        retries_before = gw.metrics().total("smg_worker_retries_total")
         assert all(gw.post("/generate", {"text": "x"})[0] == 200 for _ in range(6))
+        assert len(generate_attempts(sims, 0)) == 6  # every request ended on worker 0
+        assert gw.metrics().total("smg_worker_retries_total") > retries_before  # after a refusal by worker 1
         sims.ctl(1, refuse=False)
 
 
@@ -153,7 +156,12 @@ async def test_admission_limit_queue_and_timeout(tmp_path):
                 gw.wait_workers, lambda ws: ws[0]["requests_active"] == 1, "the first request in flight"
             )
             queued = asyncio.create_task(session.post(gw.url + "/generate", json={"text": "queued"}))
-            await asyncio.sleep(0.1)  # give the queued request time to take the only queue slot
+            await asyncio.to_thread(
+                gw.process.wait_for,
+                lambda: gw.metrics().value("smg_admission_queue_depth") == 1,
+                5,
+                "the second request to take the only queue slot",
+            )
             async with session.post(gw.url + "/generate", json={"text": "rejected"}) as resp:
                 assert resp.status == 429 and resp.headers["retry-after"]
                 assert (await resp.json())["error"]["code"] == "admission_queue_full"
@@ -192,13 +200,14 @@ def test_per_worker_api_key_goes_to_that_worker_only(tmp_path):
         assert keyed_auth == {"Bearer worker-secret"}
         assert plain_auth == {None}
         assert "worker-secret" not in str(gw.workers())
-        assert "worker-secret" not in gw.process.tail(1000)
+        assert "worker-secret" not in gw.process.log_tail(1000)
 
 
 async def test_cors_preflight_and_response_headers_streams_included(tmp_path):
-    with start_sim(tmp_path, 1) as sims, start_gateway(
-        tmp_path, sims.urls, "--cors-allowed-origins", "https://app.example"
-    ) as gw:
+    with (
+        start_sim(tmp_path, 1) as sims,
+        start_gateway(tmp_path, sims.urls, "--cors-allowed-origins", "https://app.example") as gw,
+    ):
         allowed, denied = {"Origin": "https://app.example"}, {"Origin": "https://evil.example"}
         async with aiohttp.ClientSession() as session:
             async with session.options(gw.url + "/v1/chat/completions", headers=allowed) as resp:
@@ -220,10 +229,10 @@ async def test_sigterm_lets_in_flight_streams_finish_then_exits_zero(tmp_path):
         async with aiohttp.ClientSession() as session:
             async with session.post(gw.url + "/generate", json=payload) as resp:
                 await resp.content.readline()
-                gw.process.proc.send_signal(signal.SIGTERM)
+                gw.process.send_signal(signal.SIGTERM)
                 body = await resp.read()
         assert body.rstrip().endswith(b"data: [DONE]")
-        assert await asyncio.to_thread(gw.process.proc.wait, 10) == 0
+        assert await asyncio.to_thread(gw.process.wait, 10) == 0
         gw.stop()
         with pytest.raises(OSError):
             http_request("GET", gw.url + "/liveness", timeout=1)

@@ -14,7 +14,7 @@ def test_serve_starts_simulated_workers_and_the_gateway_and_stops_both(tmp_path)
     port, prometheus_port = free_port(), free_port()
     args = [sys.executable, "-m", "shepherd.cli", "serve", "--backend", "sim", "--dp-size", "2",
             "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port)]  # fmt: skip
-    gateway = GatewayProcess(ManagedProcess(args, tmp_path, name="serve"), port, prometheus_port)
+    gateway = GatewayProcess(ManagedProcess(args, "serve", log_dir=tmp_path).start(), port, prometheus_port)
     with gateway:
         gateway.process.wait_http(gateway.url + "/liveness", timeout=30)
         workers = gateway.wait_ready_workers(2)

@@ -53,7 +53,7 @@ async def test_load_and_metrics_reflect_running_and_queued_requests(sim: SimFlee
         def saturated() -> bool:
             return http_request("GET", sim.urls[0] + "/get_load")[1][0]["num_reqs"] == 4
 
-        await asyncio.to_thread(wait_until, saturated)
+        await asyncio.to_thread(wait_until, saturated, 5, "4 requests on the worker")
         load = http_request("GET", sim.urls[0] + "/get_load")[1][0]
         assert load["num_waiting_reqs"] == 2 and load["num_tokens"] > 0
         live = gauges(sim)
@@ -66,7 +66,7 @@ async def test_load_and_metrics_reflect_running_and_queued_requests(sim: SimFlee
     def idle() -> bool:
         return http_request("GET", sim.urls[0] + "/get_load")[1][0]["num_reqs"] == 0
 
-    await asyncio.to_thread(wait_until, idle)
+    await asyncio.to_thread(wait_until, idle, 5, "the cancelled requests to be aborted")
 
 
 async def test_client_disconnect_mid_stream_is_recorded_and_aborts_the_request(sim: SimFleet):
@@ -85,7 +85,7 @@ async def test_client_disconnect_mid_stream_is_recorded_and_aborts_the_request(s
         log = sim.log(0)
         return log["disconnects"] == 1 and log["running"] == 0
 
-    await asyncio.to_thread(wait_until, recorded)
+    await asyncio.to_thread(wait_until, recorded, 5, "the disconnect to be recorded")
     entry = sim.log(0)["requests"][-1]
     assert entry["path"] == "/v1/chat/completions" and entry["disconnected"] is True
     assert sim.log(0)["completion_tokens"] < 5000

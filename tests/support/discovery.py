@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.support.gateway import GatewayProcess
-from tests.support.processes import http_request
 
 
 def workers_from(gateway: GatewayProcess, source: str, pod_prefix: str | None = None) -> dict[str, dict[str, Any]]:
@@ -37,10 +34,4 @@ def wait_workers_from(
 
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
     """One sample from the gateway's Prometheus listener (0 when absent)."""
-    status, text = http_request("GET", f"http://127.0.0.1:{gateway.prometheus_port}/metrics")
-    assert status == 200, text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return gateway.metrics().value(name, **labels) or 0.0

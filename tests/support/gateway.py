@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.metrics import Exposition
 from tests.support.processes import ManagedProcess, free_port, http_request
 
 
@@ -22,6 +23,12 @@ class GatewayProcess:
 
     def post(self, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any]:
         return http_request("POST", self.url + path, body, **kwargs)
+
+    def metrics(self) -> Exposition:
+        """One scrape of the Prometheus listener."""
+        status, text = http_request("GET", f"http://127.0.0.1:{self.prometheus_port}/metrics")
+        assert status == 200, text
+        return Exposition(text)
 
     def workers(self) -> list[dict[str, Any]]:
         status, body = self.get("/workers", headers=self._auth)
@@ -84,7 +91,7 @@ def start_gateway(
         args += ["--worker-urls", *worker_urls]
     if api_key:
         args += ["--api-key", api_key]
-    process = ManagedProcess([*args, *extra_args], tmp_path, name=f"gateway-{port}")
+    process = ManagedProcess([*args, *extra_args], f"gateway-{port}", log_dir=tmp_path).start()
     gateway = GatewayProcess(process, port, prometheus_port)
     if api_key:
         gateway._auth = {"Authorization": f"Bearer {api_key}"}

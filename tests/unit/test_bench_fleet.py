@@ -106,11 +106,25 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored() -> None:
     assert not log.exists()
 
 
-def test_check_alive_reports_exit_code_and_output() -> None:
+def test_wait_for_reports_an_early_exit_with_its_code_and_output() -> None:
     proc = ManagedProcess([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], "crasher").start()
     try:
-        wait_until(lambda: not proc.alive(), 10, "the crasher to exit")
-        with pytest.raises(FleetError, match=r"(?s)code 3.*boom"):
-            proc.check_alive()
+        with pytest.raises(FleetError, match=r"(?s)crasher \(exited with code 3\): exited while waiting for .*boom"):
+            proc.wait_for(lambda: False, 10, "a condition that never holds")
     finally:
         proc.stop()
+
+
+def test_wait_for_reports_the_deadline_with_the_log_tail() -> None:
+    code = "print('still starting', flush=True); import time; time.sleep(60)"
+    with ManagedProcess([sys.executable, "-c", code], "slow").start() as proc:
+        wait_until(lambda: "still starting" in proc.log_path.read_text(), 10, "the first output")
+        with pytest.raises(FleetError, match=r"(?s)slow \(running\): timed out after 0.1s waiting for ready.*starting"):
+            proc.wait_for(lambda: False, 0.1, "ready")
+
+
+def test_a_log_dir_keeps_the_log_after_stop(tmp_path: Path) -> None:
+    proc = ManagedProcess([sys.executable, "-c", "print('kept')"], "short", log_dir=tmp_path).start()
+    assert proc.wait(10) == 0
+    assert proc.stop() == 0
+    assert (tmp_path / "short.log").read_text() == "kept\n"

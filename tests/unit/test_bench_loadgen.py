@@ -21,6 +21,7 @@ from shepherd.bench.loadgen import (
     percentile,
     run_plan,
 )
+from tests.support.local_server import serving
 
 ECHO = RequestSpec("/echo", b'{"x": 1}')
 STREAM = RequestSpec("/stream", b'{"stream": true}', stream=True)
@@ -66,12 +67,8 @@ class Upstream:
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     server = Upstream()
-    runner = web.AppRunner(server.app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield server, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(server.app) as url:
+        yield server, url
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -149,14 +146,8 @@ async def test_closed_loop_sends_every_request_and_respects_concurrency(upstream
 async def test_closed_loop_rotates_over_base_urls(upstream) -> None:
     server, url = upstream
     other = Upstream()
-    runner = web.AppRunner(other.app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        await run_plan(LoadPlan((url, f"http://127.0.0.1:{port}"), ECHO, 10, concurrency=1))
-    finally:
-        await runner.cleanup()
+    async with serving(other.app) as other_url:
+        await run_plan(LoadPlan((url, other_url), ECHO, 10, concurrency=1))
     assert server.count == other.count == 5
 
 

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from shepherd.bench.conversation_load import STREAM_ERROR, SseFrames, run_workload
-from shepherd.bench.fleet import free_port
 from shepherd.bench.workloads import Conversation, Workload
+from tests.support.local_server import serving
 
 FIRST_TOKEN_DELAY = 0.03
 
@@ -64,12 +64,8 @@ class ChatServer:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[ChatServer, str]]:
     chat = ChatServer()
-    runner = web.AppRunner(chat.app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield chat, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(chat.app) as url:
+        yield chat, url
 
 
 def workload(*conversations: Conversation) -> Workload:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import time
-from collections.abc import Callable
 
 import pytest
 from prometheus_client import REGISTRY
@@ -18,6 +15,7 @@ from shepherd.upstream.client import UpstreamClient
 from shepherd.workers.manager import WorkerManager, WorkerSpec
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import WorkerStatus
+from tests.support.polling import until
 from tests.support.processes import free_port
 
 SOURCE = "kubernetes"
@@ -56,13 +54,6 @@ class Wanted:
 
     def __call__(self) -> dict[str, DesiredWorker]:
         return self.workers
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def metric(name: str, **labels: str) -> float:

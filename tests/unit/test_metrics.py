@@ -19,6 +19,7 @@ from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 from tests.support.metrics import Exposition
+from tests.support.polling import until
 from tests.support.processes import free_port
 
 
@@ -105,7 +106,7 @@ async def test_admission_gauges_follow_permits_and_waiters():
     _, admission, metrics = setup()  # limit 1
     async with admission:
         waiter = asyncio.create_task(admission.__aenter__())
-        await asyncio.sleep(0)  # let the waiter queue up
+        await until(lambda: admission.queued == 1, "the waiter to queue up", interval=0)
         exp = scrape(metrics)
         assert exp.value("smg_admission_inflight") == 1
         assert exp.value("smg_admission_queue_depth") == 1

@@ -6,6 +6,7 @@ from shepherd.sim.engine import Engine, LatencyModel, Sequence, SequenceGroup
 from shepherd.sim.kv_cache import PrefixCache
 from shepherd.sim.metrics import WorkerStats
 from shepherd.sim.tokenizer import generate
+from tests.support.polling import until
 
 
 def make_engine(latency: LatencyModel | None, max_running: int = 64, kv_tokens: int = 100_000) -> Engine:
@@ -82,7 +83,7 @@ async def test_requests_beyond_max_running_queue_and_stream_tokens_over_time():
     engine = make_engine(LatencyModel(decode_step_ms=2, decode_step_ms_per_request=0), max_running=2)
     try:
         groups = [submit(engine, [i] * 20, 5) for i in range(4)]
-        await asyncio.sleep(0)  # let the step loop admit
+        await until(lambda: engine.running, "the step loop to admit", interval=0)
         assert len(engine.running) == 2 and len(engine.waiting) == 2
         seen = [seq.generated async for seq in groups[0].updates()]
         assert seen == [1, 2, 3, 4, 5]
@@ -98,7 +99,7 @@ async def test_kv_capacity_limits_admission():
     engine = make_engine(LatencyModel(decode_step_ms=1, decode_step_ms_per_request=0), kv_tokens=100)
     try:
         groups = [submit(engine, [i] * 60, 3) for i in range(2)]  # 63 tokens each: only one fits
-        await asyncio.sleep(0)
+        await until(lambda: engine.running, "the step loop to admit", interval=0)
         assert len(engine.running) == 1 and len(engine.waiting) == 1
         await asyncio.gather(*(g.wait() for g in groups))
     finally:
@@ -111,7 +112,7 @@ async def test_abort_frees_the_slot_and_the_pages(where):
     try:
         blocker = submit(engine, [7] * 40, 3)
         victim = submit(engine, [9] * 40, 3)
-        await asyncio.sleep(0)
+        await until(lambda: engine.running, "the step loop to admit", interval=0)
         target = victim if where == "waiting" else blocker
         target.abort()
         assert target.seqs[0].aborted

@@ -1,6 +1,8 @@
-"""Processes a benchmark runs: simulated workers and gateways started from command-line templates.
+"""Processes the benchmarks and the integration tests run: simulated workers and gateways, each logging to a file.
 
-Also reads a process tree's CPU time from /proc, which is how the benchmarks charge a gateway for its work.
+Waiting is always "poll until a condition holds or a deadline passes", and a process that fails to start or exits
+early is reported with the tail of its log. Also reads a process tree's CPU time from /proc, which is how the
+benchmarks charge a gateway for its work.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
+POLL_INTERVAL_S = 0.02
 _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever http_proxy says
 
@@ -30,7 +34,7 @@ SHEPHERD_TEMPLATE = (
 
 
 class FleetError(RuntimeError):
-    """A benchmark process failed to start, exited early or never became ready."""
+    """A managed process failed to start, exited early or never became ready."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,13 +44,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `predicate` until it holds; FleetError naming `what` after `timeout` seconds."""
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = POLL_INTERVAL_S,
+    error: Callable[[str], Exception] = FleetError,
+) -> None:
+    """Poll `predicate` until it holds; raise `error(message naming what)` once `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        if time.monotonic() > deadline:
-            raise FleetError(f"timed out after {timeout:.0f}s waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise error(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def http_call(
+    method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """A blocking HTTP call that bypasses any proxy: `(status, body)`; error statuses are returned, not raised.
+
+    When nothing answers the underlying `OSError` (e.g. `ConnectionRefusedError`) propagates.
+    """
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, OSError):  # the real cause, not urllib's wrapper
+            raise exc.reason from None
+        raise
+
+
+def _http_status(url: str, body: bytes | None = None, timeout: float = 5.0) -> int | None:
+    """Status of a GET (or a JSON POST when `body` is given); None when nothing answered."""
+    method, headers = ("GET", None) if body is None else ("POST", {"Content-Type": "application/json"})
+    try:
+        return http_call(method, url, body, headers, timeout)[0]
+    except OSError:
+        return None
 
 
 # -- CPU accounting --------------------------------------------------------------------------------------------------
@@ -100,25 +138,32 @@ def _descendants(pid: int) -> list[int]:
 
 
 class ManagedProcess:
-    """A child process with its output in a log file; stop() escalates SIGTERM to SIGKILL after a deadline."""
+    """A child process with its output in a log file; stop() escalates SIGTERM to SIGKILL after a deadline.
 
-    def __init__(self, argv: Sequence[str], name: str, env: dict[str, str] | None = None) -> None:
-        self.argv = list(argv)
+    With `log_dir` the log is `<log_dir>/<name>.log` and outlives the process (tests keep it for inspection);
+    without, it is a temporary file that stop() removes.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        name: str,
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.argv = [str(arg) for arg in argv]
         self.name = name
-        self._env = env
-        self._log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if log_dir is None:
+            self._log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        else:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 -- closed in stop()
+        self._keep_log = log_dir is not None
+        self.log_path = Path(self._log.name)
         self._process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None, "process not started"
-        return self._process.pid
-
-    @property
-    def log_path(self) -> str:
-        return self._log.name
-
-    def start(self) -> ManagedProcess:
+    def start(self) -> Self:
         try:
             self._process = subprocess.Popen(
                 self.argv,
@@ -126,32 +171,80 @@ class ManagedProcess:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env=self._env,
-                start_new_session=True,  # a terminal Ctrl-C reaches the benchmark, which then stops us in order
+                start_new_session=True,  # a terminal Ctrl-C reaches the benchmark or pytest, which stops us in order
             )
         except OSError as exc:
             raise FleetError(f"cannot start {self.name} ({shlex.join(self.argv)}): {exc}") from exc
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "process not started"
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has exited, else None."""
+        return None if self._process is None else self._process.poll()
+
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def check_alive(self) -> None:
-        if not self.alive():
-            code = self._process.returncode if self._process else None
-            raise FleetError(f"{self.name} exited (code {code}); last output:\n{self.log_tail()}")
+    def fail(self, message: str) -> FleetError:
+        """An error for `message` that names the process, its state and the tail of its log."""
+        state = "running" if self.alive() else f"exited with code {self.returncode}"
+        return FleetError(f"{self.name} ({state}): {message}\n--- last output ---\n{self.log_tail()}")
+
+    def wait_for(
+        self, condition: Callable[[], bool], timeout: float, what: str, interval: float = POLL_INTERVAL_S
+    ) -> None:
+        """Poll `condition` until it holds; FleetError with the log tail on the deadline or if the process exits."""
+
+        def done() -> bool:
+            if condition():
+                return True
+            if not self.alive():
+                raise self.fail(f"exited while waiting for {what}")
+            return False
+
+        wait_until(done, timeout, what, interval, error=self.fail)
+
+    def wait_http(
+        self,
+        url: str,
+        timeout: float = 15.0,
+        statuses: Container[int] | None = (200,),
+        interval: float = POLL_INTERVAL_S,
+    ) -> None:
+        """Wait until `GET url` answers with one of `statuses` (with anything when None)."""
+
+        def answered() -> bool:
+            status = _http_status(url, timeout=1.0)
+            return status is not None and (statuses is None or status in statuses)
+
+        self.wait_for(answered, timeout, f"GET {url}", interval)
+
+    def send_signal(self, sig: int) -> None:
+        assert self._process is not None, "process not started"
+        self._process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has exited; `subprocess.TimeoutExpired` after `timeout` seconds."""
+        assert self._process is not None, "process not started"
+        return self._process.wait(timeout)
 
     def cpu_seconds(self) -> float:
         """CPU time of the process and its descendants so far."""
         return process_cpu_seconds(self.pid)
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
-            return ""
+            return "<no log>"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if still running after `timeout` seconds; the log file is removed."""
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if still running after `timeout` seconds; returns the exit code."""
         process = self._process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -161,43 +254,58 @@ class ManagedProcess:
                 process.kill()
                 process.wait(timeout)
         self._log.close()
-        Path(self.log_path).unlink(missing_ok=True)
+        if not self._keep_log:
+            self.log_path.unlink(missing_ok=True)
+        return self.returncode
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class SimFleet:
-    """`python -m shepherd.sim` processes serving simulated workers; the URLs come from their ready files."""
+    """`python -m shepherd.sim` processes serving simulated workers; the URLs come from their ready files.
+
+    With `log_dir` the ready files and logs stay there; without, they live in a temporary directory.
+    """
 
     def __init__(
-        self, workers: int = 2, processes: int = 1, extra_args: Sequence[str] = ("--latency-model", "none")
+        self,
+        workers: int = 2,
+        processes: int = 1,
+        extra_args: Sequence[str] = ("--latency-model", "none"),
+        log_dir: Path | None = None,
     ) -> None:
         if workers < 1 or processes < 1:
             raise ValueError("workers and processes must be >= 1")
         self._workers = workers
         self._processes = min(processes, workers)
         self._extra_args = list(extra_args)
-        self._dir = tempfile.TemporaryDirectory(prefix="bench-sim-")
+        self._log_dir = log_dir
+        self._tmp = None if log_dir is not None else tempfile.TemporaryDirectory(prefix="bench-sim-")
+        self._dir = log_dir if log_dir is not None else Path(self._tmp.name)
         self.procs: list[ManagedProcess] = []
         self.urls: list[str] = []
         self.bootstrap_ports: list[int | None] = []  # per URL; null unless the workers run `--role prefill`
 
-    def start(self, timeout: float = 30.0) -> SimFleet:
+    def start(self, timeout: float = 30.0) -> Self:
+        deadline = time.monotonic() + timeout
+        tag = time.monotonic_ns()  # unique names: several fleets may share a log directory
         ready_files = []
-        for i in range(self._processes):
-            workers = self._workers // self._processes + (1 if i < self._workers % self._processes else 0)
-            ready = Path(self._dir.name) / f"sim-{i}.json"
-            argv = [sys.executable, "-m", "shepherd.sim", "--host", "127.0.0.1", "--port", "0"]
-            argv += ["--workers", str(workers), "--ready-file", str(ready), *self._extra_args]
-            self.procs.append(ManagedProcess(argv, f"sim{i}").start())
-            ready_files.append(ready)
-
-        def all_ready() -> bool:
-            for proc in self.procs:
-                proc.check_alive()
-            return all(path.exists() for path in ready_files)
-
         try:
-            wait_until(all_ready, timeout, "the simulated workers")
-        except FleetError:
+            for i in range(self._processes):
+                workers = self._workers // self._processes + (1 if i < self._workers % self._processes else 0)
+                name = f"sim-{tag}-{i}"
+                ready = self._dir / f"{name}.json"
+                argv = [sys.executable, "-m", "shepherd.sim", "--host", "127.0.0.1", "--port", "0"]
+                argv += ["--workers", str(workers), "--ready-file", str(ready), *self._extra_args]
+                self.procs.append(ManagedProcess(argv, name, log_dir=self._log_dir).start())
+                ready_files.append(ready)
+            for proc, ready in zip(self.procs, ready_files, strict=True):
+                proc.wait_for(ready.exists, max(0.0, deadline - time.monotonic()), f"the ready file {ready}")
+        except BaseException:
             self.stop()
             raise
         for path in ready_files:
@@ -212,8 +320,14 @@ class SimFleet:
     def stop(self) -> None:
         for proc in self.procs:
             proc.stop()
-        self.procs.clear()
-        self._dir.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,40 +372,20 @@ class GatewayProcess:
     def start(self, probe_path: str, probe_body: bytes, timeout: float = 60.0) -> GatewayProcess:
         self.process.start()
         try:
-            wait_until(self._ready, timeout, f"gateway {self.template.name} at {self.url}", interval=0.1)
-            wait_until(
-                lambda: self._probe(probe_path, probe_body), timeout, f"a first answer from {self.template.name}"
+            # No readiness route (404): the probe request decides.
+            self.process.wait_http(self.url + "/readiness", timeout, statuses=(200, 404), interval=0.1)
+            self.process.wait_for(
+                lambda: _http_status(self.url + probe_path, probe_body) == 200,
+                timeout,
+                f"a first answer from {self.template.name}",
             )
-        except FleetError:
+        except BaseException:
             self.stop()
             raise
         return self
-
-    def _ready(self) -> bool:
-        self.process.check_alive()
-        status = _http_status(self.url + "/readiness")
-        return status == 200 or status == 404  # no readiness route: the probe request decides
-
-    def _probe(self, path: str, body: bytes) -> bool:
-        self.process.check_alive()
-        return _http_status(self.url + path, body) == 200
 
     def cpu_seconds(self) -> float:
         return self.process.cpu_seconds()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.process.stop(timeout)
-
-
-def _http_status(url: str, body: bytes | None = None) -> int | None:
-    """Status of a GET (or a JSON POST when `body` is given); None when nothing answered."""
-    headers = {"Content-Type": "application/json"} if body is not None else {}
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
-    try:
-        with _NO_PROXY.open(request, timeout=5) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
