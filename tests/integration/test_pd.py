@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from tests.support.gateway import GatewayProcess, start_gateway
-from tests.support.processes import SimFleet, http_request, start_sim
+from tests.support.processes import SimFleet, http_request, start_sim, wait_until
 
 MAX_ROOM = 2**63 - 1
 # Quick retries, and health probes that never interfere with injected faults.
@@ -478,11 +478,16 @@ async def test_pd_traffic_is_counted_per_worker_and_streams_record_ttft(tmp_path
         await stream_frames(
             gw.url + "/generate", {"text": "stream", "stream": True, "sampling_params": {"max_new_tokens": 4}}
         )
-        exposition = gw.metrics()
+
+        def per_worker(fleet: SimFleet) -> list[float]:
+            exposition = gw.metrics()
+            return [exposition.total("smg_worker_requests_total", worker=url) for url in fleet.urls]
+
+        # the stream's attempt is recorded just after its last byte went out: poll for it
+        wait_until(lambda: sum(per_worker(decodes)) == 5, 5, "the stream's attempt to be counted")
         for fleet in (prefills, decodes):
-            per_worker = [exposition.total("smg_worker_requests_total", worker=url) for url in fleet.urls]
-            assert sum(per_worker) == 5 and all(n >= 2 for n in per_worker), per_worker
-        assert exposition.total("smg_router_ttft_seconds_count") == 1
+            assert sum(per_worker(fleet)) == 5 and all(n >= 2 for n in per_worker(fleet)), per_worker(fleet)
+        assert gw.metrics().total("smg_router_ttft_seconds_count") == 1
 
 
 def test_dp_aware_pd_addresses_each_sides_rank_in_its_own_body(tmp_path):

@@ -146,6 +146,7 @@ class PDRouter:
         with Lease(prefill) as prefill_lease, Lease(decode) as decode_lease:
             prefill_task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, prefill_body, want_logprobs))
             decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, decode_body))
+            answered = False
             try:
                 await asyncio.wait((prefill_task, decode_task), return_when=asyncio.FIRST_COMPLETED)
                 if prefill_task.done() and isinstance(prefill_task.result(), SideFailure):
@@ -158,7 +159,6 @@ class PDRouter:
                 if ctx.stream and not want_logprobs:
                     # Relay decode tokens at once; the prefill's outcome is only recorded.
                     response, decode_ok = await self._relay(request, ctx, decode, upstream, None, started)
-                    prefill_result = await prefill_task
                 else:
                     prefill_result = await prefill_task
                     if isinstance(prefill_result, SideFailure):
@@ -168,18 +168,23 @@ class PDRouter:
                     else:
                         payload = await upstream.read()
                         response = self._merged_response(ctx, decode, upstream, payload, prefill_result)
+                answered = True
             except TimeoutError:
                 return self._record(SideFailure("decode", decode, reason="timed out", timed_out=True), ctx)
             except aiohttp.ClientError as exc:
                 return self._record(SideFailure("decode", decode, reason=str(exc)), ctx)
             finally:
-                await _abort(prefill_task, decode_task)
-            if isinstance(prefill_result, SideFailure):
-                self._record(prefill_result, ctx)  # the stream already went out: nothing left to retry
-            else:
-                prefill.breaker.record_success()
-                prefill_lease.ok = True
-                self.prefill_policy.on_request_done(prefill, ctx, True)
+                if not answered:
+                    await _abort(prefill_task, decode_task)
+            # From here on nothing awaits: a client that leaves once it has its answer cannot cut the bookkeeping.
+            upstream.release()
+            if prefill_task.done():
+                self._settle_prefill(prefill, ctx, prefill_task.result())
+                prefill_lease.ok = not isinstance(prefill_task.result(), SideFailure)
+            else:  # a stream finished before the prefill's own answer was drained: settle it when it is
+                prefill_task.add_done_callback(
+                    lambda task: None if task.cancelled() else self._settle_prefill(prefill, ctx, task.result())
+                )
             if decode_ok:
                 decode.breaker.record_success()
                 decode_lease.ok = True
@@ -187,6 +192,16 @@ class PDRouter:
             else:  # the stream broke after it started: counted against the decode, nothing left to retry
                 self._record(SideFailure("decode", decode, reason="stream interrupted"), ctx)
             return response
+
+    def _settle_prefill(
+        self, prefill: Worker, ctx: RequestContext, result: PrefillLogprobs | SideFailure | None
+    ) -> None:
+        """Record the prefill side of an answered request (a failure there can no longer be retried)."""
+        if isinstance(result, SideFailure):
+            self._record(result, ctx)
+        else:
+            prefill.breaker.record_success()
+            self.prefill_policy.on_request_done(prefill, ctx, True)
 
     async def _open_decode(
         self, request: web.Request, ctx: RequestContext, decode: Worker, body: bytes
