@@ -77,6 +77,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-kv-tokens", type=int, default=ca.worker_kv_tokens,
         help="prefix-cache capacity of one worker in tokens, so the index forgets what it evicted; 0: as reported",
     )  # fmt: skip
+    r.add_argument(
+        "--cache-chars-per-token", type=float, default=ca.chars_per_token,
+        help="characters of prompt text per KV token, to size each worker's part of the prefix index",
+    )  # fmt: skip
     r.add_argument("--cache-spill-ratio", type=float, default=ca.spill_ratio, help="0 disables spilling hot prefixes")
     r.add_argument("--cache-spill-margin", type=float, default=ca.spill_margin)
     r.add_argument("--pd-disaggregation", action="store_true")
@@ -205,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             max_tree_size=args.max_tree_size,
             block_chars=args.cache_block_chars,
             worker_kv_tokens=args.worker_kv_tokens,
+            chars_per_token=args.cache_chars_per_token,
             spill_ratio=args.cache_spill_ratio,
             spill_margin=args.cache_spill_margin,
         ),

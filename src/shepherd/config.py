@@ -68,7 +68,8 @@ class CacheAwareConfig:
     max_tree_size: int = 2**26  # characters indexed per model, over all workers
     block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
     worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
-    spill_ratio: float = 1.15  # a holder above ratio * mean traffic share + margin spills; 0 disables
+    chars_per_token: float = 4.0  # converts KV tokens to indexed characters; high rather than low (routing.md)
+    spill_ratio: float = 1.15  # a holder above ratio * mean traffic share (+ noise) spills; 0 disables
     spill_margin: float = 2.0
 
 
@@ -174,6 +175,8 @@ class GatewayConfig:
             )
         if ca.spill_margin < 0 or not (ca.spill_ratio == 0 or ca.spill_ratio >= 1.0):
             raise ConfigError("--cache-spill-ratio must be 0 (off) or >= 1, --cache-spill-margin >= 0")
+        if not ca.chars_per_token > 0:
+            raise ConfigError("--cache-chars-per-token must be > 0")
         hc = self.health_check
         if hc.failure_threshold < 1 or hc.success_threshold < 1:
             raise ConfigError("--health-failure-threshold and --health-success-threshold must be >= 1")

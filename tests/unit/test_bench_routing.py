@@ -39,6 +39,7 @@ def test_defaults_and_pd_defaults() -> None:
     settings = settings_from_args(args)
     assert settings == Settings()
     assert settings.workers == 8 and settings.rate == 100.0 and settings.concurrency is None
+    assert settings.conversation_system_tokens > 0  # chat products open every conversation with a system prompt
     pd = settings_from_args(parse("--pd"))
     assert pd.pd and pd.kv_tokens == PD_KV_TOKENS and pd.rate == PD_RATE and pd.cache_workers == 2
     assert settings_from_args(parse("--pd", "--kv-tokens", "1000", "--rate", "5")).kv_tokens == 1000
@@ -137,7 +138,8 @@ def gateway_figures(hit: float, p99: float, share_: float) -> dict:
 
 def document(ours: dict, theirs: dict) -> dict:
     result = {"description": "d", "requests": 10, "gateways": {SHEPHERD: ours, SMG: theirs},
-              "bounds": {"infinite_cache": 0.9, "fleet_capacity": 0.8, "fleet_capacity_tokens": 100}}  # fmt: skip
+              "bounds": {"infinite_cache": 0.9, "fleet_capacity": 0.8, "fleet_capacity_tokens": 100,
+                         "prefix_set_tokens": 125}}  # fmt: skip
     results = {"shared-prefix": result}
     settings = {"pd": False, "workers": 8, "kv_tokens": 100, "rate": 10.0, "concurrency": None}
     return {"settings": settings, "results": results, "goal": goal(results)}
@@ -155,7 +157,7 @@ def test_goal_compares_shepherd_with_smg() -> None:
 
 def test_render_prints_figures_bounds_and_the_goal() -> None:
     text = render(document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, 60.0, 1.0)))
-    assert "0.900 with an infinite cache" in text and "0.800 with the fleet's 100 tokens" in text
+    assert "0.900 with an infinite cache" in text and "0.800 with the fleet's 100 tokens (prefix set 125" in text
     assert SHEPHERD in text and "1.12x" in text and "0.67x" in text and "yes" in text
 
 
@@ -168,6 +170,16 @@ def test_bounds_follow_the_fleet_and_pd_prefill_keeps_one_answer_token() -> None
     assert regular["fleet_capacity"] == pytest.approx(regular["infinite_cache"])
     assert pd["infinite_cache"] < regular["infinite_cache"]  # the decoded answer was never on a prefill worker
     assert regular["prompt_tokens"] == pd["prompt_tokens"] == sum(len(p) for p, _ in workload.replay())
+    assert 0 < regular["prefix_set_tokens"] < regular["prompt_tokens"]
+
+
+def test_default_workloads_reuse_more_prefix_than_the_fleet_can_hold() -> None:
+    settings = Settings()
+    for name in ("shared-prefix", "multi-turn"):
+        limits = bounds(build_workload(name, settings), settings)
+        # Placement matters: not every reused prefix fits, even with perfect eviction.
+        assert limits["prefix_set_tokens"] > 1.2 * limits["fleet_capacity_tokens"]
+        assert limits["fleet_capacity"] < limits["infinite_cache"]
 
 
 def test_chart_is_a_png(tmp_path) -> None:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate
+from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate, reused_prefix_tokens
 from shepherd.bench.workloads import multi_turn, shared_prefix
 from shepherd.sim.kv_cache import PrefixCache
 
@@ -29,6 +29,16 @@ def test_answers_are_cached_for_the_next_turn() -> None:
     answer = tokens(500, 16)
     second = first + answer + tokens(900, 16)
     assert infinite_cache_hit_rate([(first, answer), (second, [])], PAGE) == pytest.approx(48 / (32 + 64))
+
+
+def test_prefix_set_counts_each_reused_page_once() -> None:
+    system = tokens(0, 64)
+    turns = [(system + tokens(1000 * i, 16), []) for i in range(1, 5)]
+    # Three later prompts reuse the 4 system pages; the questions are never reused.
+    assert reused_prefix_tokens(turns, PAGE) == 64
+    assert reused_prefix_tokens([(tokens(0, 64), []), (tokens(100, 64), [])], PAGE) == 0
+    first, answer = tokens(0, 32), tokens(500, 16)
+    assert reused_prefix_tokens([(first, answer), (first + answer + tokens(900, 16), [])], PAGE) == 48
 
 
 def test_capacity_bound_equals_the_infinite_bound_when_everything_fits_and_zero_without_room() -> None:

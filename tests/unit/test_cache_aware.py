@@ -5,8 +5,10 @@ import random
 import time
 
 import orjson
+import pytest
 
-from shepherd.config import CacheAwareConfig, CircuitBreakerConfig, GatewayConfig
+from shepherd.cli import build_parser, config_from_args
+from shepherd.config import CacheAwareConfig, CircuitBreakerConfig, ConfigError, GatewayConfig
 from shepherd.routing.context import GENERATE, RequestContext
 from shepherd.routing.policies import create_policy
 from shepherd.routing.policies.cache_aware import HOLDERS_PROBED, SAMPLES, CacheAwarePolicy
@@ -76,6 +78,63 @@ def test_default_config_keeps_affinity_and_balances_prefix_groups():
     on_primary = sum(counts.most_common(1)[0][1] for counts in per_group.values())
     assert on_primary / len(order) >= 0.9
     assert max(per_worker.values()) / (len(order) / 8) <= 1.3
+
+
+def test_random_arrival_order_alone_rarely_copies_prefixes():
+    # One prefix group per worker, shuffled, no load: traffic shares wander only by chance, no reason for replicas.
+    replicas = []
+    for seed in range(10):
+        p = policy(seed=seed)
+        fleet = make_workers(8)
+        systems = [words(100 + g, 2000) for g in range(8)]
+        order = [(g, q) for g in range(8) for q in range(40)]
+        random.Random(seed).shuffle(order)
+        placed = collections.defaultdict(set)
+        for g, q in order:
+            placed[g].add(p.pick(fleet, ctx(systems[g] + " " + words(1000 * g + q, 300))))
+        assert len(set().union(*placed.values())) == 8
+        replicas.append(sum(len(workers) - 1 for workers in placed.values()))
+    # A share test without a noise allowance copies 54 groups here; one counting chance out of 80 groups copies 3.
+    assert replicas.count(0) >= 8 and sum(replicas) <= 5
+
+
+def test_two_workers_keep_their_prefix_groups():
+    p = policy()
+    fleet = make_workers(2)
+    systems = [words(100 + g, 2000) for g in range(2)]
+    order = [(g, q) for g in range(2) for q in range(100)]
+    random.Random(3).shuffle(order)
+    placed = collections.defaultdict(collections.Counter)
+    for g, q in order:
+        placed[g][p.pick(fleet, ctx(systems[g] + " " + words(1000 * g + q, 300)))] += 1
+    assert [len(counts) for counts in placed.values()] == [1, 1]
+
+
+def test_a_hit_moves_only_when_the_queue_ahead_costs_more_than_the_cached_prefix_saves():
+    p = policy()
+    a, b = make_workers(2)
+    system = words(40, 2000)
+    history = system + " " + words(41, 2000)
+    assert p.pick((a, b), ctx(history)) is a
+    a.load, b.load = 1, 0  # one request difference is within the margin: affinity wins
+    assert p.pick((a, b), ctx(system + " " + words(42, 2000))) is a
+    a.load, b.load = 3, 0
+    # The next turn of the long history: almost all of it is cached on a, worth more than a short queue.
+    assert p.pick((a, b), ctx(history + " " + words(43, 200))) is a
+    # A new conversation sharing only the system prompt: half of it is cached on a, three requests queue there.
+    assert p.pick((a, b), ctx(system + " " + words(44, 2000))) is b
+
+
+def test_misses_go_to_the_worker_with_less_traffic_once_every_cache_is_full():
+    p = policy(dataclasses.replace(CacheAwareConfig(), worker_kv_tokens=1000))  # 4,000 characters each
+    a, b = make_workers(2)
+    for i in range(10):  # a serves many prompts and keeps evicting
+        assert p.pick((a,), ctx(words(50 + i, 1990))) is a
+    assert p.pick((b,), ctx(words(70, 4000))) is b  # b holds one prompt that all but fills it
+    entry_a, entry_b = p.index_for("m").view((a, b)).entries
+    assert 0.95 < entry_a.chars / entry_a.capacity < entry_b.chars / entry_b.capacity
+    # Both caches are full: fill hardly tells them apart, traffic does. b's cache churns far less.
+    assert p.pick((a, b), ctx(words(80, 3000))) is b
 
 
 def test_match_ratio_must_exceed_the_threshold():
@@ -182,6 +241,18 @@ def test_worker_capacity_estimate_forgets_prefixes_a_bounded_cache_has_evicted()
     assert p.pick((a, b), ctx(old)) is b  # not a hit any more: a miss goes to the idle, empty worker
 
 
+def test_chars_per_token_comes_from_the_command_line_and_must_be_positive():
+    def parse(*argv):
+        return config_from_args(build_parser().parse_args(["launch", "--worker-urls", "http://w0", *argv]))
+
+    assert parse().cache_aware.chars_per_token == 4.0
+    config = parse("--cache-chars-per-token", "3.5")
+    assert config.cache_aware.chars_per_token == 3.5
+    config.validate()
+    with pytest.raises(ConfigError):
+        parse("--cache-chars-per-token", "0").validate()
+
+
 def test_worker_reported_kv_capacity_is_used_when_not_configured():
     p = policy(NO_SPILL)
     a, b = make_workers(2)
@@ -191,6 +262,8 @@ def test_worker_reported_kv_capacity_is_used_when_not_configured():
     assert entry_b.capacity == CacheAwareConfig().max_tree_size // 2  # unknown: only the budget share applies
     configured = policy(dataclasses.replace(NO_SPILL, worker_kv_tokens=1000))
     assert configured.index_for("m").view((a, b)).entries[0].capacity == 4000
+    denser = policy(dataclasses.replace(NO_SPILL, chars_per_token=3.0))  # e.g. code, or the simulator's text
+    assert denser.index_for("m").view((a, b)).entries[0].capacity == 6000
 
 
 def test_removed_worker_leaves_the_index():

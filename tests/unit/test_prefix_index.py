@@ -1,6 +1,8 @@
 import itertools
 import random
 
+import pytest
+
 from shepherd.config import CircuitBreakerConfig
 from shepherd.routing.prefix_index import BlockLayout, PrefixIndex
 from shepherd.workers.breaker import CircuitBreaker
@@ -162,6 +164,27 @@ def test_traffic_share_decays_with_later_requests():
     assert abs(entry_a.share / index.share_unit - share_a / 2) < 0.01
     assert entry_b.share > entry_a.share
     assert abs(index.mean_share() * 2 - (entry_a.share + entry_b.share)) < 1e-6 * index.total_share
+
+
+def test_share_noise_is_the_spread_of_shares_under_random_placement():
+    index = PrefixIndex()
+    fleet = make_workers(8)
+    entries = index.view(fleet).entries
+    keys, ends = index.layout.keys("x" * 100)
+    rng = random.Random(7)
+    for _ in range(16):
+        index.record(entries[rng.randrange(8)], keys, ends)
+    # The first requests are nearly plain counts (little decay yet): variance n p (1 - p).
+    assert index.share_noise() / index.share_unit == pytest.approx((16 / 8 * 7 / 8) ** 0.5, rel=0.05)
+    deviations = []
+    for i in range(40_000):
+        index.record(entries[rng.randrange(8)], keys, ends)
+        if i > 4000 and i % 50 == 0:  # past the warm-up, roughly independent samples
+            mean = index.mean_share()
+            deviations += [(entry.share - mean) / index.share_noise() for entry in entries]
+    spread = (sum(d * d for d in deviations) / len(deviations)) ** 0.5
+    assert 0.8 < spread < 1.2
+    assert sum(d > 2.5 for d in deviations) / len(deviations) < 0.02
 
 
 def test_rotate_holder_offers_the_least_recently_chosen_holders_first():

@@ -6,6 +6,9 @@ leaves the pages of its prompt and answer behind.
 
 - `infinite_cache_hit_rate`: one cache that never evicts. Every page of a prompt that some earlier prompt or answer
   already produced is a hit, which no placement of requests on workers can beat.
+- `reused_prefix_tokens`: the size of the workload's prefix set, the distinct pages that some later prompt hits in
+  that infinite cache. A fleet whose total KV capacity is below it cannot keep every reused prefix, so where requests
+  go decides what stays cached.
 - `capacity_hit_rate`: one cache of the fleet's total capacity, managed by Belady's optimal offline policy (evict,
   or do not insert, the page whose next use is farthest away). Whatever a router does, the pages resident on the
   workers at any moment are a set of at most that many pages, filled only by requests, so no router can hit more
@@ -35,6 +38,17 @@ def infinite_cache_hit_rate(turns: Iterable[Turn], page_size: int) -> float:
         prompt_tokens += len(prompt)
         cache.release(lease, prompt + answer)
     return cached_tokens / prompt_tokens if prompt_tokens else 0.0
+
+
+def reused_prefix_tokens(turns: Iterable[Turn], page_size: int) -> int:
+    """Tokens of the distinct pages that a later prompt finds in a cache that never evicts."""
+    cache = PrefixCache(capacity_tokens=1 << 62, page_size=page_size)
+    reused: set[int] = set()
+    for prompt, answer in turns:
+        lease = cache.acquire(prompt)
+        reused.update(lease.keys[: lease.cached_tokens // page_size])
+        cache.release(lease, prompt + answer)
+    return len(reused) * page_size
 
 
 def capacity_hit_rate(turns: Iterable[Turn], page_size: int, capacity_tokens: int) -> float:

@@ -1,24 +1,32 @@
 """`shepherd bench routing`: how well gateways place requests on workers with prefix caches.
 
-One fleet of simulated workers with the batching latency model and a bounded prefix (KV) cache each (default 8
-workers of 8,192 tokens: less than the workload's prefixes, so placement matters), then, one gateway after the other,
-each workload through each gateway: Shepherd with every `--policies` policy, SMG's `cache_aware` when its binary is
-found (`--smg`), and every `--gateway NAME=TEMPLATE`. Before each run the workers' caches are flushed and their
-request logs cleared; each gateway is started fresh for each workload, so no run inherits another's state.
+One fleet of simulated workers with the batching latency model and a bounded prefix (KV) cache each, then, one
+gateway after the other, each workload through each gateway: Shepherd with every `--policies` policy, SMG's
+`cache_aware` when its binary is found (`--smg`), and every `--gateway NAME=TEMPLATE`. Before each run the workers'
+caches are flushed and their request logs cleared; each gateway is started fresh for each workload, so no run
+inherits another's state.
 
 Workloads (`shepherd.bench.workloads`): generated shared prefix (groups of prompts sharing a system prompt,
-shuffled) and multi-turn conversations (each turn carries the history, with the real answers fed back). The load is
-open loop at `--rate` requests/s, or closed loop with `--concurrency` clients.
+shuffled) and multi-turn conversations (each turn carries the history, with the real answers fed back; by default
+every conversation opens with the same system prompt, as in a chat product: `--conversation-system-tokens 0` for
+private conversations only). The load is open loop at `--rate` requests/s, or closed loop with `--concurrency`
+clients.
+
+Default sizes: 8 workers of 8,192 KV tokens (65,536 in all) at 100 req/s; shared prefix 80 groups x 16 prompts of
+1,024 + 64 tokens; multi-turn 96 clients x 6 rounds, a 1,024-token shared system prompt, a 512-token first turn and
+64-token later turns. Each workload's prefix set (the pages a later prompt reuses) is about 1.25 times the fleet's
+capacity (81,920 and 82,432 tokens), so not every prefix can stay cached and where requests go decides which do.
+Each workload runs in well under a minute per gateway.
 
 Per gateway and workload:
 - hit rate: cached / prompt tokens summed over the workers' `/__log` counters (prefill workers in PD mode);
 - TTFT and end-to-end latency p50/p99 (streamed chat requests) and throughput;
 - share: the busiest worker's request count over the mean (1.0 is perfectly even);
 - and per workload the bounds a router cannot beat (`shepherd.bench.cache_bounds`): the infinite-cache oracle and
-  the optimal cache of the fleet's total capacity.
+  the optimal cache of the fleet's total capacity, next to the workload's prefix set.
 
 `--pd`: 2 prefill + 2 decode workers (`--prefill-workers`, `--decode-workers`) of 32,768 KV tokens each (the
-default regular fleet's total on the prefill side) at 60 req/s, gateways in PD mode (`{worker_urls}` then stands for
+default regular fleet's total on the prefill side) at 48 req/s, gateways in PD mode (`{worker_urls}` then stands for
 `--prefill URL BOOTSTRAP_PORT ... --decode URL ...`); hit rate from the prefill workers, share reported per role.
 
 A table on the terminal, `--output` JSON, `--chart` PNG (matplotlib, from the `bench` extra).
@@ -40,7 +48,7 @@ from typing import Any
 import orjson
 
 from shepherd.bench import workloads as wl
-from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate
+from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate, reused_prefix_tokens
 from shepherd.bench.conversation_load import WorkloadRun, run_workload
 from shepherd.bench.fleet import FleetError, GatewayProcess, GatewayTemplate, SimFleet, wait_until
 from shepherd.bench.report import fmt, render_table, run_metadata, write_json
@@ -53,9 +61,9 @@ SMG = "smg-cache_aware"
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
 DEFAULT_POLICIES = ("cache_aware", "round_robin", "power_of_two")
 # PD defaults: the same total prefix-cache capacity as the default regular fleet, spread over the prefill workers,
-# and a rate that two prefill workers sustain.
+# and a rate that two prefill workers sustain (at 60 req/s they serve about 51 of the default multi-turn workload).
 PD_KV_TOKENS = 32768
-PD_RATE = 60.0
+PD_RATE = 48.0
 GOAL_HIT_RATIO = 1.1  # Shepherd cache_aware hit rate over SMG's, at least
 GOAL_TTFT_P99_RATIO = 0.8  # Shepherd cache_aware TTFT p99 over SMG's, at most
 GOAL_SHARE = 1.3  # busiest worker's share over the mean, at most
@@ -85,15 +93,15 @@ class Settings:
     model: str = "sim-model"
     rate: float | None = 100.0
     concurrency: int | None = None
-    groups: int = 32
+    groups: int = 80
     prompts_per_group: int = 16
     system_tokens: int = 1024
     question_tokens: int = 64
-    clients: int = 48
+    clients: int = 96
     rounds: int = 6
     first_tokens: int = 512
     turn_tokens: int = 64
-    conversation_system_tokens: int = 0
+    conversation_system_tokens: int = 1024
     answer_tokens: int = 16
     seed: int = 0
     timeout_secs: float = 60.0
@@ -132,7 +140,7 @@ def build_workload(name: str, settings: Settings) -> wl.Workload:
 
 
 def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
-    """The hit rates no router can beat on `workload` with this fleet (see `cache_bounds`)."""
+    """The hit rates no router can beat on `workload` with this fleet, and its prefix set (see `cache_bounds`)."""
     turns = list(workload.replay(SIM_SEED))
     if settings.pd:  # a prefill worker generates only the first token: that is all it leaves behind of an answer
         turns = [(prompt, answer[:1]) for prompt, answer in turns]
@@ -141,6 +149,7 @@ def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
         "infinite_cache": infinite_cache_hit_rate(turns, settings.page_size),
         "fleet_capacity": capacity_hit_rate(turns, settings.page_size, capacity),
         "fleet_capacity_tokens": capacity,
+        "prefix_set_tokens": reused_prefix_tokens(turns, settings.page_size),
         "prompt_tokens": sum(len(prompt) for prompt, _ in turns),
     }
 
@@ -338,7 +347,8 @@ def run_routing(
             progress(
                 f"{name}: {workload.description}; {workload.requests} requests at {settings.load};"
                 f" hit-rate bounds {limits['infinite_cache']:.3f} (infinite cache),"
-                f" {limits['fleet_capacity']:.3f} (the fleet's capacity)"
+                f" {limits['fleet_capacity']:.3f} (the fleet's capacity);"
+                f" prefix set {limits['prefix_set_tokens']:,} tokens, fleet {limits['fleet_capacity_tokens']:,}"
             )
             measured: dict[str, Any] = {}
             for gateway in gateways:
@@ -424,7 +434,8 @@ def render(document: dict[str, Any]) -> str:
             f"{name}{' (PD)' if pd else ''}: {result['description']}; {result['requests']} requests, {fleet} of"
             f" {settings['kv_tokens']:,} KV tokens, {_load(settings)}\n"
             f"hit-rate bounds: {limits['infinite_cache']:.3f} with an infinite cache,"
-            f" {limits['fleet_capacity']:.3f} with the fleet's {limits['fleet_capacity_tokens']:,} tokens;"
+            f" {limits['fleet_capacity']:.3f} with the fleet's {limits['fleet_capacity_tokens']:,} tokens"
+            f" (prefix set {limits['prefix_set_tokens']:,} tokens);"
             f" times in ms; share = busiest worker's requests / mean"
         )
         parts.append(render_table(headers, rows, title))
@@ -485,7 +496,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--turn-tokens", type=int, default=d.turn_tokens, help="later turns (default: %(default)s)")
     w.add_argument(
         "--conversation-system-tokens", type=int, default=d.conversation_system_tokens,
-        help="a system prompt shared by every conversation (default: %(default)s)",
+        help="a system prompt shared by every conversation; 0 for none (default: %(default)s)",
     )  # fmt: skip
     w.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="every answer (default: %(default)s)")
     w.add_argument("--seed", type=int, default=d.seed, help="workload seed (default: %(default)s)")

@@ -23,18 +23,19 @@ trimmed as they arrive); larger backlogs (a removed worker, a fleet that grew) a
 which the policy runs in small chunks.
 
 Traffic share. Recording a request also adds it to the worker's exponentially decayed request count (half-life:
-32 requests per worker), the policy's view of how placement is spread when in-flight counts are too small to tell.
+32 requests per worker), the policy's view of how placement is spread when in-flight counts are too small to tell,
+and `share_noise` says how far from the mean a share strays by chance alone.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from shepherd.workers.worker import Worker
 
-CHARS_PER_TOKEN = 4  # converts a worker's KV capacity in tokens to indexed characters
 _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
 _SHARE_HALF_LIFE_PER_WORKER = 32
 _SHARE_RENORMALIZE_AT = 1e18
@@ -124,6 +125,7 @@ class PrefixIndex:
         self.fair_share = budget_chars  # of the budget, per worker
         self.share_unit = 1.0
         self.total_share = 0.0
+        self.total_share_squares = 0.0  # sum of every recorded request's squared weight, for share_noise
         self._share_growth = 1.0
         self._views: OrderedDict[int, FleetView] = OrderedDict()  # least recently used first
         self._dead: deque[WorkerEntry] = deque()
@@ -226,6 +228,16 @@ class PrefixIndex:
     def mean_share(self) -> float:
         return self.total_share / max(1, len(self.entries))
 
+    def share_noise(self) -> float:
+        """The standard deviation of one worker's share if every request had gone to a random worker.
+
+        A worker's share is a sum of weights w_i (one per request), each present with probability p = 1/workers,
+        so its variance is p(1-p) sum(w_i^2): the mean's for the first requests (Poisson-like counts), about half
+        of it once the decay dominates. A share within a few of these of the mean says nothing about imbalance.
+        """
+        p = 1.0 / max(1, len(self.entries))
+        return math.sqrt(p * (1.0 - p) * self.total_share_squares)
+
     # --- updates ---------------------------------------------------------------------------------------------
     def record(self, entry: WorkerEntry, keys: list[int], ends: list[int]) -> None:
         """`entry`'s worker was just sent the text with these keys: it now holds all of them, most recently."""
@@ -250,6 +262,7 @@ class PrefixIndex:
         unit = self.share_unit
         entry.share += unit
         self.total_share += unit
+        self.total_share_squares += unit * unit
         self.share_unit = unit * self._share_growth
         if self.share_unit > _SHARE_RENORMALIZE_AT:
             self._renormalize_shares()
@@ -306,4 +319,5 @@ class PrefixIndex:
         for entry in self.entries.values():
             entry.share /= unit
         self.total_share /= unit
+        self.total_share_squares /= unit * unit
         self.share_unit = 1.0

@@ -2,16 +2,17 @@
 
 Per model, a `PrefixIndex` estimates which workers hold which prompt prefixes (see prefix_index.py), each worker's
 part bounded by its KV cache size (--worker-kv-tokens, else the `max_total_num_tokens` the worker reported at
-registration) so the index forgets what the engine must have evicted. Per request:
+registration, times --cache-chars-per-token) so the index forgets what the engine must have evicted. Per request:
 
 1. Survey. Exactly over up to 32 candidates, else over 8 random ones (power of d choices), so the cost does not grow
    with the fleet: `least` has the fewest in-flight requests (`Worker.load`, counted from dispatch), then the
-   smallest recent traffic share; `spare` has the emptiest estimated cache among the workers within spill_margin of
-   the least load.
+   smallest recent traffic share; `spare` is, among the workers within spill_margin of the least load, the one with
+   the emptiest estimated cache, counting half its traffic share relative to the mean on top of its fill, so that
+   when every cache is full (cache pressure) the least busy worker is the spare.
 2. Match. The longest prefix of the routing text that some routable worker holds, and up to 8 of its holders,
    least recently chosen first. match ratio = matched characters / text length. At or below `cache_threshold` it
-   is a miss and goes to `spare`: never to a busy worker (no death spiral), and new prefixes fill the caches
-   evenly instead of following momentary queue lengths.
+   is a miss and goes to `spare`: never to a busy worker (no death spiral), and new prefixes spread over the caches
+   instead of following momentary queue lengths.
 3. Hit. Among the holders that are not overloaded, the least loaded (then smallest share) wins; if `least` holds the
    same prefix, it wins. A holder is overloaded when
    - SMG's rule holds for it against `least`: load - least > balance_abs_threshold and load > balance_rel_threshold
@@ -19,12 +20,17 @@ registration) so the index forgets what the engine must have evicted. Per reques
      balancing;
    - (the rest unless spill_ratio is 0) its batch is full: load >= the `max_running_requests` it reported, while
      `spare` has room. Before that, queue length costs an engine little, far less than a prefill;
-   - its recent request share exceeds spill_ratio * mean share + spill_margin, or exceeds the mean while `spare`'s
-     share is below mean / spill_ratio - spill_margin (a cold worker); `spare` must be lower by more than the
-     margin. This keeps traffic balanced, and stops one shared prefix (a system prompt used by every conversation)
-     from collecting every new session while in-flight counts are too small to show it.
-   If every holder is overloaded, the request spills to `spare`, which then holds the prefix too: a hot prefix
-   gains a replica, and a session on a hot worker moves at the cost of one re-prefill.
+   - the requests queued ahead of this one cost more than its cached prefix saves: the holder has at least
+     spill_margin more requests in flight than `spare`, and that excess times the request's uncached characters
+     exceeds its matched characters. A continuation of a long history (mostly cached) practically never moves; a
+     new conversation that shares only a system prompt with the holder's (half cached) goes where the queue is
+     shorter, which spreads a burst of new sessions while their histories are still cheap to place;
+   - its recent request share is above spill_ratio * mean share plus 2.5 random spreads (`PrefixIndex.share_noise`)
+     divided by the number of holders compared (a spill needs all of them hot, which chance rarely makes of
+     several), or merely above the mean while `spare`'s share is more than 2.5 spreads below mean / spill_ratio;
+     and above `spare`'s by more than spill_margin. Only imbalance beyond chance counts: the noise of random
+     arrivals would copy prefixes for nothing.
+   If every holder is overloaded, the request spills to `spare`, which then holds the prefix too.
 4. Record. The whole routing text is recorded for the chosen worker at dispatch, so concurrent requests with the
    same prefix follow it before the first one finishes.
 
@@ -41,7 +47,7 @@ from collections.abc import Sequence
 
 from shepherd.config import CacheAwareConfig
 from shepherd.routing.context import RequestContext
-from shepherd.routing.prefix_index import CHARS_PER_TOKEN, PrefixIndex, WorkerEntry
+from shepherd.routing.prefix_index import PrefixIndex, WorkerEntry
 from shepherd.workers.worker import Worker
 
 KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
@@ -49,6 +55,7 @@ RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requ
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many random candidates
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
+SHARE_NOISE_DEVIATIONS = 2.5  # a share this many random spreads above its cap is sustained imbalance, not chance
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
 
@@ -110,7 +117,7 @@ class CacheAwarePolicy:
         if not tokens:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
-        return tokens * CHARS_PER_TOKEN
+        return int(tokens * self._config.chars_per_token)
 
     def _running_limit(self, worker: Worker) -> int:
         """How many requests the worker runs at once, as it reported at registration; 0 = unknown."""
@@ -140,21 +147,24 @@ class CacheAwarePolicy:
     ) -> WorkerEntry:
         if len(entries) == 1:
             return entries[0]
-        least, spare = self._survey(entries)
+        least, spare = self._survey(entries, index.mean_share())
         if not keys:
             return spare
         depth, holders = index.longest_match(keys, members, HOLDERS_PROBED)
-        if not depth or ends[depth - 1] <= self._threshold * length:
+        matched = ends[depth - 1] if depth else 0
+        if matched <= self._threshold * length:
             return spare
-        return self._best_holder(index, holders, least, spare, keys[depth - 1])
+        return self._best_holder(index, holders, least, spare, keys[depth - 1], matched, length - matched)
 
-    def _survey(self, entries: tuple[WorkerEntry, ...]) -> tuple[WorkerEntry, WorkerEntry]:
+    def _survey(self, entries: tuple[WorkerEntry, ...], mean_share: float) -> tuple[WorkerEntry, WorkerEntry]:
         """(least loaded, spare) over all entries, or over a random sample of a large fleet.
 
-        least: fewest requests in flight, then smallest share. spare: the emptiest estimated cache among those
-        within spill_margin of the least load. New prefixes and spills go to the spare worker: where a prefix
-        lands decides its traffic for a long time, so it should go where the cache has room, not merely to the
-        momentarily shortest queue (that spreads prefix groups unevenly, and overfull caches thrash).
+        least: fewest requests in flight, then smallest share. spare: among those within spill_margin of the least
+        load, the smallest estimated cache fill plus half the share relative to the mean. New prefixes and spills go
+        to the spare worker: where a prefix lands decides its traffic for a long time, so it should go where the
+        cache has room and traffic is light, not merely to the momentarily shortest queue (that spreads prefix
+        groups unevenly, and overfull caches thrash). Once every cache is full, fill no longer tells the workers
+        apart and the share term decides.
         """
         count = len(entries)
         if count <= SCAN_LIMIT:
@@ -170,30 +180,40 @@ class CacheAwarePolicy:
             if load < least_load or (load == least_load and entry.share < least_share):
                 least, least_load, least_share = entry, load, entry.share
         spare_limit = least_load + self._spill_margin
+        share_weight = 0.5 / mean_share if mean_share > 0 else 0.0
         spare = least
-        spare_fill = least.chars / least.capacity
+        spare_score = least.chars / least.capacity + least.share * share_weight
         for entry in pool:
             if entry.worker.load <= spare_limit:
-                fill = entry.chars / entry.capacity
-                if fill < spare_fill:
-                    spare, spare_fill = entry, fill
+                score = entry.chars / entry.capacity + entry.share * share_weight
+                if score < spare_score:
+                    spare, spare_score = entry, score
         self.examined += len(pool)
         return least, spare
 
     def _best_holder(
-        self, index: PrefixIndex, holders: list[WorkerEntry], least: WorkerEntry, spare: WorkerEntry, key: int
+        self,
+        index: PrefixIndex,
+        holders: list[WorkerEntry],
+        least: WorkerEntry,
+        spare: WorkerEntry,
+        key: int,
+        matched: int,
+        unmatched: int,
     ) -> WorkerEntry:
         """The least-loaded holder that is not overloaded (see the module docstring); `spare` if there is none."""
         least_load = least.worker.load
-        abs_threshold, rel_threshold, ratio = self._abs, self._rel, self._spill_ratio
-        # Share tests, in the index's share units: a holder above `share_cap` is hot, and so is one above the mean
-        # while `spare` is cold; neither counts unless the holder is above `share_floor`.
-        mean_share = index.mean_share()
-        margin = self._spill_margin * index.share_unit
-        share_floor = spare.share + margin
-        share_cap = ratio * mean_share + margin
-        if ratio and spare.share < mean_share / ratio - margin:
-            share_cap = min(share_cap, mean_share)
+        spare_load = spare.worker.load
+        abs_threshold, rel_threshold, ratio, margin = self._abs, self._rel, self._spill_ratio, self._spill_margin
+        if ratio:
+            mean_share = index.mean_share()
+            noise = SHARE_NOISE_DEVIATIONS * index.share_noise()
+            # A spill needs every holder hot: k holders all far above the mean by chance is much less likely than
+            # one, so each gets 1/k of the allowance.
+            share_cap = ratio * mean_share + noise / len(holders)
+            if spare.share < mean_share / ratio - noise:  # spare is cold beyond chance: any excess is too much
+                share_cap = min(share_cap, mean_share)
+            share_floor = spare.share + margin * index.share_unit
         spare_has_slot = None  # computed when first needed
         chosen: WorkerEntry | None = None
         chosen_load = 0
@@ -206,11 +226,14 @@ class CacheAwarePolicy:
                 limit = self._running_limit(worker)
                 if limit and load >= limit:  # full batch: a hit would wait for a slot
                     if spare_has_slot is None:
-                        spare_has_slot = spare.worker.load < (self._running_limit(spare.worker) or limit)
+                        spare_has_slot = spare_load < (self._running_limit(spare.worker) or limit)
                     if spare_has_slot:
                         continue
+                excess = load - spare_load
+                if excess >= margin and excess * unmatched > matched:
+                    continue  # the queue ahead costs more prefill than the cached prefix saves
                 if entry.share > share_cap and entry.share > share_floor:
-                    continue  # runs hot by traffic share
+                    continue  # runs hot by traffic share, beyond what chance explains
             if chosen is None or load < chosen_load or (load == chosen_load and entry.share < chosen.share):
                 chosen, chosen_load = entry, load
         self.examined += len(holders)
