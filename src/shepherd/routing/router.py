@@ -212,9 +212,7 @@ def choose_worker(
                 f"No {worker_type.value} workers available: PD mode needs at least one prefill and one decode worker",
                 headers={"retry-after": "1"},
             )
-        if not registry.of_type(worker_type) or (
-            ctx.model is not None and not registry.serves(worker_type, ctx.model)
-        ):
+        if not registry.of_type(worker_type) or (ctx.model is not None and not registry.serves(worker_type, ctx.model)):
             raise no_workers_for_model(ctx.model)
         raise all_workers_unavailable(worker_type)
     if avoid:
