@@ -16,6 +16,7 @@ run: $(BIN)/shepherd
 
 test: $(BIN)/shepherd
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/pytest -q
 
 lint: $(BIN)/shepherd
