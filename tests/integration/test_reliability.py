@@ -112,8 +112,8 @@ def test_refused_connections_are_retried_on_another_worker(tmp_path):
         sims.ctl(1, refuse=False)
 
 
-async def test_a_stream_is_not_retried_after_its_first_byte(tmp_path):
-    args = ("--disable-health-check", "--policy", "round_robin")
+async def test_a_stream_cut_midway_is_not_retried_and_counts_against_the_worker(tmp_path):
+    args = ("--disable-health-check", "--policy", "round_robin", "--cb-failure-threshold", "2")
     with (
         start_sim(tmp_path, 2, "--latency-model", "batch", "--decode-step-ms", "2") as sims,
         start_gateway(tmp_path, sims.urls, *args) as gw,
@@ -127,7 +127,13 @@ async def test_a_stream_is_not_retried_after_its_first_byte(tmp_path):
                 body = await resp.read()
         assert b"upstream_stream_interrupted" in body and b"[DONE]" not in body
         assert sum(len(generate_attempts(sims, i)) for i in range(2)) == 1
-        gw.wait_workers(lambda ws: all(w["requests_active"] == 0 for w in ws), "load back to 0", 5)
+        routed = resp.headers["x-smg-routed-worker-id"]
+        async with aiohttp.ClientSession() as session:  # round robin: the third request is the same worker's second
+            for _ in range(2):
+                async with session.post(gw.url + "/generate", json=payload) as resp:
+                    await resp.read()
+        workers = gw.wait_workers(lambda ws: all(w["requests_active"] == 0 for w in ws), "load back to 0", 5)
+        assert {w["url"]: w["circuit_state"] for w in workers}[routed] == "open"  # 200 headers do not hide a cut
 
 
 async def test_client_disconnect_cancels_the_upstream_stream(tmp_path):
@@ -143,7 +149,9 @@ async def test_client_disconnect_cancels_the_upstream_stream(tmp_path):
         await asyncio.to_thread(
             gw.process.wait_for, lambda: sims.log(0)["disconnects"] == 1, 3, "the worker to see the disconnect"
         )
-        gw.wait_workers(lambda ws: ws[0]["requests_active"] == 0, "load back to 0", 5)
+        workers = gw.wait_workers(lambda ws: ws[0]["requests_active"] == 0, "load back to 0", 5)
+        assert workers[0]["circuit_state"] == "closed"  # leaving is the client's doing, not the worker's
+        assert gw.metrics().total("smg_worker_retries_total") == 0
 
 
 async def test_admission_limit_queue_and_timeout(tmp_path):

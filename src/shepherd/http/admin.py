@@ -294,7 +294,10 @@ class AdminRoutes:
         return None
 
     async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
-        headers = auth_headers(worker.api_key or self.gw.config.api_key)
+        """A worker's info passed through. These routes are public, so the client's own credentials go along,
+        never the gateway's or the worker's key (an engine's server info can include its arguments)."""
+        client_auth = request.headers.get("Authorization")
+        headers = {"Authorization": client_auth} if client_auth else {}
         try:
             async with self.gw.client.session.get(
                 worker.base_url + path, headers=headers, timeout=_FANOUT_TIMEOUT

@@ -143,8 +143,8 @@ class PDRouter:
         fields = self._bootstrap_fields(ctx, prefill)
         prefill_body, decode_body = (ctx.inject(_with_rank(fields, worker)) for worker in (prefill, decode))
         want_logprobs = ctx.payload.get("return_logprob") is True
-        with Lease(prefill) as prefill_lease, Lease(decode) as decode_lease:
-            prefill_task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, prefill_body, want_logprobs))
+        with Lease(decode) as decode_lease:  # the prefill's lease lives in its own task, as long as its call
+            prefill_task = self._start_prefill(request, ctx, prefill, prefill_body, want_logprobs)
             decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, decode_body))
             answered = False
             try:
@@ -180,7 +180,6 @@ class PDRouter:
             upstream.release()
             if prefill_task.done():
                 self._settle_prefill(prefill, ctx, prefill_task.result())
-                prefill_lease.ok = not isinstance(prefill_task.result(), SideFailure)
             else:  # a stream finished before the prefill's own answer was drained: settle it when it is
                 prefill_task.add_done_callback(
                     lambda task: None if task.cancelled() else self._settle_prefill(prefill, ctx, task.result())
@@ -224,8 +223,25 @@ class PDRouter:
             return SideFailure("decode", decode, upstream.status, payload)
         return upstream
 
-    async def _call_prefill(
+    def _start_prefill(
         self, request: web.Request, ctx: RequestContext, prefill: Worker, body: bytes, want_logprobs: bool
+    ) -> asyncio.Task[PrefillLogprobs | SideFailure | None]:
+        """Start the prefill call. Its load counts from now (dispatch) until the call ends, which may be after the
+        client already has its stream: the lease is released by the task's completion, however it completes."""
+        lease = Lease(prefill)
+        lease.__enter__()
+        task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, body, want_logprobs, lease))
+        task.add_done_callback(lambda _task: lease.__exit__(None, None, None))
+        return task
+
+    async def _call_prefill(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        prefill: Worker,
+        body: bytes,
+        want_logprobs: bool,
+        lease: Lease,
     ) -> PrefillLogprobs | SideFailure | None:
         """Send to the prefill worker and drain its answer; returns its input logprobs when asked for."""
         headers = forward_request_headers(request.headers, ctx.request_id, prefill.api_key, self._config.api_key)
@@ -240,6 +256,7 @@ class PDRouter:
             return SideFailure("prefill", prefill, reason="timed out", timed_out=True)
         except aiohttp.ClientError as exc:
             return SideFailure("prefill", prefill, reason=str(exc))
+        lease.ok = True
         return _input_logprobs(payload, ctx.stream) if want_logprobs else None
 
     def _record(self, failure: SideFailure, ctx: RequestContext) -> SideFailure:
@@ -281,7 +298,10 @@ class PDRouter:
                 upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
             ),
         )
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ConnectionResetError:  # the client left before the first byte
+            return out, True
         rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
         outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, rewrite)
         if self._metrics is not None:

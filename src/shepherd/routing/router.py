@@ -120,14 +120,14 @@ class Router:
                         if status in RETRYABLE_STATUSES and not last:
                             return AttemptFailure(worker, status, payload, upstream.headers)
                         return self._worker_response(worker, ctx, status, payload, upstream.headers)
-                    breaker.record_success()
-                    if ctx.stream:
-                        response = await self._relay_stream(request, ctx, worker, upstream, started)
+                    if ctx.stream:  # its outcome is known only once the relay ends
+                        response, ok = await self._relay_stream(request, ctx, worker, upstream, started)
                     else:
                         payload = await upstream.read()
-                        response = self._worker_response(worker, ctx, status, payload, upstream.headers)
-                    lease.ok = True
-                    self.policy.on_request_done(worker, ctx, True)
+                        response, ok = self._worker_response(worker, ctx, status, payload, upstream.headers), True
+                        breaker.record_success()
+                    lease.ok = ok
+                    self.policy.on_request_done(worker, ctx, ok)
                     return response
             except TimeoutError:
                 breaker.record_failure()
@@ -145,13 +145,20 @@ class Router:
         worker: Worker,
         upstream: aiohttp.ClientResponse,
         started: float,
-    ) -> web.StreamResponse:
-        """Relay SSE chunks as they arrive. After the first byte nothing can be retried."""
+    ) -> tuple[web.StreamResponse, bool]:
+        """Relay SSE chunks as they arrive; returns the response and whether the worker finished its stream.
+
+        After the first byte nothing can be retried. The breaker learns the outcome here: a worker that cuts its
+        streams is failing, whatever status its headers said; a client that leaves is nobody's fault.
+        """
         out = web.StreamResponse(
             status=upstream.status,
             headers=relay_response_headers(upstream.headers, self._routing_headers(worker, ctx)),
         )
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ConnectionResetError:  # the client left before the first byte
+            return out, True
         outcome = await relay_sse(upstream, out, _STREAM_INTERRUPTED)
         if outcome.broken:
             worker.breaker.record_failure()
@@ -161,9 +168,11 @@ class Router:
                 ctx.request_id,
                 extra={"request_id": ctx.request_id, "worker": worker.url, "status": upstream.status},
             )
+        elif not outcome.client_gone:
+            worker.breaker.record_success()
         if self._metrics is not None:
             self._metrics.record_relay(worker, ctx.endpoint, started, outcome)
-        return out
+        return out, not outcome.broken
 
     def _worker_response(
         self, worker: Worker, ctx: RequestContext, status: int, payload: bytes, headers: object

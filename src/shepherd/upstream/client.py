@@ -81,9 +81,14 @@ def forward_request_headers(
 
 
 def relay_response_headers(upstream: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+    """A worker's response headers minus hop-by-hop ones (also those its `Connection` header names), plus `extra`."""
+    skip = _HOP_BY_HOP
+    connection = upstream.get("Connection")
+    if connection is not None:
+        skip = skip | {token.strip().lower() for token in connection.split(",")}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() not in _HOP_BY_HOP:
+        if name.lower() not in skip:
             headers.add(name, value)
     headers.update(extra)
     return headers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 _LABEL_VALUE_MAX = 256
+_SECRET_NAME = re.compile(r"api_key|secret|password|credential|keyfile|(^|_)token$", re.IGNORECASE)
 
 
 class SpecError(ValueError):
@@ -359,10 +361,15 @@ def resolve_model_id(server_info: dict[str, Any], models: dict[str, Any]) -> str
 
 
 def discovered_labels(*infos: dict[str, Any]) -> dict[str, str]:
-    """Scalar facts the worker reported about itself, as string labels (long values left out)."""
+    """Scalar facts the worker reported about itself, as string labels (long values and secrets left out).
+
+    Labels are shown by `GET /workers`, and an engine's server info lists its own arguments, `--api-key` included.
+    """
     labels: dict[str, str] = {}
     for info in infos:
         for key, value in info.items():
+            if _SECRET_NAME.search(key):
+                continue
             if isinstance(value, bool):
                 labels[key] = "true" if value else "false"
             elif isinstance(value, (int, float, str)) and len(str(value)) <= _LABEL_VALUE_MAX:
