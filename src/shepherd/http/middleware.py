@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
+# Set by the routers once a streamed response has started: after that, an error cannot become a new response.
+STREAM_STARTED = web.RequestKey("stream_started", web.StreamResponse)
 
 # Routes that stay open under --api-key (probes, model listing, engine metrics).
 PUBLIC_PATHS = frozenset(
@@ -138,7 +140,9 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
                 request_id,
                 extra={"request_id": request_id, "status": 500},
             )
-            response = error_response(GatewayError(500, "internal_error", "Internal gateway error"))
+            response = request.get(STREAM_STARTED) or error_response(
+                GatewayError(500, "internal_error", "Internal gateway error")
+            )
         if metrics is not None:
             metrics.record_http(request, response.status, time.perf_counter() - started)
         if log_requests:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, error_body
+from shepherd.http.middleware import STREAM_STARTED
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.policies import Policy
@@ -302,6 +303,7 @@ class PDRouter:
             await out.prepare(request)
         except ConnectionResetError:  # the client left before the first byte
             return out, True
+        request[STREAM_STARTED] = out
         rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
         outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, rewrite)
         if self._metrics is not None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
+from shepherd.http.middleware import STREAM_STARTED
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import RequestContext
 from shepherd.routing.policies import Policy
@@ -159,6 +160,7 @@ class Router:
             await out.prepare(request)
         except ConnectionResetError:  # the client left before the first byte
             return out, True
+        request[STREAM_STARTED] = out
         outcome = await relay_sse(upstream, out, _STREAM_INTERRUPTED)
         if outcome.broken:
             worker.breaker.record_failure()
