@@ -17,6 +17,7 @@ from aiohttp import web
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, error_body, error_response
 from shepherd.observability.metrics import GatewayMetrics
+from shepherd.routing.context import INFERENCE_ENDPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ PUBLIC_PATHS = frozenset(
         "/engine_metrics",
     }
 )
-_ID_PREFIX = {"/generate": "gnt-", "/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}
+_ID_PREFIX = {endpoint.path: endpoint.id_prefix for endpoint in INFERENCE_ENDPOINTS}
 _CORS_PREFLIGHT = {
     "access-control-allow-methods": "GET,POST,PUT,PATCH,DELETE,OPTIONS",
     "access-control-allow-headers": "content-type,authorization,traceparent,tracestate,x-request-id",
