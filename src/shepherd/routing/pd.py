@@ -71,7 +71,7 @@ class PDRouter:
         decode_policy: Policy,
         client: UpstreamClient,
         config: GatewayConfig,
-        metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics,
     ) -> None:
         self.registry = registry
         self._metrics = metrics
@@ -101,8 +101,7 @@ class PDRouter:
         started = time.perf_counter()
         for attempt in range(self._max_attempts):
             if failure is not None:
-                if self._metrics is not None:
-                    self._metrics.record_retry(failure.worker.worker_type, ctx.endpoint)
+                self._metrics.record_retry(failure.worker.worker_type, ctx.endpoint)
                 await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
             try:
                 pair = self.select_pair(ctx, failed["prefill"], failed["decode"])
@@ -112,8 +111,7 @@ class PDRouter:
                 break
             attempt_started = time.perf_counter()
             result = await self._attempt(request, ctx, *pair, started)
-            if self._metrics is not None:
-                self._record_metrics(pair, result, time.perf_counter() - attempt_started)
+            self._record_metrics(pair, result, time.perf_counter() - attempt_started)
             if not isinstance(result, SideFailure):
                 return result
             failure = result
@@ -128,7 +126,6 @@ class PDRouter:
     ) -> None:
         """Per-worker request counts and latency for both sides of one attempt."""
         metrics = self._metrics
-        assert metrics is not None
         for worker in pair:
             if not isinstance(result, SideFailure):
                 status = result.status
@@ -306,8 +303,7 @@ class PDRouter:
         request[STREAM_STARTED] = out
         rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
         outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, rewrite)
-        if self._metrics is not None:
-            self._metrics.record_relay(decode, ctx.endpoint, started, outcome)
+        self._metrics.record_relay(decode, ctx.endpoint, started, outcome)
         return out, not outcome.broken
 
     def _merged_response(

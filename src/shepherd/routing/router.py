@@ -52,15 +52,13 @@ class Router:
         policy: Policy,
         client: UpstreamClient,
         config: GatewayConfig,
-        worker_type: WorkerType = WorkerType.REGULAR,
-        metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics,
     ) -> None:
         self.registry = registry
         self._metrics = metrics
         self.policy = policy
         self._client = client
         self._config = config
-        self._worker_type = worker_type
         self._max_attempts = config.retry.max_attempts
         self._backoff = Backoff(config.retry)
         self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_secs)
@@ -68,7 +66,7 @@ class Router:
 
     def select(self, ctx: RequestContext, tried: Sequence[Worker] = ()) -> Worker:
         """Pick a routable worker for `ctx`, preferring ones not tried yet; 404/503 when there is none."""
-        return choose_worker(self.registry, self._worker_type, self.policy, ctx, tried)
+        return choose_worker(self.registry, WorkerType.REGULAR, self.policy, ctx, tried)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         tried: list[Worker] = []
@@ -77,8 +75,7 @@ class Router:
         started = time.perf_counter()
         for attempt in range(self._max_attempts):
             if attempt:
-                if metrics is not None:
-                    metrics.record_retry(self._worker_type, ctx.endpoint)
+                metrics.record_retry(WorkerType.REGULAR, ctx.endpoint)
                 await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
             try:
                 worker = self.select(ctx, tried)
@@ -89,8 +86,7 @@ class Router:
             tried.append(worker)
             attempt_started = time.perf_counter()
             result = await self._attempt(request, ctx, worker, attempt == self._max_attempts - 1, started)
-            if metrics is not None:
-                metrics.worker_cells(worker).record(_attempt_status(result), time.perf_counter() - attempt_started)
+            metrics.worker_cells(worker).record(_attempt_status(result), time.perf_counter() - attempt_started)
             if not isinstance(result, AttemptFailure):
                 return result
             failure = result
@@ -172,8 +168,7 @@ class Router:
             )
         elif not outcome.client_gone:
             worker.breaker.record_success()
-        if self._metrics is not None:
-            self._metrics.record_relay(worker, ctx.endpoint, started, outcome)
+        self._metrics.record_relay(worker, ctx.endpoint, started, outcome)
         return out, not outcome.broken
 
     def _worker_response(
