@@ -24,9 +24,9 @@ from typing import Any
 
 import orjson
 
-from shepherd.bench.fleet import SHEPHERD_TEMPLATE, FleetError, GatewayProcess, GatewayTemplate, SimFleet
+from shepherd.bench.fleet import SHEPHERD_TEMPLATE, GatewayProcess, GatewayTemplate, SimFleet
 from shepherd.bench.loadgen import LoadGenPool, LoadPlan, LoadResult, RequestSpec
-from shepherd.bench.report import fmt, fmt_ratio, render_table, run_metadata, write_json
+from shepherd.bench.report import fmt, fmt_ratio, render_table, run_and_report, run_metadata
 
 DIRECT = "direct"
 SHEPHERD = "shepherd"
@@ -321,14 +321,10 @@ def main(args: argparse.Namespace) -> int:
         loadgen_processes=args.loadgen_processes,
         startup_timeout=args.startup_timeout,
     )
-    try:
-        document = run_overhead(settings, gateways, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except FleetError as exc:
-        print(f"shepherd bench overhead: {exc}", file=sys.stderr)
+    document = run_and_report(
+        "overhead", lambda progress: run_overhead(settings, gateways, progress=progress), render, args.output
+    )
+    if document is None:
         return 1
-    print(render(document))
-    if args.output:
-        write_json(args.output, document)
-        print(f"\nJSON report: {args.output}")
     failed = sum(f["failed"] for targets in document["summary"].values() for f in targets.values())
     return 1 if failed else 0

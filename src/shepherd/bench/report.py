@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +67,25 @@ def write_json(path: str | os.PathLike[str], document: Any) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def run_and_report(
+    command: str,
+    run: Callable[[Callable[[str], None]], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    output: str | None,
+) -> dict[str, Any] | None:
+    """Run a benchmark with progress on stderr, print its table and write its JSON; None (after saying why on
+    stderr) when the fleet or a gateway could not be started."""
+    from shepherd.bench.fleet import FleetError
+
+    try:
+        document = run(lambda line: print(line, file=sys.stderr, flush=True))
+    except FleetError as exc:
+        print(f"shepherd bench {command}: {exc}", file=sys.stderr)
+        return None
+    print(render(document))
+    if output:
+        write_json(output, document)
+        print(f"\nJSON report: {output}")
+    return document

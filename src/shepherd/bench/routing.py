@@ -51,7 +51,7 @@ from shepherd.bench import workloads as wl
 from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate, reused_prefix_tokens
 from shepherd.bench.conversation_load import WorkloadRun, run_workload
 from shepherd.bench.fleet import FleetError, GatewayProcess, GatewayTemplate, SimFleet, wait_until
-from shepherd.bench.report import fmt, render_table, run_metadata, write_json
+from shepherd.bench.report import fmt, render_table, run_and_report, run_metadata
 
 CHAT_PATH = "/v1/chat/completions"
 SIM_SEED = 0  # the simulators' seed: their answers, and so the multi-turn histories, follow from it
@@ -588,15 +588,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shepherd bench routing: {exc}", file=sys.stderr)
         return 2
-    try:
-        document = run_routing(settings, gateways, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except FleetError as exc:
-        print(f"shepherd bench routing: {exc}", file=sys.stderr)
+    document = run_and_report(
+        "routing", lambda progress: run_routing(settings, gateways, progress=progress), render, args.output
+    )
+    if document is None:
         return 1
-    print(render(document))
-    if args.output:
-        write_json(args.output, document)
-        print(f"\nJSON report: {args.output}")
     if args.chart:
         from shepherd.bench.chart import write_chart
 
