@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from tests.support.gateway import GatewayProcess
-from tests.support.processes import ManagedProcess, free_port, http_request
+from tests.support.processes import ManagedProcess, free_ports, http_request
 
 
 def test_serve_starts_simulated_workers_and_the_gateway_and_stops_both(tmp_path):
-    port, prometheus_port = free_port(), free_port()
+    port, prometheus_port = free_ports(2)
     args = [sys.executable, "-m", "shepherd.cli", "serve", "--backend", "sim", "--dp-size", "2",
             "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port)]  # fmt: skip
     gateway = GatewayProcess(ManagedProcess(args, "serve", log_dir=tmp_path).start(), port, prometheus_port)

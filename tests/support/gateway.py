@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.metrics import Exposition
-from tests.support.processes import ManagedProcess, free_port, http_request
+from tests.support.processes import ManagedProcess, free_ports, http_request
 
 
 class GatewayProcess:
@@ -72,7 +72,7 @@ def start_gateway(
     api_key: str | None = None,
 ) -> GatewayProcess:
     """Launch the gateway on free ports; wait until it listens and `ready_workers` (default: all) are ready."""
-    port, prometheus_port = free_port(), free_port()
+    port, prometheus_port = free_ports(2)
     args = [
         sys.executable,
         "-m",

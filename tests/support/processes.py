@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from shepherd.bench import fleet
-from shepherd.bench.fleet import ManagedProcess, free_port, http_call, wait_until
+from shepherd.bench.fleet import ManagedProcess, free_port, free_ports, http_call, wait_until
 
-__all__ = ["ManagedProcess", "SimFleet", "free_port", "http_request", "start_sim", "wait_until"]
+__all__ = ["ManagedProcess", "SimFleet", "free_port", "free_ports", "http_request", "start_sim", "wait_until"]
 
 
 def http_request(

@@ -128,3 +128,11 @@ def test_a_log_dir_keeps_the_log_after_stop(tmp_path: Path) -> None:
     assert proc.wait(10) == 0
     assert proc.stop() == 0
     assert (tmp_path / "short.log").read_text() == "kept\n"
+
+
+def test_free_ports_are_distinct():
+    from shepherd.bench.fleet import free_ports
+
+    for _ in range(50):
+        ports = free_ports(3)
+        assert len(set(ports)) == 3

@@ -39,9 +39,20 @@ class FleetError(RuntimeError):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (bind to 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen, so the OS cannot hand the same
+    port out twice (two separate `free_port()` calls can)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_until(
@@ -364,8 +375,7 @@ class GatewayProcess:
 
     def __init__(self, template: GatewayTemplate, worker_urls: Sequence[str], host: str = "127.0.0.1") -> None:
         self.template = template
-        self.port = free_port(host)
-        self.prom_port = free_port(host)
+        self.port, self.prom_port = free_ports(2, host)
         self.url = f"http://{host}:{self.port}"
         self.process = ManagedProcess(template.argv(self.port, self.prom_port, worker_urls, host), template.name)
 
