@@ -22,6 +22,7 @@ from shepherd.config import (
     HealthCheckConfig,
     PrefillSpec,
     RetryConfig,
+    TokenizerConfig,
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -124,6 +125,23 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     a.add_argument("--queue-size", type=int, default=d.queue_size)
     a.add_argument("--queue-timeout-secs", type=duration, default=d.queue_timeout_secs)
+
+    t = parser.add_argument_group("tokenizers (gRPC workers)")
+    t.add_argument(
+        "--model-path", "--model", default=None,
+        help="model id or local directory: its tokenizer is loaded at startup under this name, and it is the "
+        "fallback tokenizer source for gRPC workers that report no path (with `serve`: the model workers serve)",
+    )  # fmt: skip
+    t.add_argument("--tokenizer-path", default=None, help="tokenizer directory or file; overrides --model-path")
+    t.add_argument("--chat-template", default=None, metavar="PATH", help="chat template file (Jinja)")
+    t.add_argument(
+        "--disable-tokenizer-autoload", action="store_true",
+        help="load no tokenizer at startup nor when a gRPC worker registers (use POST /v1/tokenizers)",
+    )  # fmt: skip
+    t.add_argument(
+        "--load-monitor-interval", type=duration, default=d.load_monitor_interval_secs,
+        help="seconds between GetLoads polls of gRPC workers",
+    )  # fmt: skip
 
     sd = DiscoveryConfig()
     s = parser.add_argument_group("service discovery")
@@ -246,6 +264,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         ),
         remove_unhealthy_workers=discovery.enabled if remove_unhealthy is None else remove_unhealthy,
         discovery=discovery,
+        tokenizer=TokenizerConfig(
+            model_path=args.model_path,
+            tokenizer_path=args.tokenizer_path,
+            chat_template=args.chat_template,
+            autoload=not args.disable_tokenizer_autoload,
+        ),
+        load_monitor_interval_secs=args.load_monitor_interval,
         max_concurrent_requests=args.max_concurrent_requests,
         queue_size=args.queue_size,
         queue_timeout_secs=args.queue_timeout_secs,

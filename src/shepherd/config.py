@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
-STATIC_URL_SCHEMES = ("http://", "https://")
+STATIC_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,16 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    """Where the gateway gets tokenizers for gRPC workers (seed 002's tokenizer registry)."""
+
+    model_path: str | None = None  # loaded at startup under this name; the fallback source for gRPC workers
+    tokenizer_path: str | None = None  # overrides model_path as the startup source
+    chat_template: str | None = None  # a template file used instead of the tokenizer directory's
+    autoload: bool = True  # --disable-tokenizer-autoload: no startup load, no per-worker load
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 30000
@@ -121,6 +131,8 @@ class GatewayConfig:
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     remove_unhealthy_workers: bool = False
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    load_monitor_interval_secs: float = 10.0
 
     max_concurrent_requests: int = -1  # -1: max(4096, 1024 * cores); 0: unlimited
     queue_size: int = 100
@@ -152,11 +164,13 @@ class GatewayConfig:
             if value is not None and value not in POLICIES:
                 raise ConfigError(f"{flag} must be one of {', '.join(POLICIES)}, got {value!r}")
         for url in (*self.worker_urls, *(p.url for p in self.prefill), *self.decode):
-            if not url.startswith(STATIC_URL_SCHEMES):
+            if "://" in url and not url.startswith(STATIC_URL_SCHEMES):
                 raise ConfigError(
-                    f"worker URL {url!r} must start with http:// or https:// "
-                    "(gRPC workers need a model: add them with POST /workers)"
+                    f"worker URL {url!r} must start with http://, https://, grpc:// or grpcs:// (or be a bare "
+                    "host:port, probed for both HTTP and gRPC)"
                 )
+        if self.load_monitor_interval_secs <= 0:
+            raise ConfigError("--load-monitor-interval must be > 0")
         if self.pd_disaggregation and self.worker_urls:
             raise ConfigError("--worker-urls cannot be combined with --pd-disaggregation; use --prefill/--decode")
         if not self.pd_disaggregation and (self.prefill or self.decode):

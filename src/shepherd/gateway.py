@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,10 +20,17 @@ from shepherd.routing.pd import PD_ENDPOINTS, PDRouter
 from shepherd.routing.policies import create_policy
 from shepherd.routing.router import Router
 from shepherd.upstream.client import UpstreamClient
+from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.health import HealthChecker
+from shepherd.workers.load_monitor import LoadMonitor
 from shepherd.workers.manager import WorkerManager
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerType
+
+if TYPE_CHECKING:
+    from shepherd.routing.grpc_dispatch import GrpcDispatcher
+    from shepherd.tokenizer.loader import LoadedTokenizer
+    from shepherd.tokenizer.registry import TokenizerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,10 @@ class Gateway:
         self.config = config
         self.registry = Registry()
         self.client = UpstreamClient()
-        self.manager = WorkerManager(self.registry, self.client, config)
+        self.grpc_clients = GrpcClients()
+        self.manager = WorkerManager(self.registry, self.client, config, self.grpc_clients)
+        self._tokenizers: TokenizerRegistry | None = None
+        self._grpc_dispatcher: GrpcDispatcher | None = None
         self.discovery = create_discovery(config, self.manager)
         self.admission = Admission(config.concurrency_limit, config.queue_size, config.queue_timeout_secs)
         self.metrics = GatewayMetrics(self.registry, self.admission, config.prometheus_duration_buckets)
@@ -44,9 +55,16 @@ class Gateway:
             on_failed=self._on_failed,
             on_probe=self.metrics.on_health_probe,
             gateway_api_key=config.api_key,
+            grpc_clients=self.grpc_clients,
         )
+        self.load_monitor = LoadMonitor(self.registry, self.grpc_clients, config)
         self.router = Router(
-            self.registry, create_policy(config.policy, config), self.client, config, metrics=self.metrics
+            self.registry,
+            create_policy(config.policy, config),
+            self.client,
+            config,
+            metrics=self.metrics,
+            grpc=self.grpc_dispatcher,
         )
         self.pd_router = (
             PDRouter(
@@ -56,12 +74,77 @@ class Gateway:
                 self.client,
                 config,
                 metrics=self.metrics,
+                grpc=self.grpc_dispatcher,
             )
             if config.pd_disaggregation
             else None
         )
         self.shutting_down = False
         self._runner: web.AppRunner | None = None
+        self.registry.subscribe(on_added=self._on_worker_added)
+
+    # --- gRPC workers and their tokenizers (created on first use: HTTP-only gateways never import them) --------
+    def tokenizer_registry(self) -> TokenizerRegistry:
+        if self._tokenizers is None:
+            from shepherd.tokenizer.registry import TokenizerRegistry
+
+            self._tokenizers = TokenizerRegistry(fetch_remote=self._fetch_tokenizer, on_change=self._on_tokenizers)
+        return self._tokenizers
+
+    @property
+    def tokenizers_loaded(self) -> bool:
+        return self._tokenizers is not None
+
+    def grpc_dispatcher(self) -> GrpcDispatcher:
+        if self._grpc_dispatcher is None:
+            from shepherd.routing.grpc_dispatch import GrpcDispatcher
+
+            self._grpc_dispatcher = GrpcDispatcher(self._tokenizer_for, self.grpc_clients, self.config, self.metrics)
+        return self._grpc_dispatcher
+
+    def _tokenizer_for(self, model: str | None) -> LoadedTokenizer | None:
+        entry = self.tokenizer_registry().for_model(model)
+        return entry.tokenizer if entry is not None else None
+
+    def _on_tokenizers(self) -> None:
+        self.registry.set_tokenized_models(self.tokenizer_registry().names())
+
+    def _on_worker_added(self, worker: Worker) -> None:
+        """A gRPC worker gets a tokenizer for its model, named after the model, unless one is loaded or loading."""
+        if not is_grpc_url(worker.base_url) or not self.config.tokenizer.autoload:
+            return
+        tokenizers = self.tokenizer_registry()
+        name = worker.model_id
+        if tokenizers.get(name) is not None or tokenizers.pending(name):
+            return
+        tk = self.config.tokenizer
+        labels = worker.labels
+        source = labels.get("tokenizer_path") or labels.get("model_path") or tk.tokenizer_path or tk.model_path or name
+        tokenizers.submit(name, source, tk.chat_template)
+
+    async def _fetch_tokenizer(self, model: str) -> tuple[bytes, str]:
+        """The zipped tokenizer of a healthy gRPC worker serving `model` (the registry's last source)."""
+        import grpc
+
+        from shepherd.upstream.grpc_client import TokenizerBundleError
+
+        workers = [w for w in self.registry.all() if w.is_ready and is_grpc_url(w.base_url) and w.model_id == model]
+        if not workers:
+            raise LookupError(f"No healthy gRPC worker available for model '{model}'")
+        errors = []
+        for worker in workers:
+            client = self.grpc_clients.get(worker.base_url, worker.api_key or self.config.api_key)
+            try:
+                return await client.tokenizer_bundle(timeout=120.0)
+            except (grpc.aio.AioRpcError, TokenizerBundleError) as exc:
+                errors.append(f"{worker.url}: {exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc}")
+        raise LookupError("; ".join(errors))
+
+    def _load_startup_tokenizer(self) -> None:
+        tk = self.config.tokenizer
+        source = tk.tokenizer_path or tk.model_path
+        if tk.autoload and source:
+            self.tokenizer_registry().submit(source, source, tk.chat_template)
 
     def router_for(self, endpoint: Endpoint) -> Router | PDRouter:
         if self.pd_router is not None and endpoint in PD_ENDPOINTS:
@@ -93,10 +176,12 @@ class Gateway:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True)
         await site.start()
+        self._load_startup_tokenizer()
         self.manager.add_static()
         if self.discovery is not None:
             self.discovery.start()
         self.health.start()
+        self.load_monitor.start()
         _tune_gc()
         log.info(
             "shepherd listening on http://%s:%d (policy %s)", self.config.host, self.config.port, self.config.policy
@@ -106,6 +191,7 @@ class Gateway:
         """Readiness goes 503, listeners close, in-flight requests get the grace period, then teardown."""
         self.shutting_down = True
         await self.health.close()
+        await self.load_monitor.close()
         if self.discovery is not None:
             await self.discovery.stop()
         await self.manager.close()
@@ -113,6 +199,9 @@ class Gateway:
             await self._runner.cleanup()
         await self._metrics_listener.stop()
         await self.client.close()
+        if self._tokenizers is not None:
+            await self._tokenizers.close()
+        await self.grpc_clients.close()
 
     async def serve_forever(self) -> None:
         stop = asyncio.Event()

@@ -47,7 +47,20 @@ def test_invalid_combinations_are_config_errors():
     with pytest.raises(ConfigError, match="need --pd-disaggregation"):
         parse("--decode", "http://d:1")
     with pytest.raises(ConfigError, match="worker URL"):
-        parse("--worker-urls", "localhost:8000")
+        parse("--worker-urls", "ftp://localhost:8000")
+
+
+def test_bare_and_grpc_worker_urls_are_accepted():
+    """A bare host:port is probed for HTTP and gRPC at registration; grpc:// URLs name gRPC workers."""
+    config = parse("--worker-urls", "localhost:8000", "grpc://127.0.0.1:9000", "grpcs://gpu:9000")
+    assert config.worker_urls == ("localhost:8000", "grpc://127.0.0.1:9000", "grpcs://gpu:9000")
+
+
+def test_tokenizer_flags():
+    config = parse("--model-path", "org/model", "--tokenizer-path", "/tok", "--chat-template", "/t.jinja")
+    assert (config.tokenizer.model_path, config.tokenizer.tokenizer_path) == ("org/model", "/tok")
+    assert config.tokenizer.chat_template == "/t.jinja" and config.tokenizer.autoload
+    assert not parse("--disable-tokenizer-autoload").tokenizer.autoload
 
 
 def test_secrets_are_redacted_from_config_view():

@@ -17,7 +17,7 @@ from shepherd.http.errors import GatewayError
 from shepherd.http.responses import json_response
 from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import auth_headers, relay_response_headers
-from shepherd.upstream.grpc_health import is_grpc_url
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec
 from shepherd.workers.registry import count_by_type
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
@@ -69,11 +69,12 @@ class AdminRoutes:
 
     async def health(self, _request: web.Request) -> web.Response:
         workers = self.registry.all()
-        healthy = sum(1 for w in workers if w.is_ready)
+        healthy = sum(1 for w in workers if w.is_ready and self.registry.can_serve(w))
         return json_response(
             {
                 "status": "ok",
                 "workers": {"total": len(workers), "healthy": healthy, "unhealthy": len(workers) - healthy},
+                "models": self.registry.models(),
             }
         )
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from shepherd.http.admin import add_admin_routes
 from shepherd.http.inference import add_inference_routes
 from shepherd.http.middleware import add_cors, make_middleware
+from shepherd.http.tokenizers import add_tokenizer_routes
 
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
@@ -23,4 +24,5 @@ def build_app(gateway: Gateway) -> web.Application:
     add_cors(app, gateway.config)
     add_inference_routes(app, gateway)
     add_admin_routes(app, gateway)
+    add_tokenizer_routes(app, gateway)
     return app

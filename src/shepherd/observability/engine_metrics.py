@@ -24,7 +24,7 @@ from shepherd.observability.exposition import TEXT_CONTENT_TYPE, merge_expositio
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.observability.sidecar_address import canonical_address, sidecar_metrics_url
 from shepherd.upstream.client import UpstreamClient, auth_headers
-from shepherd.upstream.grpc_health import is_grpc_url
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker
 

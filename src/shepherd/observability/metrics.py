@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from shepherd.observability.cells import Count, CounterFamily, Distribution, HistogramFamily
 from shepherd.observability.exposition import TEXT_CONTENT_TYPE
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint
-from shepherd.upstream.grpc_health import is_grpc_url
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import RelayOutcome
 from shepherd.workers.breaker import CircuitState
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType

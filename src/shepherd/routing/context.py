@@ -40,7 +40,7 @@ class InvalidRequest(ValueError):
 class RequestContext:
     """A parsed inference request. `body` stays the client's bytes unless fields must be injected."""
 
-    __slots__ = ("_routing_text", "body", "endpoint", "model", "payload", "request_id", "stream")
+    __slots__ = ("_routing_text", "body", "endpoint", "generation", "model", "payload", "request_id", "stream")
 
     def __init__(self, endpoint: Endpoint, body: bytes, request_id: str) -> None:
         try:
@@ -66,6 +66,7 @@ class RequestContext:
         self.stream = payload.get("stream") is True
         self.request_id = request_id
         self._routing_text: str | None = None
+        self.generation: Any = None  # gRPC workers: the tokenized GenerationPlan, built once for every attempt
 
     @property
     def routing_text(self) -> str:

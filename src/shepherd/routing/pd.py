@@ -25,10 +25,12 @@ from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, error_body
 from shepherd.http.middleware import STREAM_STARTED
 from shepherd.observability.metrics import GatewayMetrics
+from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.policies import Policy
-from shepherd.routing.router import choose_worker
+from shepherd.routing.router import GrpcDispatcherSource, choose_worker
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
 from shepherd.workers.load import Lease
@@ -72,8 +74,10 @@ class PDRouter:
         client: UpstreamClient,
         config: GatewayConfig,
         metrics: GatewayMetrics,
+        grpc: GrpcDispatcherSource | None = None,
     ) -> None:
         self.registry = registry
+        self._grpc = grpc
         self._metrics = metrics
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
@@ -110,7 +114,10 @@ class PDRouter:
                     raise
                 break
             attempt_started = time.perf_counter()
-            result = await self._attempt(request, ctx, *pair, started)
+            if self._grpc is not None and any(is_grpc_url(w.base_url) for w in pair):
+                result = await self._grpc_attempt(request, ctx, *pair, attempt == self._max_attempts - 1, started)
+            else:
+                result = await self._attempt(request, ctx, *pair, started)
             self._record_metrics(pair, result, time.perf_counter() - attempt_started)
             if not isinstance(result, SideFailure):
                 return result
@@ -120,6 +127,21 @@ class PDRouter:
                 break
         assert failure is not None
         raise _pd_error(failure)
+
+    async def _grpc_attempt(
+        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
+    ) -> web.StreamResponse | SideFailure:
+        if not (is_grpc_url(prefill.base_url) and is_grpc_url(decode.base_url)):
+            raise GatewayError(
+                500, "mixed_pd_protocols", "A PD pair must be both HTTP or both gRPC workers: register them alike"
+            )
+        assert self._grpc is not None
+        result = await self._grpc().pd_attempt(request, ctx, prefill, decode, last, started)
+        if isinstance(result, AttemptFailure):
+            side = "prefill" if result.worker is prefill else "decode"
+            return SideFailure(side, result.worker, result.status, result.body, result.transport_error or "")
+        self.decode_policy.on_request_done(decode, ctx, result.status < 400)
+        return result
 
     def _record_metrics(
         self, pair: tuple[Worker, Worker], result: web.StreamResponse | SideFailure, seconds: float

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -15,14 +15,21 @@ from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
 from shepherd.http.middleware import STREAM_STARTED
 from shepherd.observability.metrics import GatewayMetrics
+from shepherd.routing.attempt import AttemptFailure, attempt_status
 from shepherd.routing.context import RequestContext
 from shepherd.routing.policies import Policy
 from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerType
+
+if TYPE_CHECKING:
+    from shepherd.routing.grpc_dispatch import GrpcDispatcher
+
+GrpcDispatcherSource = Callable[[], "GrpcDispatcher"]  # created on first use: grpc is imported only then
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +40,6 @@ _STREAM_INTERRUPTED = (
 )
 
 
-@dataclass(slots=True)
-class AttemptFailure:
-    """Why one attempt did not produce the client's response; the last one becomes the client's error."""
-
-    worker: Worker
-    status: int | None = None  # the worker's status when it answered
-    body: bytes = b""
-    headers: object = None
-    transport_error: str | None = None
-    timed_out: bool = False
-
-
 class Router:
     def __init__(
         self,
@@ -53,8 +48,10 @@ class Router:
         client: UpstreamClient,
         config: GatewayConfig,
         metrics: GatewayMetrics,
+        grpc: GrpcDispatcherSource | None = None,
     ) -> None:
         self.registry = registry
+        self._grpc = grpc
         self._metrics = metrics
         self.policy = policy
         self._client = client
@@ -86,7 +83,7 @@ class Router:
             tried.append(worker)
             attempt_started = time.perf_counter()
             result = await self._attempt(request, ctx, worker, attempt == self._max_attempts - 1, started)
-            metrics.worker_cells(worker).record(_attempt_status(result), time.perf_counter() - attempt_started)
+            metrics.worker_cells(worker).record(attempt_status(result), time.perf_counter() - attempt_started)
             if not isinstance(result, AttemptFailure):
                 return result
             failure = result
@@ -97,6 +94,8 @@ class Router:
         self, request: web.Request, ctx: RequestContext, worker: Worker, last: bool, started: float
     ) -> web.StreamResponse | AttemptFailure:
         """One try on `worker`; `started` is when dispatch began (time to first token counts from there)."""
+        if self._grpc is not None and is_grpc_url(worker.base_url):
+            return await self._grpc().attempt(request, ctx, worker, last, started, self.policy)
         headers = forward_request_headers(request.headers, ctx.request_id, worker.api_key, self._config.api_key)
         body = ctx.body if worker.dp_rank is None else ctx.inject({"data_parallel_rank": worker.dp_rank})
         url = worker.upstream_url(ctx.endpoint.upstream_path)
@@ -192,15 +191,6 @@ class Router:
         raise GatewayError(502, "call_upstream_connection_failed", f"Upstream worker {failure.transport_error}")
 
 
-def _attempt_status(result: web.StreamResponse | AttemptFailure) -> int:
-    """The status an attempt ended with, transport failures as the gateway reports them (502/504)."""
-    if isinstance(result, AttemptFailure):
-        if result.status is not None:
-            return result.status
-        return 504 if result.timed_out else 502
-    return result.status
-
-
 def choose_worker(
     registry: Registry, worker_type: WorkerType, policy: Policy, ctx: RequestContext, avoid: Sequence[Worker] = ()
 ) -> Worker:
@@ -216,6 +206,14 @@ def choose_worker(
                 503,
                 "no_available_workers",
                 f"No {worker_type.value} workers available: PD mode needs at least one prefill and one decode worker",
+                headers={"retry-after": "1"},
+            )
+        if registry.awaiting_tokenizer(ctx.model):
+            raise GatewayError(
+                503,
+                "tokenizer_not_ready",
+                f"gRPC workers serve model '{ctx.model or 'unknown'}', but its tokenizer is not loaded (yet): "
+                "see GET /v1/tokenizers",
                 headers={"retry-after": "1"},
             )
         if not registry.of_type(worker_type) or (ctx.model is not None and not registry.serves(worker_type, ctx.model)):

@@ -1,20 +1,17 @@
-"""Health of a `grpc://` worker, asked with the standard `grpc.health.v1.Health/Check` RPC.
+"""gRPC worker URLs and the per-worker client pool, without importing grpc until a gRPC worker appears.
 
-The worker is healthy when it answers SERVING for the overall server (service name ""). Each probe opens
-its own channel: probes are seconds apart, and a fresh channel means a dead worker is really dialled
-again rather than judged by a cached connection state. grpc is imported on first use, so gateways without
-gRPC workers do not pay its import time.
+HTTP-only gateways never load grpc, protobuf or the SGLang stubs (`upstream/grpc_client.py`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+if TYPE_CHECKING:
+    from shepherd.upstream.grpc_client import SglangClient
+
 GRPC_SCHEMES = ("grpc://", "grpcs://")
-
-
-class GrpcHealthError(Exception):
-    """The worker is not SERVING; the message says what it answered or why it could not be asked."""
 
 
 def is_grpc_url(url: str) -> bool:
@@ -26,24 +23,26 @@ def grpc_target(url: str) -> str:
     return urlsplit(url).netloc
 
 
-async def check_grpc_health(url: str, timeout_secs: float, api_key: str | None = None) -> None:
-    """Raise GrpcHealthError unless the worker at `url` reports SERVING within `timeout_secs`."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+class GrpcClients:
+    """One `SglangClient` per base URL (DP ranks of one engine share it), closed when the engine leaves."""
 
-    target = grpc_target(url)
-    channel = (
-        grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
-        if url.startswith("grpcs://")
-        else grpc.aio.insecure_channel(target)
-    )
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-    try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_secs, metadata=metadata)
-    except grpc.aio.AioRpcError as exc:
-        raise GrpcHealthError(f"{exc.code().name}: {exc.details()}") from None
-    finally:
-        await channel.close()
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise GrpcHealthError(f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    def __init__(self) -> None:
+        self._clients: dict[str, SglangClient] = {}
+
+    def get(self, url: str, api_key: str | None = None) -> SglangClient:
+        client = self._clients.get(url)
+        if client is None:
+            from shepherd.upstream.grpc_client import SglangClient
+
+            client = self._clients[url] = SglangClient(url, api_key)
+        return client
+
+    async def discard(self, url: str) -> None:
+        client = self._clients.pop(url, None)
+        if client is not None:
+            await client.close()
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()

@@ -16,7 +16,7 @@ import aiohttp
 
 from shepherd.config import HealthCheckConfig
 from shepherd.upstream.client import UpstreamClient, auth_headers
-from shepherd.upstream.grpc_health import GrpcHealthError, check_grpc_health, is_grpc_url
+from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus
 
@@ -34,9 +34,11 @@ class HealthChecker:
         on_failed: Callable[[Worker], None] | None = None,
         on_probe: Callable[[Worker, bool], None] | None = None,
         gateway_api_key: str | None = None,
+        grpc_clients: GrpcClients | None = None,
     ) -> None:
         self._registry = registry
         self._client = client
+        self._grpc = grpc_clients or GrpcClients()
         self._config = config
         self._on_failed = on_failed
         self._on_probe = on_probe
@@ -82,11 +84,7 @@ class HealthChecker:
 
     async def _check(self, base_url: str, api_key: str | None) -> bool:
         if is_grpc_url(base_url):
-            try:
-                await check_grpc_health(base_url, self._config.timeout_secs, api_key)
-                return True
-            except GrpcHealthError:
-                return False
+            return await self._check_grpc(base_url, api_key)
         try:
             async with self._client.session.get(
                 base_url + self._config.endpoint, headers=auth_headers(api_key), timeout=self._timeout
@@ -95,6 +93,16 @@ class HealthChecker:
                 return 200 <= resp.status < 300
         except (TimeoutError, aiohttp.ClientError):
             return False
+
+    async def _check_grpc(self, base_url: str, api_key: str | None) -> bool:
+        """SGLang's own `HealthCheck` RPC (a one-token generation inside the engine), as SMG probes it."""
+        import grpc
+
+        try:
+            healthy, _message = await self._grpc.get(base_url, api_key).health_check(self._config.timeout_secs)
+        except grpc.aio.AioRpcError:
+            return False
+        return healthy
 
     def record(self, worker: Worker, ok: bool) -> None:
         """Apply one probe outcome to a worker's counters and state."""

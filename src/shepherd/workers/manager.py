@@ -12,17 +12,21 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from shepherd.config import GatewayConfig
 from shepherd.upstream.client import UpstreamClient, auth_headers
-from shepherd.upstream.grpc_health import GrpcHealthError, check_grpc_health, is_grpc_url
+from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.grpc_info import grpc_worker_info
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import UNKNOWN_MODEL, Worker, WorkerStatus, WorkerType
+
+if TYPE_CHECKING:
+    from shepherd.upstream.grpc_client import SglangClient
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,6 @@ class WorkerSpec:
         cost = _optional(data, "cost", (int, float))
         spec.cost = 1.0 if cost is None else float(cost)
         spec.model_id = _optional(data, "model_id", str) or _optional(data, "model", str)
-        if spec.model_id is None and is_grpc_url(spec.url):
-            raise SpecError("model_id", "a gRPC worker needs its model: set 'model_id' (or 'model')")
         return spec
 
 
@@ -98,7 +100,19 @@ def _labels(value: Any) -> dict[str, str]:
 
 
 def normalize_url(url: str) -> str:
-    """Validate a worker URL and drop a trailing slash; raises SpecError naming the `url` field."""
+    """Validate a worker URL and drop a trailing slash; raises SpecError naming the `url` field.
+
+    A bare `host:port` is kept as it is: registration probes it for HTTP and for gRPC (`detect_scheme`).
+    """
+    if "://" not in url:
+        parts = urlsplit("//" + url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise SpecError("url", f"field 'url' is not a valid worker URL: {url!r} (need scheme://host:port)")
+        return url.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in _URL_SCHEMES or not parts.hostname:
         raise SpecError("url", f"field 'url' is not a valid worker URL: {url!r} (need http(s)://host:port)")
@@ -149,9 +163,16 @@ class DuplicateWorker(Exception):
 
 
 class WorkerManager:
-    def __init__(self, registry: Registry, client: UpstreamClient, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        client: UpstreamClient,
+        config: GatewayConfig,
+        grpc_clients: GrpcClients | None = None,
+    ) -> None:
         self.registry = registry
         self._client = client
+        self._grpc = grpc_clients or GrpcClients()
         self._config = config
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -190,40 +211,65 @@ class WorkerManager:
         self.jobs.pop(job.worker_id, None)
 
     async def _discover(self, spec: WorkerSpec) -> dict[str, Any]:
-        """Wait until the worker is healthy, then read its server and model info.
+        """Wait until the worker answers its health probe, then read its server and model info.
 
-        A gRPC worker is only probed (grpc.health.v1): its model comes from the spec.
+        A bare `host:port` is probed for HTTP and for SGLang gRPC at once; HTTP wins when both answer, and
+        `spec.url` gets the scheme that answered.
         """
         deadline = time.monotonic() + self._config.worker_startup_timeout_secs
         delay = 0.2
         timeout = aiohttp.ClientTimeout(total=self._config.health_check.timeout_secs)
-        while (last := await self._unhealthy_reason(spec, timeout)) is not None:
+        while (last := await self._unreachable_reason(spec, timeout)) is not None:
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(last)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._config.worker_startup_check_interval)
         if is_grpc_url(spec.url):
-            return {"server_info": {}, "model_info": {}, "models": {}}
+            return await grpc_worker_info(self._grpc_client(spec), self._config.health_check.timeout_secs)
         server_info = await self._get_json(spec, ("/server_info", "/get_server_info"), timeout)
         model_info = await self._get_json(spec, ("/model_info", "/get_model_info"), timeout)
         models = await self._get_json(spec, ("/v1/models",), timeout)
         return {"server_info": server_info, "model_info": model_info, "models": models}
 
-    async def _unhealthy_reason(self, spec: WorkerSpec, timeout: aiohttp.ClientTimeout) -> str | None:
-        """None when one probe finds the worker healthy, else what the probe saw."""
+    async def _unreachable_reason(self, spec: WorkerSpec, timeout: aiohttp.ClientTimeout) -> str | None:
+        """None once one probe reaches the worker, else what the probes saw."""
+        if "://" not in spec.url:
+            http_url, grpc_url = f"http://{spec.url}", f"grpc://{spec.url}"
+            http_reason, grpc_reason = await asyncio.gather(
+                self._http_unhealthy_reason(http_url, spec, timeout), self._grpc_unreachable_reason(grpc_url, spec)
+            )
+            if http_reason is None or grpc_reason is None:
+                spec.url = http_url if http_reason is None else grpc_url
+                return None
+            return f"neither HTTP ({http_reason}) nor SGLang gRPC ({grpc_reason}) answered"
         if is_grpc_url(spec.url):
-            try:
-                await check_grpc_health(spec.url, self._config.health_check.timeout_secs, spec.api_key)
-            except GrpcHealthError as exc:
-                return str(exc)
-            return None
+            return await self._grpc_unreachable_reason(spec.url, spec)
+        return await self._http_unhealthy_reason(spec.url, spec, timeout)
+
+    async def _http_unhealthy_reason(self, url: str, spec: WorkerSpec, timeout: aiohttp.ClientTimeout) -> str | None:
+        path = self._config.health_check.endpoint
         try:
-            async with self._client.session.get(
-                spec.url + "/health", headers=self._auth_headers(spec), timeout=timeout
-            ) as resp:
-                return None if resp.status < 400 else f"/health answered {resp.status}"
+            async with self._client.session.get(url + path, headers=self._auth_headers(spec), timeout=timeout) as resp:
+                return None if resp.status < 400 else f"{path} answered {resp.status}"
         except (TimeoutError, aiohttp.ClientError) as exc:
             return str(exc) or type(exc).__name__
+
+    async def _grpc_unreachable_reason(self, url: str, spec: WorkerSpec) -> str | None:
+        """As SMG does, a successful `HealthCheck` RPC is enough to register; its `healthy` flag is the
+        health checker's business afterwards."""
+        import grpc
+
+        client = self._grpc.get(url, spec.api_key or self._config.api_key)
+        try:
+            await client.health_check(self._config.health_check.timeout_secs)
+        except grpc.aio.AioRpcError as exc:
+            if "://" not in spec.url:
+                await self._grpc.discard(url)  # a probe only: keep no channel to what may be an HTTP worker
+            return f"{exc.code().name}: {exc.details()}"
+        return None
+
+    def _grpc_client(self, spec: WorkerSpec) -> SglangClient:
+        return self._grpc.get(spec.url, spec.api_key or self._config.api_key)
 
     def _auth_headers(self, spec: WorkerSpec) -> dict[str, str]:
         """The worker's own key, else the gateway's `--api-key`, as for inference requests (DP discovery needs it)."""
@@ -251,7 +297,7 @@ class WorkerManager:
     def _build_workers(self, job: Job, info: dict[str, Any]) -> list[Worker]:
         spec = job.spec
         server_info, model_info = info["server_info"], info["model_info"]
-        model_id = spec.model_id or resolve_model_id(server_info, info["models"])
+        model_id = spec.model_id or info.get("model_id") or resolve_model_id(server_info, info["models"])
         labels = discovered_labels(server_info, model_info)
         labels.update(spec.labels)
 
@@ -302,6 +348,8 @@ class WorkerManager:
         while worker.load > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.registry.remove(worker)
+        if is_grpc_url(worker.base_url) and not any(w.base_url == worker.base_url for w in self.registry.all()):
+            await self._grpc.discard(worker.base_url)
         log.info("removed worker %s", worker.url)
 
     def workers_at(self, url: str) -> list[Worker]:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from shepherd.upstream.grpc_health import is_grpc_url
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.workers.breaker import CircuitBreaker, CircuitState
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
@@ -32,6 +32,7 @@ class Registry:
         self._on_changed: list[WorkerListener] = []
         self._on_breaker: list[BreakerListener] = []
         self._reopen_timer: asyncio.TimerHandle | None = None
+        self._tokenized_models: frozenset[str] = frozenset()
 
     # --- subscriptions -------------------------------------------------------------------------------------
     def subscribe(
@@ -114,11 +115,31 @@ class Registry:
         """Routable workers (ready, circuit not open) of a type serving `model` (None: any model)."""
         return self._routable.get((worker_type, model), ())
 
+    def set_tokenized_models(self, models: frozenset[str]) -> None:
+        """The models the gateway has a tokenizer for: only their gRPC workers are routable."""
+        if models != self._tokenized_models:
+            self._tokenized_models = models
+            self._rebuild()
+
+    def can_serve(self, worker: Worker) -> bool:
+        """Whether requests can be sent to this worker once it is ready: a gRPC worker needs its tokenizer."""
+        return not is_grpc_url(worker.base_url) or worker.model_id in self._tokenized_models
+
+    def awaiting_tokenizer(self, model: str | None) -> bool:
+        """Whether ready gRPC workers serve `model` but cannot be routed to for want of its tokenizer."""
+        return any(
+            w.status is WorkerStatus.READY and not self.can_serve(w)
+            for w in self._by_id.values()
+            if model is None or w.model_id == model
+        )
+
     def serves(self, worker_type: WorkerType, model: str) -> bool:
         """Whether any registered worker of the type serves `model`, routable or not."""
         return model in self._models.get(worker_type, frozenset())
 
     def models(self) -> list[str]:
+        """Models with a worker that could serve them: every HTTP worker's, a gRPC worker's once its tokenizer
+        is loaded."""
         names: set[str] = set()
         for models in self._models.values():
             names |= models
@@ -132,9 +153,10 @@ class Registry:
         models: dict[WorkerType, set[str]] = {}
         next_reopen: float | None = None
         for worker in self._by_id.values():
-            models.setdefault(worker.worker_type, set()).add(worker.model_id)
-            if worker.status is not WorkerStatus.READY or is_grpc_url(worker.base_url):
-                continue  # gRPC workers are registered and probed, but their data plane is not served yet
+            if self.can_serve(worker):
+                models.setdefault(worker.worker_type, set()).add(worker.model_id)
+            if worker.status is not WorkerStatus.READY or not self.can_serve(worker):
+                continue  # a gRPC worker takes token ids: without its model's tokenizer, nothing can be sent to it
             if not worker.breaker.allows():
                 wait = worker.breaker.reopen_in()
                 next_reopen = wait if next_reopen is None else min(next_reopen, wait)

@@ -45,6 +45,7 @@ class Worker:
         "cost",
         "dp_rank",
         "dp_size",
+        "engine_load",
         "health_failures",
         "health_probes",
         "health_successes",
@@ -102,6 +103,7 @@ class Worker:
         self.health_failures = 0
         self.health_probes = 0
         self.upstream_urls: dict[str, URL] = {}
+        self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
 
     @property
     def is_ready(self) -> bool:
@@ -146,4 +148,6 @@ class Worker:
             data["bootstrap_port"] = self.bootstrap_port
         if self.dp_rank is not None:
             data.update(dp_rank=self.dp_rank, dp_size=self.dp_size, dp_base_url=self.base_url)
+        if self.engine_load is not None:
+            data["engine_load"] = self.engine_load
         return data
