@@ -41,7 +41,7 @@ class SimFleet(fleet.SimFleet):
     def _control(self, method: str, path: str, body: Any = None) -> Any:
         # Any worker can control and inspect its siblings; use the first one that still accepts
         # connections (a worker told to `refuse` does not).
-        for url in self.urls:
+        for url in self.http_urls:
             try:
                 status, payload = http_request(method, url + path, body)
             except ConnectionRefusedError:
@@ -64,7 +64,7 @@ class SimFleet(fleet.SimFleet):
 
     def reset(self) -> None:
         """Clear every worker's faults, request log and prefix cache."""
-        for i, url in enumerate(self.urls):
+        for i, url in enumerate(self.http_urls):
             self.ctl(i, reset=True)
             http_request("POST", url + "/flush_cache")
             self.clear_log(i)

@@ -299,6 +299,7 @@ class SimFleet:
         self._dir = log_dir if log_dir is not None else Path(self._tmp.name)
         self.procs: list[ManagedProcess] = []
         self.urls: list[str] = []
+        self.http_urls: list[str] = []  # each worker's HTTP app (/metrics, /__ctl, /__log); for --grpc its sidecar
         self.bootstrap_ports: list[int | None] = []  # per URL; null unless the workers run `--role prefill`
 
     def start(self, timeout: float = 30.0) -> Self:
@@ -322,6 +323,7 @@ class SimFleet:
         for path in ready_files:
             ready = json.loads(path.read_text())
             self.urls += ready["urls"]
+            self.http_urls += ready.get("http_urls") or ready["urls"]
             self.bootstrap_ports += ready.get("bootstrap_ports") or [None] * len(ready["urls"])
         return self
 

@@ -111,7 +111,9 @@ class TokenizerRoutes:
         tokens = body.get("tokens")
         skip = body.get("skip_special_tokens", True)
         if not isinstance(skip, bool):
-            raise GatewayError(400, "invalid_request", "'skip_special_tokens' must be a boolean", "skip_special_tokens")
+            raise GatewayError(
+                400, "invalid_request", "'skip_special_tokens' must be a boolean", param="skip_special_tokens"
+            )
         vocab = entry.tokenizer.vocab_size
         if _token_ids(tokens, vocab):
             return json_response({"text": entry.tokenizer.decode(tokens, skip_special_tokens=skip)})
@@ -121,7 +123,7 @@ class TokenizerRoutes:
             400,
             "invalid_request",
             f"'tokens' must be an array of token ids in [0, {vocab}) or an array of them",
-            "tokens",
+            param="tokens",
         )
 
     def _entry(self, key: str) -> TokenizerEntry | None:
@@ -129,7 +131,7 @@ class TokenizerRoutes:
 
     def _for_model(self, model: Any) -> TokenizerEntry:
         if model is not None and not isinstance(model, str):
-            raise GatewayError(400, "invalid_request", "'model' must be a string", "model")
+            raise GatewayError(400, "invalid_request", "'model' must be a string", param="model")
         registry = self.gw.tokenizer_registry()
         entry = registry.for_model(model)
         if entry is None:
