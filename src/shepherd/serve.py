@@ -1,7 +1,7 @@
 """`shepherd serve`: start N workers and the gateway in front of them, and stop the workers on exit.
 
-`--backend sim` runs simulated SGLang workers (no GPU needed); `sglang` and `vllm` start real engines on
-consecutive ports, one GPU each, when those engines are installed.
+`--backend sim` runs simulated SGLang workers (no GPU needed; with `--grpc`, simulated SGLang gRPC engines);
+`sglang` and `vllm` start real engines on consecutive ports, one GPU each, when those engines are installed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workers")
     g.add_argument("--backend", choices=("sim", "sglang", "vllm"), default="sim")
     g.add_argument("--dp-size", type=int, default=2, help="number of workers to start")
-    g.add_argument("--model-path", default="sim-model", help="model to serve (the simulator's model name)")
     g.add_argument("--worker-host", default="127.0.0.1")
     g.add_argument("--worker-base-port", type=int, default=31000, help="first worker port (sglang/vllm)")
     g.add_argument("--worker-args", default="", help="extra arguments passed to every worker, one string")
+    g.add_argument("--grpc", action="store_true", help="--backend sim: the workers speak SGLang's gRPC protocol")
 
 
 def run_serve(args: argparse.Namespace, to_config: Callable[[argparse.Namespace], GatewayConfig]) -> int:
@@ -38,6 +38,8 @@ def run_serve(args: argparse.Namespace, to_config: Callable[[argparse.Namespace]
 
     if args.dp_size < 1:
         raise ConfigError("--dp-size must be >= 1")
+    if args.grpc and args.backend != "sim":
+        raise ConfigError("--grpc is only supported with --backend sim")
     processes, urls = _start_workers(args)
     try:
         args.worker_urls = [*args.worker_urls, *urls]
@@ -75,7 +77,7 @@ def _start_workers(args: argparse.Namespace) -> tuple[list[subprocess.Popen], li
                 "-m",
                 "sglang.launch_server",
                 "--model-path",
-                args.model_path,
+                args.model_path or "sim-model",
                 "--host",
                 args.worker_host,
                 "--port",
@@ -95,7 +97,8 @@ def _start_workers(args: argparse.Namespace) -> tuple[list[subprocess.Popen], li
                 "use --backend sim to try Shepherd without a GPU"
             )
         commands = [
-            [vllm, "serve", args.model_path, "--host", args.worker_host, "--port", str(port), *extra] for port in ports
+            [vllm, "serve", args.model_path or "sim-model", "--host", args.worker_host, "--port", str(port), *extra]
+            for port in ports
         ]
         envs = [{**os.environ, "CUDA_VISIBLE_DEVICES": str(i)} for i in range(len(ports))]
     processes = [subprocess.Popen(cmd, env=env) for cmd, env in zip(commands, envs, strict=True)]
@@ -115,9 +118,10 @@ def _start_sim(args: argparse.Namespace, extra: list[str]) -> tuple[list[subproc
         "--workers",
         str(args.dp_size),
         "--model",
-        args.model_path,
+        args.model_path or "sim-model",
         "--ready-file",
         ready,
+        *(["--grpc"] if args.grpc else []),
         *extra,
     ]
     proc = subprocess.Popen(cmd)

@@ -21,8 +21,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--workers", type=int, default=1, help="workers served by this process")
     net.add_argument(
         "--ready-file",
-        help='write {"urls": [...], "bootstrap_ports": [...], "pid": N} here (atomically) once every listener '
-        "is bound (bootstrap ports are null unless --role prefill)",
+        help='write {"urls": [...], "http_urls": [...], "bootstrap_ports": [...], "tokenizer_dir": ..., "pid": N} '
+        "here (atomically) once every listener is bound (bootstrap ports are null unless --role prefill; "
+        "tokenizer_dir, the --grpc workers' tokenizer directory, is null without --grpc)",
     )
     net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and admin routes")
 
@@ -59,11 +60,19 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     topo.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks per worker")
-    topo.add_argument(
-        "--grpc-metrics-sidecar",
+    grpc = parser.add_argument_group("gRPC")
+    grpc.add_argument(
+        "--grpc",
         action="store_true",
-        help="stand in for an SGLang gRPC engine: the worker port serves grpc.health.v1 and the HTTP API "
-        "(/metrics included) listens on the metrics sidecar port (gRPC port + 10000, or - 10000 past 65535)",
+        help="be an SGLang gRPC engine: the worker port serves sglang.grpc.scheduler.SglangScheduler and "
+        "grpc.health.v1 (URLs are grpc://), token ids come from a BPE trained at start-up, and the HTTP app "
+        "(/metrics, /__ctl, /__log) listens on the metrics sidecar port (gRPC port + 10000, or - 10000 past 65535)",
+    )
+    grpc.add_argument(
+        "--tokenizer-path-in-info",
+        action="store_true",
+        help="with --grpc: report the local tokenizer directory as GetModelInfo's tokenizer_path (default: empty, "
+        "so a gateway has to fetch the tokenizer with GetTokenizer)",
     )
 
 
@@ -86,7 +95,8 @@ class SimConfig:
     bootstrap_port: int
     bootstrap_timeout_secs: float
     dp_size: int
-    grpc_metrics_sidecar: bool = False
+    grpc: bool = False
+    tokenizer_path_in_info: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
@@ -122,7 +132,8 @@ class SimConfig:
             bootstrap_port=args.bootstrap_port,
             bootstrap_timeout_secs=args.bootstrap_timeout_secs,
             dp_size=args.dp_size,
-            grpc_metrics_sidecar=args.grpc_metrics_sidecar,
+            grpc=args.grpc,
+            tokenizer_path_in_info=args.tokenizer_path_in_info,
         )
 
     @property

@@ -9,7 +9,8 @@
      "latency_ms": 200,            # inference requests are delayed
      "hang": true,                 # inference requests wait until hang is cleared
      "disconnect_after_chunks": 3, # streams are cut after N frames, plain responses at once
-     "refuse": true,               # close the listener and drop open connections
+     "refuse": true,               # close the listener and drop open connections (gRPC: the gRPC port)
+     "output_text": "Hi 🙂",       # gRPC workers: every output is the BPE encoding of this text
      "crash": true}                # answer, then exit the whole process with status 1
 
 and answers with the target's fault state (``null`` clears a field).  ``GET /__ctl`` returns it.
@@ -20,7 +21,11 @@ and answers with the target's fault state (``null`` clears a field).  ``GET /__c
 "running", "queued", "disconnects", "rank_requests": [n per DP rank], "published_rooms", "verified_rooms",
 "unverified_rooms", "orphan_rooms" (PD bootstrap handshake, see ``shepherd.sim.bootstrap``)}``;
 ``DELETE /__log[?worker=i]`` clears it.  Requests to
-``/__ctl`` and ``/__log`` themselves are not recorded.
+``/__ctl`` and ``/__log`` themselves are not recorded.  A ``--grpc`` worker records its gRPC calls
+the same way: ``path`` is the full method name (``/sglang.grpc.scheduler.SglangScheduler/Generate``),
+``body`` the request message as a dict (proto field names), ``status`` the gRPC code name,
+``disconnected`` true when the client cancelled, and ``Generate`` entries add ``choices``
+(``shepherd.sim.request_log.GrpcLogEntry``).
 
 Every worker can control and inspect its siblings, so a worker whose listener was closed with
 ``refuse`` can be restored through another one.
@@ -42,7 +47,7 @@ from shepherd.sim.worker import SimWorker
 _CTL_FIELDS = frozenset(
     {
         "worker", "reset", "crash", "health_status", "error_status", "error_rate", "error_body",
-        "latency_ms", "hang", "disconnect_after_chunks", "refuse",
+        "latency_ms", "hang", "disconnect_after_chunks", "refuse", "output_text",
     }
 )  # fmt: skip
 

@@ -90,7 +90,8 @@ class SequenceGroup:
     """The sequences of one HTTP request (batch prompts x ``n`` choices).
 
     Consumers either ``await wait()`` or iterate ``updates()``, and must call ``abort()`` if
-    they stop early (client went away) so the engine frees the slots and cache pages.
+    they stop early (client went away) so the engine frees the slots and cache pages.  An abort
+    from elsewhere (gRPC ``Abort``) ends ``wait()`` and ``updates()`` early, with ``aborted`` set.
     """
 
     def __init__(self, seqs: list[Sequence]) -> None:
@@ -104,8 +105,12 @@ class SequenceGroup:
     def done(self) -> bool:
         return all(s.finished for s in self.seqs)
 
+    @property
+    def aborted(self) -> bool:
+        return any(s.aborted for s in self.seqs)
+
     async def wait(self) -> None:
-        while not self.done:
+        while not self.done and not self.aborted:
             await self._queue.get()
 
     async def updates(self) -> AsyncIterator[Sequence]:
@@ -115,6 +120,8 @@ class SequenceGroup:
         unfinished = len(self.seqs)
         while unfinished:
             seq = await self._queue.get()
+            if seq.aborted:
+                return
             state = (seq.generated, seq.finished)
             if reported[seq.index] == state:
                 continue
@@ -171,6 +178,7 @@ class Engine:
         if seq.finished or seq.aborted:
             return
         seq.aborted = True
+        seq._notify()
         if seq.lease is None:
             self.waiting.remove(seq)
             return

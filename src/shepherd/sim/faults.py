@@ -25,6 +25,8 @@ class FaultState:
     ``disconnect_after_chunks``: streams are cut after N SSE frames; non-streaming inference
     responses are cut before any byte is sent.
     ``refuse``: the listener is closed (applied by the server, which owns the socket).
+    ``output_text`` (gRPC workers): every generation outputs exactly the BPE encoding of this text
+    (not a fault, a script for tests: it pins which ids a client must detokenize).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -41,6 +43,7 @@ class FaultState:
         self.disconnect_after_chunks: int | None = None
         self.hang = False
         self.refuse = False
+        self.output_text: str | None = None
         self._unhang.set()
         self._refresh()
 
@@ -62,6 +65,11 @@ class FaultState:
             self.error_rate = float(rate)
         if "error_body" in changes:
             self.error_body = changes["error_body"]
+        if "output_text" in changes:
+            text = changes["output_text"]
+            if text is not None and not isinstance(text, str):
+                raise FaultError("output_text must be a string or null")
+            self.output_text = text
         if self.hang:
             self._unhang.clear()
         else:
@@ -90,4 +98,5 @@ class FaultState:
             "hang": self.hang,
             "disconnect_after_chunks": self.disconnect_after_chunks,
             "refuse": self.refuse,
+            "output_text": self.output_text,
         }

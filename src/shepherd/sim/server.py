@@ -3,6 +3,8 @@
 Each worker has its own listener, aiohttp app, engines and fault state; they share the
 process's event loop.  Listeners are plain sockets bound here, so a worker can stop
 listening (``refuse`` fault: clients get ECONNREFUSED) and later listen on the same port again.
+With ``--grpc`` the worker port is a gRPC server instead (``shepherd.sim.grpc_server``) and the
+workers share one BPE tokenizer, trained at start-up and written to a temporary directory.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from pathlib import Path
 
-import grpc
 import uvloop
 from aiohttp import web
 
 from shepherd.observability.sidecar_address import sidecar_metrics_url
+from shepherd.sim import bpe
 from shepherd.sim.app import build_app
 from shepherd.sim.config import SimConfig, add_sim_arguments
-from shepherd.sim.grpc_standin import start_grpc_standin
+from shepherd.sim.grpc_scheduler import SchedulerServicer
+from shepherd.sim.grpc_server import GrpcListener
 from shepherd.sim.worker import SimWorker
 
 __all__ = ["SimServer", "add_sim_arguments", "run_sim"]
@@ -38,17 +44,23 @@ class SimServer:
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.SockSite | None] = []
         self._http_ports: list[int] = []  # the HTTP app's port: the worker port, or its metrics sidecar port
-        self._grpc_servers: list[grpc.aio.Server] = []
+        self._grpc_listeners: list[GrpcListener] = []
+        self.tokenizer_dir: Path | None = None  # --grpc: the workers' tokenizer directory
 
     async def start(self) -> None:
         """Bind every worker's listener (raises ``OSError`` if a port is taken)."""
+        tokenizer = None
+        if self.config.grpc:
+            tokenizer = bpe.build()
+            self.tokenizer_dir = Path(tempfile.mkdtemp(prefix="shepherd-sim-tokenizer-"))
+            tokenizer.write_dir(self.tokenizer_dir)
         for worker in self.workers:
             port = self.config.port + worker.index if self.config.port else 0
-            if self.config.grpc_metrics_sidecar:
-                grpc_server, worker.port, sock = await start_grpc_standin(
-                    self.config.host, port, worker.faults, _listen
-                )
-                self._grpc_servers.append(grpc_server)
+            if tokenizer is not None and self.tokenizer_dir is not None:
+                listener = GrpcListener(self.config.host, SchedulerServicer(worker, tokenizer, self.tokenizer_dir))
+                self._grpc_listeners.append(listener)
+                sock = await listener.start_with_sidecar(port, _listen)
+                worker.port = listener.port
             else:
                 sock = _listen(self.config.host, port)
                 worker.port = sock.getsockname()[1]
@@ -75,8 +87,8 @@ class SimServer:
 
     @property
     def http_urls(self) -> list[str]:
-        """Where each worker's HTTP app listens (with --grpc-metrics-sidecar: the sidecar address)."""
-        if not self.config.grpc_metrics_sidecar:
+        """Where each worker's HTTP app listens (with --grpc: the sidecar address)."""
+        if not self.config.grpc:
             return self.urls
         return [sidecar_metrics_url(url).removesuffix("/metrics") for url in self.urls]
 
@@ -85,8 +97,13 @@ class SimServer:
 
         Closing also drops every open connection to the worker, in-flight requests included,
         so pooled clients see the worker as gone too.  Only the connection of ``spare`` (the
-        control request asking for this) is closed gracefully, after its response.
+        control request asking for this) is closed gracefully, after its response.  A gRPC
+        worker stops (or restarts) its gRPC server and keeps its HTTP sidecar listening.
         """
+        if self._grpc_listeners:
+            listener = self._grpc_listeners[index]
+            await (listener.stop() if refusing else listener.start())
+            return
         site = self._sites[index]
         if refusing and site is not None:
             await site.stop()
@@ -107,10 +124,12 @@ class SimServer:
             worker.faults.reset()  # release hung requests so they can finish
         for runner in self._runners:
             await runner.cleanup()
-        for grpc_server in self._grpc_servers:
-            await grpc_server.stop(None)
+        for listener in self._grpc_listeners:
+            await listener.stop()
         for worker in self.workers:
             await worker.close()
+        if self.tokenizer_dir is not None:
+            shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -120,10 +139,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _write_ready_file(path: str, urls: list[str], http_urls: list[str], bootstrap_ports: list[int | None]) -> None:
+def _write_ready_file(path: str, server: SimServer) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        data = {"urls": urls, "http_urls": http_urls, "bootstrap_ports": bootstrap_ports, "pid": os.getpid()}
+        data = {
+            "urls": server.urls,
+            "http_urls": server.http_urls,
+            "bootstrap_ports": [w.bootstrap_port for w in server.workers],  # null unless --role prefill
+            "tokenizer_dir": str(server.tokenizer_dir) if server.tokenizer_dir else None,
+            "pid": os.getpid(),
+        }
         json.dump(data, f)
     os.replace(tmp, path)
 
@@ -142,8 +167,7 @@ async def _serve(config: SimConfig) -> int:
         return 1
     print(f"shepherd sim: {len(server.workers)} worker(s) at {' '.join(server.urls)}", flush=True)
     if config.ready_file:
-        bootstrap_ports = [w.bootstrap_port for w in server.workers]  # null unless --role prefill
-        _write_ready_file(config.ready_file, server.urls, server.http_urls, bootstrap_ports)
+        _write_ready_file(config.ready_file, server)
     await stop.wait()
     await server.stop()
     return 0

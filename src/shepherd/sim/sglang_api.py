@@ -14,7 +14,6 @@ from shepherd.sim.tokenizer import fake_logprob
 from shepherd.sim.wire import JSON, RequestError, SseStream, apply_inference_faults, json_response, read_json_object
 from shepherd.sim.worker import SimWorker
 
-SGLANG_VERSION = "0.5.4-sim"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -61,34 +60,7 @@ class SglangApi:
         return web.Response(body=self._model_info, content_type=JSON)
 
     async def server_info(self, request: web.Request) -> web.Response:
-        cfg = self.worker.config
-        info: dict[str, Any] = {
-            "model_path": cfg.model,
-            "tokenizer_path": cfg.model,
-            "served_model_name": cfg.model,
-            "host": cfg.host,
-            "port": self.worker.port,
-            "tp_size": 1,
-            "pp_size": 1,
-            "dp_size": cfg.dp_size,
-            "enable_dp_attention": cfg.dp_size > 1,
-            "max_running_requests": cfg.max_running_requests,
-            "max_total_tokens": cfg.kv_tokens,
-            "max_total_num_tokens": cfg.kv_tokens,
-            "context_length": cfg.context_length,
-            "page_size": cfg.page_size,
-            "chunked_prefill_size": cfg.latency.chunked_prefill_size if cfg.latency else None,
-            "random_seed": cfg.seed,
-            "disaggregation_mode": cfg.disaggregation_mode,
-            "disaggregation_bootstrap_port": self.worker.bootstrap_port or cfg.bootstrap_port,
-            "is_embedding": False,
-            "version": SGLANG_VERSION,
-            "internal_states": [
-                {"dp_rank": rank, "last_gen_throughput": self.worker.stats.gen_throughput()}
-                for rank in range(cfg.dp_size)
-            ],
-        }
-        return json_response(info)
+        return json_response(self.worker.server_info())
 
     async def get_load(self, request: web.Request) -> web.Response:
         return json_response(self.worker.load())

@@ -61,16 +61,32 @@ class Completion:
     text: str
     offsets: list[int]  # offsets[i] = len(text of the first i tokens); offsets[0] == 0
 
+    @classmethod
+    def ids_only(cls, token_ids: list[int]) -> Completion:
+        """A completion without text, for workers that exchange token ids only (gRPC)."""
+        return cls(token_ids, "", [0] * (len(token_ids) + 1))
+
     def text_upto(self, n_tokens: int) -> str:
         return self.text[: self.offsets[n_tokens]]
 
+    def head(self, n_tokens: int) -> Completion:
+        """The first ``n_tokens`` tokens."""
+        if n_tokens >= len(self.token_ids):
+            return self
+        return Completion(self.token_ids[:n_tokens], self.text_upto(n_tokens), self.offsets[: n_tokens + 1])
 
-def generate(prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int = 0) -> Completion:
-    """Deterministic continuation of ``prompt_ids``: the same prompt, seed and choice index
-    always give the same ``n_tokens`` tokens, in any process."""
+
+def word_draws(prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int = 0) -> bytes:
+    """Indexes into :data:`OUTPUT_VOCAB`, one byte per token: the same prompt, seed and choice index
+    always give the same draws, in any process, and fewer tokens give a prefix of them."""
     # hash() of a tuple of ints is not salted per process (only str/bytes hashes are).
     key = struct.pack("<qqq", hash(tuple(prompt_ids)), seed, choice)
-    draws = hashlib.shake_128(key).digest(n_tokens)  # one byte per token: an index into the vocab
+    return hashlib.shake_128(key).digest(n_tokens)
+
+
+def generate(prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int = 0) -> Completion:
+    """Deterministic continuation of ``prompt_ids`` (see :func:`word_draws`)."""
+    draws = word_draws(prompt_ids, n_tokens, seed, choice)
     return Completion(
         [_OUTPUT_IDS[b] for b in draws],
         "".join([OUTPUT_VOCAB[b] for b in draws]),

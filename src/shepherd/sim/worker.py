@@ -12,7 +12,9 @@ from shepherd.sim.faults import FaultState
 from shepherd.sim.kv_cache import PrefixCache
 from shepherd.sim.metrics import LiveState, WorkerStats
 from shepherd.sim.request_log import RequestLog
-from shepherd.sim.tokenizer import generate
+from shepherd.sim.tokenizer import Completion, generate
+
+SGLANG_VERSION = "0.5.4-sim"
 
 
 class SimWorker:
@@ -43,7 +45,7 @@ class SimWorker:
             host = "127.0.0.1"  # a wildcard bind is reachable on loopback
         elif ":" in host:
             host = f"[{host}]"
-        scheme = "grpc" if self.config.grpc_metrics_sidecar else "http"
+        scheme = "grpc" if self.config.grpc else "http"
         return f"{scheme}://{host}:{self.port}"
 
     @property
@@ -54,8 +56,20 @@ class SimWorker:
     def submit(
         self, prompts: list[list[int]], max_new_tokens: list[int], n: int = 1, dp_rank: int | None = None
     ) -> SequenceGroup:
-        """Start ``n`` generations per prompt (``max_new_tokens`` is per prompt).  Sequences are
-        ordered prompt-major; all of one request's sequences share a DP rank.
+        """Start ``n`` generations per prompt (``max_new_tokens`` is per prompt) with the simulator's
+        word output.  Sequences are ordered prompt-major."""
+        seed = self.config.seed
+        return self.start(
+            [
+                (prompt, generate(prompt, new, seed, choice))
+                for prompt, new in zip(prompts, max_new_tokens, strict=True)
+                for choice in range(n)
+            ],
+            dp_rank,
+        )
+
+    def start(self, work: list[tuple[list[int], Completion]], dp_rank: int | None = None) -> SequenceGroup:
+        """Start one sequence per (prompt ids, output) pair; all of them share a DP rank.
 
         PD roles: a prefill worker stops after the first token, as SGLang's does (the decode worker
         generates the rest); a decode worker gets the prompt's KV cache from its prefill, so it does
@@ -64,14 +78,14 @@ class SimWorker:
         self.log.rank_requests[rank] += 1
         engine = self.engines[rank]
         role = self.config.role
-        if role == "prefill":
-            max_new_tokens = [min(new, 1) for new in max_new_tokens]
-        seed = self.config.seed
         group = SequenceGroup(
             [
-                Sequence(prompt, generate(prompt, new, seed, choice), kv_transferred=role == "decode")
-                for prompt, new in zip(prompts, max_new_tokens, strict=True)
-                for choice in range(n)
+                Sequence(
+                    prompt,
+                    completion.head(1) if role == "prefill" else completion,
+                    kv_transferred=role == "decode",
+                )
+                for prompt, completion in work
             ]
         )
         for seq in group.seqs:
@@ -107,6 +121,35 @@ class SimWorker:
             }
             for rank, e in enumerate(self.engines)
         ]
+
+    def server_info(self) -> dict[str, Any]:
+        """The facts SGLang's ``/server_info`` (and gRPC ``GetServerInfo``'s ``server_args``) report."""
+        cfg = self.config
+        return {
+            "model_path": cfg.model,
+            "tokenizer_path": cfg.model,
+            "served_model_name": cfg.model,
+            "host": cfg.host,
+            "port": self.port,
+            "tp_size": 1,
+            "pp_size": 1,
+            "dp_size": cfg.dp_size,
+            "enable_dp_attention": cfg.dp_size > 1,
+            "max_running_requests": cfg.max_running_requests,
+            "max_total_tokens": cfg.kv_tokens,
+            "max_total_num_tokens": cfg.kv_tokens,
+            "context_length": cfg.context_length,
+            "page_size": cfg.page_size,
+            "chunked_prefill_size": cfg.latency.chunked_prefill_size if cfg.latency else None,
+            "random_seed": cfg.seed,
+            "disaggregation_mode": cfg.disaggregation_mode,
+            "disaggregation_bootstrap_port": self.bootstrap_port or cfg.bootstrap_port,
+            "is_embedding": False,
+            "version": SGLANG_VERSION,
+            "internal_states": [
+                {"dp_rank": rank, "last_gen_throughput": self.stats.gen_throughput()} for rank in range(cfg.dp_size)
+            ],
+        }
 
     def counters(self) -> dict[str, int]:
         s = self.stats
