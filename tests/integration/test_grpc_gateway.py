@@ -332,3 +332,21 @@ def _sse(gateway, path: str, body: dict) -> list[str]:
     status, text = gateway.post(path, body, timeout=15)
     assert status == 200, text
     return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def test_cache_aware_routes_a_repeated_prefix_to_the_worker_that_cached_its_tokens(tmp_path, fleet):
+    with start_gateway(tmp_path, fleet.urls) as gw:  # cache_aware is the default policy
+        gw.process.wait_for(lambda: gw.get("/v1/models")[0] == 200, 20, "the tokenizer")
+        prompts = [f"conversation {i}: " + " ".join(f"word{i}x{j}" for j in range(300)) for i in range(4)]
+        first: dict[str, str] = {}
+        for prompt in prompts:
+            status, headers, _ = _post_with_headers(gw.url + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+            assert status == 200
+            first[prompt] = headers["x-smg-routed-worker-id"]
+        assert len(set(first.values())) == 2  # new prefixes spread over the fleet
+        for prompt in prompts:
+            status, headers, body = _post_with_headers(
+                gw.url + "/v1/completions", {"prompt": prompt + " and more", "max_tokens": 1}
+            )
+            assert headers["x-smg-routed-worker-id"] == first[prompt]
+            assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

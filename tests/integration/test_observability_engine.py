@@ -1,6 +1,6 @@
 """Engine metrics and gRPC workers across real processes.
 
-HTTP workers are `shepherd sim`s; gRPC workers are `shepherd sim --grpc-metrics-sidecar` (grpc.health.v1 on its
+HTTP workers are `shepherd sim`s; gRPC workers are `shepherd sim --grpc` (SglangScheduler and grpc.health.v1 on its
 port, its HTTP app -- /metrics and the request log -- on the derived sidecar port) or, for the production path,
 a grpc.aio health server plus `shepherd metrics-sidecar` serving real Prometheus multiprocess files.
 """
@@ -37,8 +37,8 @@ def http_sims(tmp_path_factory) -> SimFleet:
 
 @pytest.fixture(scope="module")
 def grpc_sim(tmp_path_factory) -> SimFleet:
-    """A sim standing in for one gRPC engine; its `urls` are the sidecar (HTTP) addresses, for ctl and log."""
-    with start_sim(tmp_path_factory.mktemp("eng-grpc"), 1, "--grpc-metrics-sidecar") as sims:
+    """A simulated gRPC engine; its `urls` are the sidecar (HTTP) addresses, for ctl and log."""
+    with start_sim(tmp_path_factory.mktemp("eng-grpc"), 1, "--grpc") as sims:
         sims.grpc_url = sims.urls[0]
         assert sims.grpc_url.startswith("grpc://")
         sims.urls = [sidecar_metrics_url(sims.grpc_url).removesuffix("/metrics")]
@@ -88,16 +88,17 @@ def grpc_worker_status(gateway: GatewayProcess, url: str) -> str | None:
     return worker_status(gateway.workers(), url)
 
 
-def test_grpc_registration_needs_the_model(gateway, grpc_sim):
-    status, body = gateway.post("/workers", {"url": "grpc://127.0.0.1:50051"}, headers=AUTH)
-    assert status == 400
-    assert body["error"]["param"] == "model_id"
+def test_grpc_registration_reads_the_model_from_the_worker(gateway, grpc_sim):
+    status, body = gateway.post("/workers", {"url": "grpc://127.0.0.1:9"}, headers=AUTH)
+    assert status == 202, body  # no model needed: GetModelInfo names it once the worker answers
+    http_request("DELETE", f"{gateway.url}/workers/{body['worker_id']}", headers=AUTH)
     worker = next(w for w in gateway.workers() if w["url"] == grpc_sim.grpc_url)
     assert worker["connection_mode"] == "grpc" and worker["model_id"] == MODEL
+    assert worker["labels"]["served_model_name"] == MODEL
 
 
-def test_grpc_health_is_probed_with_grpc_health_v1(gateway, grpc_sim):
-    grpc_sim.ctl(0, health_status=503)  # the stand-in now answers NOT_SERVING
+def test_grpc_health_is_probed_with_the_healthcheck_rpc(gateway, grpc_sim):
+    grpc_sim.ctl(0, health_status=503)  # the sim's HealthCheck now answers healthy=false
     gateway.process.wait_for(lambda: grpc_worker_status(gateway, grpc_sim.grpc_url) == "not_ready", 10, "not_ready")
     assert gateway.metrics().value("smg_worker_health", worker=grpc_sim.grpc_url) == 0
     grpc_sim.ctl(0, health_status=None)
@@ -107,13 +108,13 @@ def test_grpc_health_is_probed_with_grpc_health_v1(gateway, grpc_sim):
     assert exposition.value("smg_worker_pool_size", worker_type="regular", connection_mode="grpc", model=MODEL) == 1
 
 
-def test_http_routing_never_picks_grpc_workers(gateway, http_sims, grpc_sim):
+def test_a_mixed_fleet_serves_from_http_and_grpc_workers(gateway, http_sims, grpc_sim):
     for i in range(6):
         status, body = gateway.post("/generate", {"model": MODEL, "text": f"x{i}"}, headers=AUTH)
         assert status == 200, body
-    assert grpc_sim.log(0)["counts"].get("/generate", 0) == 0
-    served = sum(http_sims.log(i)["counts"].get("/generate", 0) for i in range(2))
-    assert served == 6
+    over_grpc = grpc_sim.log(0)["counts"].get("/sglang.grpc.scheduler.SglangScheduler/Generate", 0)
+    over_http = sum(http_sims.log(i)["counts"].get("/generate", 0) for i in range(2))
+    assert over_grpc + over_http == 6
 
 
 def test_engine_metrics_merge_http_and_grpc_workers_and_skip_a_failing_one(gateway, http_sims, grpc_sim):
@@ -180,7 +181,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 async def test_metrics_sidecar_serves_a_grpc_engine_end_to_end(gateway, tmp_path):
     # The gRPC stand-in is served by this test's event loop: blocking waits run in threads.
     write_multiprocess_metrics(tmp_path)
-    async with GrpcHealthWorker() as engine:
+    async with GrpcHealthWorker(model=MODEL) as engine:
         if not port_is_free(sidecar_port(engine.port)):
             pytest.skip(f"sidecar port {sidecar_port(engine.port)} of gRPC port {engine.port} is taken")
         command = sidecar_command(tmp_path, "--host", "127.0.0.1", "--grpc-port", str(engine.port))

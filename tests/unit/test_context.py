@@ -1,7 +1,15 @@
 import orjson
 import pytest
 
-from shepherd.routing.context import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, InvalidRequest, RequestContext
+from shepherd.routing.context import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    GENERATE,
+    TOKEN_CHARS,
+    InvalidRequest,
+    RequestContext,
+)
 
 
 def ctx(endpoint, payload):
@@ -60,3 +68,14 @@ def test_invalid_requests_name_the_problem(endpoint, raw, code, param):
     with pytest.raises(InvalidRequest) as info:
         RequestContext(endpoint, raw, "r")
     assert info.value.code == code and info.value.param == param
+
+
+def test_routing_by_tokens_shares_exactly_the_shared_token_prefix():
+    first = RequestContext(GENERATE, b'{"text": "a"}', "r1")
+    second = RequestContext(GENERATE, b'{"text": "b"}', "r2")
+    first.route_by_tokens([5, 70000, 3, 9])
+    second.route_by_tokens([5, 70000, 4])
+    a, b = first.routing_text, second.routing_text
+    assert len(a) == 4 * TOKEN_CHARS and len(b) == 3 * TOKEN_CHARS
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared == 2 * TOKEN_CHARS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", "/v1/embeddings", "input")
 RERANK = Endpoint("rerank", "/v1/rerank", "/v1/rerank", "query")
 RERANK_LEGACY = Endpoint("rerank", "/rerank", "/v1/rerank", "query")
 INFERENCE_ENDPOINTS = (GENERATE, CHAT, COMPLETIONS, EMBEDDINGS, RERANK, RERANK_LEGACY)
+TOKEN_CHARS = 4  # characters of routing text per token id (RequestContext.route_by_tokens)
 
 
 class InvalidRequest(ValueError):
@@ -74,6 +77,15 @@ class RequestContext:
         if self._routing_text is None:
             self._routing_text = extract_routing_text(self.endpoint, self.payload)
         return self._routing_text
+
+    def route_by_tokens(self, token_ids: Sequence[int]) -> None:
+        """Match prefixes on the prompt's token ids (what the engine caches) instead of its text.
+
+        Each id is indexed as its 4 little-endian bytes, one character each: built in C, about as long as the
+        text it encodes (TOKEN_CHARS characters per token), and two prompts share an indexed prefix exactly when
+        they share a token prefix.
+        """
+        self._routing_text = array("I", token_ids).tobytes().decode("latin-1")
 
     def inject(self, fields: dict[str, Any]) -> bytes:
         """The body with extra fields set (PD bootstrap info, DP rank); the client's bytes are not touched."""

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -30,6 +30,7 @@ from shepherd.http.middleware import STREAM_STARTED
 from shepherd.routing.attempt import AttemptFailure, is_failure
 from shepherd.routing.context import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, InvalidRequest, RequestContext
 from shepherd.upstream.grpc_client import SglangClient, http_status
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import RelayOutcome
 from shepherd.upstream.retry import RETRYABLE_STATUSES, is_worker_fault
 from shepherd.workers.load import Lease
@@ -89,6 +90,19 @@ class GrpcDispatcher:
         except ChatTemplateError as exc:
             raise GatewayError(400, "chat_template_error", f"Failed to apply the chat template: {exc}") from None
         return ctx.generation
+
+    def prepare_routing(self, ctx: RequestContext, candidates: Sequence[Worker]) -> None:
+        """Before a policy picks among gRPC workers: tokenize now, and let cache-aware routing match token ids."""
+        if ctx.endpoint not in _KINDS:
+            return
+        worker = next((w for w in candidates if is_grpc_url(w.base_url)), None)
+        if worker is None:
+            return
+        try:
+            plan = self.plan(ctx, worker)
+        except GatewayError:
+            return  # the request's error is the gRPC attempt's to report, if a gRPC worker is picked
+        ctx.route_by_tokens(plan.prompt_ids)
 
     def _tokenizer(self, ctx: RequestContext, worker: Worker) -> LoadedTokenizer:
         tokenizer = self._tokenizer_for(worker.model_id)

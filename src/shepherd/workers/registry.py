@@ -33,6 +33,7 @@ class Registry:
         self._on_breaker: list[BreakerListener] = []
         self._reopen_timer: asyncio.TimerHandle | None = None
         self._tokenized_models: frozenset[str] = frozenset()
+        self._grpc_models: frozenset[str | None] = frozenset()  # models with routable gRPC workers (None: any)
 
     # --- subscriptions -------------------------------------------------------------------------------------
     def subscribe(
@@ -121,6 +122,10 @@ class Registry:
             self._tokenized_models = models
             self._rebuild()
 
+    def has_grpc(self, model: str | None) -> bool:
+        """Whether routable gRPC workers serve `model` (None: any model); cheap, read per request."""
+        return model in self._grpc_models
+
     def can_serve(self, worker: Worker) -> bool:
         """Whether requests can be sent to this worker once it is ready: a gRPC worker needs its tokenizer."""
         return not is_grpc_url(worker.base_url) or worker.model_id in self._tokenized_models
@@ -152,6 +157,7 @@ class Registry:
         routable: dict[tuple[WorkerType, str | None], list[Worker]] = {}
         models: dict[WorkerType, set[str]] = {}
         next_reopen: float | None = None
+        grpc_models: set[str | None] = set()
         for worker in self._by_id.values():
             if self.can_serve(worker):
                 models.setdefault(worker.worker_type, set()).add(worker.model_id)
@@ -163,8 +169,11 @@ class Registry:
                 continue
             routable.setdefault((worker.worker_type, _ANY_MODEL), []).append(worker)
             routable.setdefault((worker.worker_type, worker.model_id), []).append(worker)
+            if is_grpc_url(worker.base_url):
+                grpc_models.update((_ANY_MODEL, worker.model_id))
         self._routable = {key: tuple(workers) for key, workers in routable.items()}
         self._models = {key: frozenset(names) for key, names in models.items()}
+        self._grpc_models = frozenset(grpc_models)
         self._schedule_reopen(next_reopen)
 
     def _schedule_reopen(self, delay: float | None) -> None:

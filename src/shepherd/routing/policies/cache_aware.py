@@ -46,8 +46,9 @@ import random
 from collections.abc import Sequence
 
 from shepherd.config import CacheAwareConfig
-from shepherd.routing.context import RequestContext
+from shepherd.routing.context import TOKEN_CHARS, RequestContext
 from shepherd.routing.prefix_index import PrefixIndex, WorkerEntry
+from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.workers.worker import Worker
 
 KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
@@ -112,12 +113,15 @@ class CacheAwarePolicy:
         return index
 
     def _kv_chars(self, worker: Worker) -> int:
-        """The worker's prefix-cache size in characters: --worker-kv-tokens, else what the worker reported."""
+        """The worker's prefix-cache size in characters: --worker-kv-tokens, else what the worker reported.
+
+        Requests for gRPC workers are indexed by token ids, TOKEN_CHARS characters each (no estimate needed)."""
         tokens = self._config.worker_kv_tokens
         if not tokens:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
-        return int(tokens * self._config.chars_per_token)
+        per_token = TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
+        return int(tokens * per_token)
 
     def _running_limit(self, worker: Worker) -> int:
         """How many requests the worker runs at once, as it reported at registration; 0 = unknown."""
