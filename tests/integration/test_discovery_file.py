@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.discovery import metric, wait_workers_from
 from tests.support.gateway import start_gateway
-from tests.support.processes import SimFleet
+from tests.support.processes import SimFleet, start_sim
 
 SOURCE = "file"
 
@@ -72,3 +72,28 @@ def test_manifest_changes_are_applied_and_a_malformed_one_keeps_the_last_good_st
         assert metric(gw, "smg_discovery_registrations_total", source=SOURCE, result="success") == 3
         assert metric(gw, "smg_discovery_deregistrations_total", source=SOURCE, reason="reconciled") == 3
         assert metric(gw, "smg_discovery_workers_discovered", source=SOURCE) == 0
+
+
+def test_a_bare_address_in_the_manifest_is_probed_and_registered_as_what_answers(tmp_path, manifest, fleet):
+    """`host:port` without a scheme: an SGLang gRPC engine is registered as grpc://, an HTTP one as http://."""
+    grpc_sims = start_sim(tmp_path, 1, "--grpc")
+    try:
+        grpc_addr = grpc_sims.urls[0].removeprefix("grpc://")
+        http_addr = fleet.urls[0].removeprefix("http://")
+        write(manifest, json.dumps([{"url": grpc_addr}, {"url": http_addr}]))
+        args = (
+            "--discovery-provider",
+            "file",
+            "--discovery-file",
+            str(manifest),
+            "--discovery-check-interval-secs",
+            "1",
+        )
+        with start_gateway(tmp_path, (), *args, ready_workers=2) as gw:
+            found = wait_workers_from(gw, SOURCE, {grpc_sims.urls[0], fleet.urls[0]})
+            assert found[grpc_sims.urls[0]]["connection_mode"] == "grpc"
+            assert found[fleet.urls[0]]["connection_mode"] == "http"
+            write(manifest, json.dumps([{"url": http_addr}]))  # the gRPC one leaves: matched by its address
+            wait_workers_from(gw, SOURCE, {fleet.urls[0]})
+    finally:
+        grpc_sims.stop()

@@ -117,22 +117,22 @@ def test_desired_workers_reserve_not_ready_pods_and_skip_leaving_ones():
         pod("other-app", ip="10.0.0.6", uid="u6", labels={"app": "web"}),
     ]
     desired = desired_workers(pods, REGULAR, 8000, api_key="k")
-    assert set(desired) == {"http://10.0.0.1:8000", "http://10.0.0.2:8000"}
-    assert desired["http://10.0.0.1:8000"].addable
-    assert not desired["http://10.0.0.2:8000"].addable
-    spec = desired["http://10.0.0.1:8000"].spec
+    assert set(desired) == {"10.0.0.1:8000", "10.0.0.2:8000"}
+    assert desired["10.0.0.1:8000"].addable
+    assert not desired["10.0.0.2:8000"].addable
+    spec = desired["10.0.0.1:8000"].spec
     assert spec.source == "kubernetes" and spec.api_key == "k" and spec.worker_type is WorkerType.REGULAR
     assert spec.labels[POD_NAME_LABEL] == "ready"
     assert spec.labels[POD_NAMESPACE_LABEL] == "inference"
     assert spec.labels[POD_UID_LABEL] == "u1"
     assert spec.labels[PROVIDER_LABEL] == "kubernetes"
-    assert desired["http://10.0.0.1:8000"].description == "pod: ready (10.0.0.1:8000)"
+    assert desired["10.0.0.1:8000"].description == "pod: ready (10.0.0.1:8000)"
 
 
 def test_a_new_uid_at_the_same_ip_is_a_different_worker_identity():
-    old = desired_workers([pod(uid="uid-old")], REGULAR, 80, None)["http://10.0.0.5:80"]
-    new = desired_workers([pod(uid="uid-new")], REGULAR, 80, None)["http://10.0.0.5:80"]
-    again = desired_workers([pod(uid="uid-old", ready=False)], REGULAR, 80, None)["http://10.0.0.5:80"]
+    old = desired_workers([pod(uid="uid-old")], REGULAR, 80, None)["10.0.0.5:80"]
+    new = desired_workers([pod(uid="uid-new")], REGULAR, 80, None)["10.0.0.5:80"]
+    again = desired_workers([pod(uid="uid-old", ready=False)], REGULAR, 80, None)["10.0.0.5:80"]
     assert old.spec_hash != new.spec_hash
     assert old.spec_hash == again.spec_hash  # readiness is not identity: a NotReady pod keeps its worker
     assert old.spec.labels[SPEC_HASH_LABEL] == old.spec_hash
@@ -143,9 +143,9 @@ def test_two_pods_claiming_one_ip_prefer_the_ready_then_the_newer_one():
     fresh = pod("new", uid="u-new", created="2024-05-01T10:00:00Z")
     newest_not_ready = pod("newest", uid="u-newest", ready=False, created="2024-05-01T11:00:00Z")
     desired = desired_workers([fresh, finished_old, newest_not_ready], REGULAR, 80, None)
-    assert desired["http://10.0.0.5:80"].spec.labels[POD_UID_LABEL] == "u-new"
+    assert desired["10.0.0.5:80"].spec.labels[POD_UID_LABEL] == "u-new"
     both_ready = desired_workers([fresh, pod("newer", uid="u-2", created="2024-05-01T12:00:00Z")], REGULAR, 80, None)
-    assert both_ready["http://10.0.0.5:80"].spec.labels[POD_UID_LABEL] == "u-2"
+    assert both_ready["10.0.0.5:80"].spec.labels[POD_UID_LABEL] == "u-2"
 
 
 def test_prefill_pods_take_the_bootstrap_port_annotation_and_decode_pods_ignore_it():
@@ -166,11 +166,11 @@ def test_prefill_pods_take_the_bootstrap_port_annotation_and_decode_pods_ignore_
 
 def test_role_change_changes_identity():
     selection = PodSelection([(WorkerType.PREFILL, {"role": "prefill"}), (WorkerType.DECODE, {"role": "decode"})])
-    as_prefill = desired_workers([pod(labels={"role": "prefill"})], selection, 80, None)["http://10.0.0.5:80"]
-    as_decode = desired_workers([pod(labels={"role": "decode"})], selection, 80, None)["http://10.0.0.5:80"]
+    as_prefill = desired_workers([pod(labels={"role": "prefill"})], selection, 80, None)["10.0.0.5:80"]
+    as_decode = desired_workers([pod(labels={"role": "decode"})], selection, 80, None)["10.0.0.5:80"]
     assert as_prefill.spec_hash != as_decode.spec_hash
 
 
 def test_ipv6_pod_ips_are_bracketed():
-    assert worker_url("fd00::5", 8000) == "http://[fd00::5]:8000"
-    assert worker_url("10.0.0.5", 80) == "http://10.0.0.5:80"
+    assert worker_url("fd00::5", 8000) == "[fd00::5]:8000"  # no scheme: registration probes HTTP and gRPC
+    assert worker_url("10.0.0.5", 80) == "10.0.0.5:80"

@@ -1,4 +1,4 @@
-"""Kubernetes discovery: pods matching label selectors become workers at `http://<podIP>:<port>`.
+"""Kubernetes discovery: pods matching label selectors become workers at `<podIP>:<port>`, HTTP or gRPC as they answer.
 
 `PodListWatch` keeps `self._pods` equal to the matching pods; every change schedules a reconciliation of the
 workers those pods describe (see reconciler.py). Semantics follow SMG:
@@ -114,8 +114,9 @@ class PodSelection:
 
 
 def worker_url(ip: str, port: int) -> str:
+    """`ip:port` without a scheme: registration probes a pod for HTTP and for SGLang gRPC (HTTP wins)."""
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
+    return f"{host}:{port}"
 
 
 def desired_workers(

@@ -49,6 +49,12 @@ class DesiredWorker:
         return worker.labels.get(SPEC_HASH_LABEL) == self.spec_hash and worker.api_key == self.spec.api_key
 
 
+def address(url: str) -> str:
+    """`host:port` of a worker URL: a worker registered at `http://` or `grpc://` is the one wanted at `host:port`
+    (a pod is wanted without a scheme, and registration finds out which protocol it speaks)."""
+    return url.split("://", 1)[-1]
+
+
 def desired_worker(
     spec: WorkerSpec, discovery_id: str, *, addable: bool = True, description: str = ""
 ) -> DesiredWorker:
@@ -127,12 +133,12 @@ class Reconciler:
         if self._closed:
             return
         started = time.perf_counter()
-        desired = self._desired()
+        desired = {address(url): want for url, want in self._desired().items()}
         metrics.WORKERS_DISCOVERED.labels(self._source).set(len(desired))
         owned: dict[str, list[Worker]] = {}
         for worker in self._registry.all():
             if worker.source == self._source:
-                owned.setdefault(worker.base_url, []).append(worker)
+                owned.setdefault(address(worker.base_url), []).append(worker)
         outcome = _Pass()
         self._remove_unwanted(desired, owned, outcome)
         self._cancel_unwanted_jobs(desired, outcome)

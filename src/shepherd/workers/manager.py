@@ -181,12 +181,12 @@ class WorkerManager:
     def submit_add(self, spec: WorkerSpec) -> Job:
         """Queue a registration; raises DuplicateWorker when the URL is registered or being registered."""
         existing = self.registry.by_url(spec.url) or next(
-            (w for w in self.registry.all() if w.base_url == spec.url), None
+            (w for w in self.registry.all() if _same_worker(w.base_url, spec.url)), None
         )
         if existing is not None:
             raise DuplicateWorker(spec.url, existing.id)
         for job in self.jobs.values():
-            if job.spec.url == spec.url and job.status != "failed":
+            if _same_worker(job.spec.url, spec.url) and job.status != "failed":
                 raise DuplicateWorker(spec.url, job.worker_id)
         job = Job(worker_id=str(uuid.uuid4()), spec=spec)
         self.jobs[job.worker_id] = job
@@ -392,6 +392,13 @@ class WorkerManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _same_worker(registered: str, wanted: str) -> bool:
+    """A bare `host:port` names whatever protocol answers there."""
+    if "://" in wanted:
+        return registered == wanted
+    return registered.split("://", 1)[-1] == wanted
 
 
 def resolve_model_id(server_info: dict[str, Any], models: dict[str, Any]) -> str:
