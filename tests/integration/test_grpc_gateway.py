@@ -350,3 +350,13 @@ def test_cache_aware_routes_a_repeated_prefix_to_the_worker_that_cached_its_toke
             )
             assert headers["x-smg-routed-worker-id"] == first[prompt]
             assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("policy", ["random", "power_of_two"])
+def test_every_policy_routes_over_grpc(tmp_path, fleet, policy):
+    with start_gateway(tmp_path, fleet.urls, "--policy", policy) as gw:
+        gw.process.wait_for(lambda: gw.get("/v1/models")[0] == 200, 20, "the tokenizer")
+        for i in range(4):
+            status, body = gw.post("/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}]})
+            assert status == 200 and body["choices"][0]["message"]["content"], body
+        assert len(generate_calls(fleet)) == 4
