@@ -360,3 +360,17 @@ def test_every_policy_routes_over_grpc(tmp_path, fleet, policy):
             status, body = gw.post("/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}]})
             assert status == 200 and body["choices"][0]["message"]["content"], body
         assert len(generate_calls(fleet)) == 4
+
+
+def test_admin_reads_and_actions_reach_grpc_workers(gateway, fleet):
+    status, server = gateway.get("/get_server_info")
+    assert status == 200 and server["served_model_name"] == "sim-model" and server["server_type"] == "grpc"
+    status, model = gateway.get("/get_model_info")
+    assert status == 200 and model["served_model_name"] == "sim-model"
+    assert gateway.get("/health_generate")[0] == 200
+    gateway.process.wait_for(
+        lambda: all(load["engine"] for load in gateway.get("/get_loads")[1]["loads"]), 15, "GetLoads answers"
+    )
+    status, flushed = gateway.post("/flush_cache")
+    assert status == 200 and flushed["workers_flushed"] == 2
+    assert all(fleet.log(i)["counts"].get("/sglang.grpc.scheduler.SglangScheduler/FlushCache") for i in range(2))

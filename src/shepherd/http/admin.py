@@ -18,12 +18,13 @@ from shepherd.http.responses import json_response
 from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import auth_headers, relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
-from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec
+from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec, is_secret_name
 from shepherd.workers.registry import count_by_type
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
+    from shepherd.upstream.grpc_client import SglangClient
 
 _FANOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -93,7 +94,11 @@ class AdminRoutes:
             worker = next(iter(self.registry.candidates(role, None)), None)
             if worker is None:
                 raise GatewayError(503, "no_workers", "No workers are available")
-            last = await self._proxy_get(request, worker, "/health_generate")
+            last = (
+                await self._grpc_health(worker)
+                if is_grpc_url(worker.base_url)
+                else await self._proxy_get(request, worker, "/health_generate")
+            )
             if last.status >= 400:
                 return last
         assert last is not None
@@ -114,6 +119,8 @@ class AdminRoutes:
         worker = self._first_healthy()
         if worker is None:
             raise GatewayError(503, "no_workers", "No workers are available")
+        if is_grpc_url(worker.base_url):
+            return await self._grpc_info(worker, request.path)
         return await self._proxy_get(request, worker, request.path)
 
     async def loads(self, _request: web.Request) -> web.Response:
@@ -124,7 +131,7 @@ class AdminRoutes:
                 "worker": w.url,
                 "worker_type": w.worker_type.value,
                 "load": w.load,
-                "engine": engine.get(w.base_url, {}).get("body"),
+                "engine": w.engine_load if is_grpc_url(w.base_url) else engine.get(w.base_url, {}).get("body"),
             }
             for w in workers
         ]
@@ -135,6 +142,7 @@ class AdminRoutes:
     async def flush_cache(self, _request: web.Request) -> web.Response:
         workers = self.registry.all()
         results = await self._fan_out("POST", "/flush_cache", _distinct_bases(workers))
+        results.update(await self._grpc_flush(workers))
         failed = sorted(url for url, r in results.items() if not r["ok"])
         body = {
             "status": "success" if not failed else "partial",
@@ -288,11 +296,59 @@ class AdminRoutes:
         return next((j for j in self.manager.jobs.values() if j.spec.url == url), None)
 
     def _first_healthy(self) -> Worker | None:
-        for role in (WorkerType.REGULAR, WorkerType.DECODE, WorkerType.PREFILL):
-            candidates = self.registry.candidates(role, None)
-            if candidates:
-                return candidates[0]
-        return None
+        """A routable worker, an HTTP one if there is any (its info is passed through as the engine wrote it)."""
+        candidates = [w for role in (WorkerType.REGULAR, WorkerType.DECODE, WorkerType.PREFILL)
+                      for w in self.registry.candidates(role, None)]  # fmt: skip
+        return next((w for w in candidates if not is_grpc_url(w.base_url)), candidates[0] if candidates else None)
+
+    # --- the same admin reads and actions for gRPC workers ---------------------------------------------------
+    def _grpc_client(self, worker: Worker) -> SglangClient:
+        return self.gw.grpc_clients.get(worker.base_url, worker.api_key or self.gw.config.api_key)
+
+    async def _grpc_info(self, worker: Worker, path: str) -> web.Response:
+        """`GetModelInfo` / `GetServerInfo` as SGLang's HTTP server shapes them (server args at the top level),
+        secret-named fields left out as for labels."""
+        import grpc
+
+        client = self._grpc_client(worker)
+        timeout = _FANOUT_TIMEOUT.total or 10.0
+        try:
+            if path.endswith("model_info"):
+                info = await client.model_info(timeout)
+            else:
+                reply = await client.server_info(timeout)
+                info = {**(reply.pop("server_args", None) or {}), **reply}
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayError(
+                502, "call_upstream_failed", f"{worker.url}: {exc.code().name}: {exc.details()}"
+            ) from None
+        public = {k: v for k, v in info.items() if not is_secret_name(k)}
+        return json_response(public, headers={"x-smg-routed-worker-id": worker.url})
+
+    async def _grpc_health(self, worker: Worker) -> web.Response:
+        import grpc
+
+        try:
+            healthy, message = await self._grpc_client(worker).health_check(_FANOUT_TIMEOUT.total or 10.0)
+        except grpc.aio.AioRpcError as exc:
+            healthy, message = False, f"{exc.code().name}: {exc.details()}"
+        extra = {"x-smg-routed-worker-id": worker.url}
+        return web.Response(status=200 if healthy else 503, text=message, headers=extra)
+
+    async def _grpc_flush(self, workers: Iterable[Worker]) -> dict[str, dict[str, Any]]:
+        """`FlushCache` on each gRPC engine, concurrently; the same result shape as the HTTP fan-out."""
+        import grpc
+
+        engines = {w.base_url: w for w in workers if is_grpc_url(w.base_url) and w.status is not WorkerStatus.DRAINING}
+
+        async def flush(worker: Worker) -> tuple[str, dict[str, Any]]:
+            try:
+                ok, message = await self._grpc_client(worker).flush_cache(_FANOUT_TIMEOUT.total or 10.0)
+            except grpc.aio.AioRpcError as exc:
+                return worker.base_url, {"ok": False, "status": None, "body": None, "error": exc.details()}
+            return worker.base_url, {"ok": ok, "status": None, "body": message}
+
+        return dict(await asyncio.gather(*(flush(w) for w in engines.values())))
 
     async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
         """A worker's info passed through. These routes are public, so the client's own credentials go along,

@@ -52,6 +52,7 @@ _KINDS = {GENERATE: "generate", CHAT: "chat", COMPLETIONS: "completions"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _JSON = "application/json"
 _DEFAULT_BOOTSTRAP_PORT = 8998
+_START_FAILED = "start_generation_failed"
 _MAX_ROOM = 2**31 - 1
 
 
@@ -77,18 +78,15 @@ class GrpcDispatcher:
         if ctx.generation is not None:
             return ctx.generation
         from shepherd.generation import build_plan
-        from shepherd.tokenizer.chat_template import ChatTemplateError
 
         kind = _KINDS.get(ctx.endpoint)
         if kind is None:
             raise GatewayError(501, "not_implemented", f"{ctx.endpoint.path} is not served by gRPC workers")
-        tokenizer = self._tokenizer(ctx, worker)
+        tokenizer = self._tokenizer(worker)
         try:
             ctx.generation = build_plan(kind, ctx.payload, tokenizer, self.request_id(ctx), _defaults(worker))
-        except InvalidRequest as exc:
+        except InvalidRequest as exc:  # chat template failures included
             raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
-        except ChatTemplateError as exc:
-            raise GatewayError(400, "chat_template_error", f"Failed to apply the chat template: {exc}") from None
         return ctx.generation
 
     def prepare_routing(self, ctx: RequestContext, candidates: Sequence[Worker]) -> None:
@@ -104,7 +102,7 @@ class GrpcDispatcher:
             return  # the request's error is the gRPC attempt's to report, if a gRPC worker is picked
         ctx.route_by_tokens(plan.prompt_ids)
 
-    def _tokenizer(self, ctx: RequestContext, worker: Worker) -> LoadedTokenizer:
+    def _tokenizer(self, worker: Worker) -> LoadedTokenizer:
         tokenizer = self._tokenizer_for(worker.model_id)
         if tokenizer is None:
             raise GatewayError(
@@ -270,16 +268,17 @@ class GrpcDispatcher:
             worker.breaker.record_failure()
         elif status != 429:
             worker.breaker.record_success()
-        body = error_body(status, "start_generation_failed", f"Failed to start generation: {exc.details()}")
+        body = error_body(status, _START_FAILED, f"Failed to start generation: {exc.details()}")
+        headers = {"Content-Type": _JSON, "x-smg-error-code": _START_FAILED}
         if status in RETRYABLE_STATUSES and not last:
-            return AttemptFailure(worker, status, body, {"Content-Type": _JSON})
-        return web.Response(status=status, body=body, content_type=_JSON, headers=_routing_headers(worker, ctx))
+            return AttemptFailure(worker, status, body, headers)
+        return web.Response(status=status, body=body, headers={**headers, **_routing_headers(worker, ctx)})
 
     # --- embeddings ----------------------------------------------------------------------------------------
     async def _embed(self, ctx: RequestContext, worker: Worker, last: bool) -> web.Response | AttemptFailure:
         from shepherd.generation import build_embed_request, embedding_body
 
-        tokenizer = self._tokenizer(ctx, worker)
+        tokenizer = self._tokenizer(worker)
         try:
             embed = build_embed_request(ctx.payload, tokenizer, self.request_id(ctx))
         except InvalidRequest as exc:

@@ -415,6 +415,11 @@ def resolve_model_id(server_info: dict[str, Any], models: dict[str, Any]) -> str
     return UNKNOWN_MODEL
 
 
+def is_secret_name(key: str) -> bool:
+    """Whether a reported field looks like a credential (an engine's info can list its own arguments)."""
+    return _SECRET_NAME.search(key) is not None
+
+
 def discovered_labels(*infos: dict[str, Any]) -> dict[str, str]:
     """Scalar facts the worker reported about itself, as string labels (long values and secrets left out).
 
@@ -423,7 +428,7 @@ def discovered_labels(*infos: dict[str, Any]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for info in infos:
         for key, value in info.items():
-            if _SECRET_NAME.search(key):
+            if is_secret_name(key):
                 continue
             if isinstance(value, bool):
                 labels[key] = "true" if value else "false"
