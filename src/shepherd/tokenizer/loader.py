@@ -27,6 +27,7 @@ from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
 from shepherd.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from shepherd.tokenizer.encode import SegmentEncoder
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 MAX_ZIP_UNCOMPRESSED_BYTES = 512 * 1024 * 1024
@@ -44,13 +45,17 @@ class LoadedTokenizer:
     eos_token_ids: tuple[int, ...] = ()
     special_ids: frozenset[int] = frozenset()  # ids of the special (added) tokens
     source: str = ""
+    encoder: SegmentEncoder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = SegmentEncoder(self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encoder.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
