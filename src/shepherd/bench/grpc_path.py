@@ -6,7 +6,8 @@ workers and a fleet of `--grpc` simulated workers (same model name), and measure
 
 - `direct`: the HTTP workers without a gateway (the latency baseline);
 - `http`: Shepherd in front of the HTTP workers (pass-through: the body is relayed unchanged);
-- `grpc`: Shepherd in front of the gRPC workers.
+- `grpc`: Shepherd in front of the gRPC workers;
+- any `--gateway NAME=TEMPLATE` (e.g. SMG) in front of the same gRPC workers.
 
 Per request kind (non-stream and streamed `/v1/chat/completions`, a fixed `max_tokens` with `ignore_eos`, so both
 paths produce the same number of tokens; the probe columns check it), it reports the gateway's CPU per request and
@@ -143,6 +144,7 @@ class Settings:
     tokenizer: str | None = None
     tokenize_runs: int = 30
     prompt_tokens: int = 8192
+    gateways: tuple[GatewayTemplate, ...] = ()  # other gateways measured in front of the gRPC fleet (e.g. SMG)
 
     def overhead_settings(self, kinds: Sequence[str]) -> overhead.Settings:
         """What `overhead.measure_target` reads."""
@@ -180,9 +182,14 @@ def run_profile(name: str, settings: Settings, pool: LoadGenPool, progress: Call
             measured[DIRECT] = overhead.measure_target(
                 pool, http_fleet.urls, specs, measure, {"upstream": http_fleet.cpu_seconds}, progress
             )
-            for target, fleet in ((HTTP, http_fleet), (GRPC, grpc_fleet)):
-                gateway = GatewayProcess(GatewayTemplate(f"shepherd-{target}", SHEPHERD_TEMPLATE), fleet.urls)
-                progress(f"{tag}: Shepherd over {target} ({gateway.url} -> {fleet.urls[0]} ...)")
+            others = [(template.name, grpc_fleet, template) for template in settings.gateways]
+            shepherds = [
+                (t, f, GatewayTemplate(f"shepherd-{t}", SHEPHERD_TEMPLATE))
+                for t, f in ((HTTP, http_fleet), (GRPC, grpc_fleet))
+            ]
+            for target, fleet, template in (*shepherds, *others):
+                gateway = GatewayProcess(template, fleet.urls)
+                progress(f"{tag}: {template.name} ({gateway.url} -> {fleet.urls[0]} ...)")
                 chat = specs["chat"]
                 gateway.start(chat.path, chat.body, settings.startup_timeout)
                 try:
@@ -210,7 +217,8 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def ratios(profiles: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """gRPC over HTTP pass-through, per `profile/kind`: CPU per request (at c and at c=1), added p50, and the goal."""
+    """gRPC over HTTP pass-through, per `profile/kind`: CPU per request (at c and at c=1), added p50, and the goal;
+    and Shepherd's gRPC path over each other gateway's (`profile/kind vs NAME`)."""
     out: dict[str, dict[str, Any]] = {}
     for profile, document in profiles.items():
         for kind, targets in document["summary"].items():
@@ -229,6 +237,18 @@ def ratios(profiles: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any
                 "like_for_like": http_shape.get("completion_tokens") == grpc_shape.get("completion_tokens")
                 and http_shape.get("content_frames") == grpc_shape.get("content_frames"),
             }
+            for name, other in targets.items():  # another gateway's gRPC path, same workers: Shepherd's / theirs
+                if name in TARGETS:
+                    continue
+                other_shape = shapes.get(name, {}).get(kind, {})
+                out[f"{profile}/{kind} vs {name}"] = {
+                    "cpu_per_req": _ratio(grpc.get("cpu_us_per_req"), other.get("cpu_us_per_req")),
+                    "cpu_per_req_c1": _ratio(grpc.get("cpu_us_per_req_c1"), other.get("cpu_us_per_req_c1")),
+                    "added_p50": _ratio(grpc.get("added_p50_ms"), other.get("added_p50_ms")),
+                    "cpu_goal_met": None,
+                    "like_for_like": grpc_shape.get("completion_tokens") == other_shape.get("completion_tokens")
+                    and grpc_shape.get("content_frames") == other_shape.get("content_frames"),
+                }
     return out
 
 
@@ -463,7 +483,14 @@ def render(document: dict[str, Any]) -> str:
             )
         parts.append(
             render_table(
-                ["gRPC / HTTP", "CPU/req", "CPU/req c=1", "+p50", f"CPU <= {CPU_GOAL:g}x", "like for like"],
+                [
+                    "gRPC / HTTP (vs NAME: / NAME over gRPC)",
+                    "CPU/req",
+                    "CPU/req c=1",
+                    "+p50",
+                    f"CPU <= {CPU_GOAL:g}x",
+                    "like for like",
+                ],
                 ratio_rows,
                 title="Ratios",
             )
@@ -519,6 +546,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or file (default: SmolLM2 if available, else the sim's)")
     p.add_argument("--tokenize-runs", type=int, default=d.tokenize_runs, help="timed runs (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="chat size (default: %(default)s)")
+    p.add_argument(
+        "--gateway", action="append", default=[], metavar="NAME=TEMPLATE",
+        help="another gateway measured in front of the gRPC workers (repeatable), e.g. SMG; placeholders as in "
+        "`shepherd bench overhead --gateway`",
+    )  # fmt: skip
     p.add_argument("--output", help="write the JSON report here")
     p.set_defaults(run=main)
 
@@ -543,6 +575,7 @@ def main(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         tokenize_runs=args.tokenize_runs,
         prompt_tokens=args.prompt_tokens,
+        gateways=tuple(GatewayTemplate.parse(spec) for spec in args.gateway),
     )
     document = run_and_report("grpc", lambda progress: run_grpc(settings, progress=progress), render, args.output)
     if document is None:
