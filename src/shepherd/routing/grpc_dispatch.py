@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
     from shepherd.config import GatewayConfig
-    from shepherd.generation.request import GenerationPlan
+    from shepherd.generation import GenerationPlan, ResponseBuilder
     from shepherd.observability.metrics import GatewayMetrics
     from shepherd.routing.policies import Policy
     from shepherd.tokenizer.loader import LoadedTokenizer
@@ -205,7 +205,13 @@ class GrpcDispatcher:
                 self._abort(client, generate.request_id)
 
     async def _collect(
-        self, worker: Worker, ctx: RequestContext, call: grpc.aio.UnaryStreamCall, builder, first, last: bool
+        self,
+        worker: Worker,
+        ctx: RequestContext,
+        call: grpc.aio.UnaryStreamCall,
+        builder: ResponseBuilder,
+        first: pb.GenerateResponse,
+        last: bool,
     ) -> web.StreamResponse | AttemptFailure:
         message = first
         try:
@@ -223,8 +229,8 @@ class GrpcDispatcher:
         ctx: RequestContext,
         worker: Worker,
         call: grpc.aio.UnaryStreamCall,
-        builder,
-        first,
+        builder: ResponseBuilder,
+        first: pb.GenerateResponse,
         started: float,
     ) -> web.StreamResponse:
         out = web.StreamResponse(headers={**_SSE_HEADERS, **_routing_headers(worker, ctx)})
