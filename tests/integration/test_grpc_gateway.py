@@ -260,13 +260,16 @@ def test_tokenizer_api(gateway, tmp_path):
     status, gone = http_request("DELETE", gateway.url + "/v1/tokenizers/tiny")
     assert status == 200 and gone["success"] is True
     assert gateway.get("/v1/tokenizers/tiny")[0] == 404
-    assert gateway.get("/v1/tokenizers/tiny/status")[0] in (200, 404)
-    status, missing = gateway.post("/v1/tokenizers", {"name": "nowhere", "source": "/does/not/exist"})
+    assert gateway.get("/v1/tokenizers/tiny/status")[0] == 404
+    assert gateway.get(f"/v1/tokenizers/{job['id']}/status")[0] == 404
+    # Not a local path, no such model on the hub (or no hub), no gRPC worker serves it: it fails, saying why.
+    status, missing = gateway.post("/v1/tokenizers", {"name": "nowhere", "source": "no-such-org/no-such-model"})
     assert status == 202
     gateway.process.wait_for(
         lambda: gateway.get(f"/v1/tokenizers/{missing['id']}/status")[1]["status"] == "failed", 15, "failure"
     )
-    assert "No healthy gRPC worker" in gateway.get(f"/v1/tokenizers/{missing['id']}/status")[1]["message"]
+    message = gateway.get(f"/v1/tokenizers/{missing['id']}/status")[1]["message"]
+    assert "not a local path" in message and "hub" in message and "No healthy gRPC worker" in message
 
 
 def test_no_tokenizer_no_model(tmp_path, fleet):

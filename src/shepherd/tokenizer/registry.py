@@ -146,6 +146,7 @@ class TokenizerRegistry:
             return None
         del self._by_name[entry.name]
         del self._by_id[entry.id]
+        self._jobs.pop(entry.id, None)  # its finished job would still say "loaded and ready"
         self._changed()
         return entry
 
