@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench-overhead bench-routing clean
+.PHONY: run test lint components bench-overhead bench-routing clean
 
 $(BIN)/shepherd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(BIN)/shepherd: pyproject.toml
 run: $(BIN)/shepherd
 	$(BIN)/shepherd serve --backend sim --dp-size 2 --host 0.0.0.0 --port 30000
 
-test: $(BIN)/shepherd
+# Real components the integration tests run against (Prometheus, ...): installed once, cached outside the checkout.
+components:
+	@for script in tools/components/*.sh; do [ "$$(basename $$script)" = lib.sh ] || bash "$$script" || exit 1; done
+
+test: $(BIN)/shepherd components
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/pytest -q
