@@ -14,6 +14,7 @@ from shepherd.config import (
     DEFAULT_REQUEST_ID_HEADERS,
     DISCOVERY_PROVIDERS,
     POLICIES,
+    AuthConfig,
     CacheAwareConfig,
     CircuitBreakerConfig,
     ConfigError,
@@ -22,6 +23,7 @@ from shepherd.config import (
     HealthCheckConfig,
     PrefillSpec,
     RetryConfig,
+    TlsConfig,
     TokenizerConfig,
 )
 
@@ -59,6 +61,11 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-startup-timeout-secs", type=duration, default=d.worker_startup_timeout_secs)
     g.add_argument("--worker-startup-check-interval", type=duration, default=d.worker_startup_check_interval)
     g.add_argument("--shutdown-grace-period-secs", type=duration, default=d.shutdown_grace_period_secs)
+    g.add_argument(
+        "--shutdown-drain-window-secs", type=duration, default=None,
+        help="after SIGTERM, readiness is 503 while new requests are still served this long "
+        "(default: half the grace period, at most 5 s)",
+    )  # fmt: skip
     g.add_argument("--api-key", default=None)
     g.add_argument("--cors-allowed-origins", nargs="*", default=[], metavar="ORIGIN")
     g.add_argument("--request-id-headers", nargs="+", default=list(DEFAULT_REQUEST_ID_HEADERS), metavar="HEADER")
@@ -72,7 +79,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--balance-abs-threshold", type=int, default=ca.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", type=float, default=ca.balance_rel_threshold)
     r.add_argument("--eviction-interval-secs", type=duration, default=ca.eviction_interval_secs)
-    r.add_argument("--max-tree-size", type=int, default=ca.max_tree_size, help="characters indexed per model")
+    r.add_argument(
+        "--max-tree-size", type=byte_size, default=ca.max_tree_size,
+        help="memory of the prefix index per model, in bytes (e.g. 67108864, 64MiB)",
+    )  # fmt: skip
     r.add_argument("--cache-block-chars", type=int, default=ca.block_chars, help="prefix index granularity")
     r.add_argument(
         "--worker-kv-tokens", type=int, default=ca.worker_kv_tokens,
@@ -156,6 +166,33 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--discovery-file", default=None, metavar="PATH", help="JSON or YAML worker manifest")
     s.add_argument("--discovery-check-interval-secs", type=duration, default=sd.check_interval_secs)
 
+    x = parser.add_argument_group("tls")
+    x.add_argument(
+        "--tls-cert-path", default=None, metavar="PATH",
+        help="serve the main port over TLS with this PEM certificate (leaf, then intermediates); reloaded on SIGHUP",
+    )  # fmt: skip
+    x.add_argument("--tls-key-path", default=None, metavar="PATH", help="the certificate's unencrypted PEM key")
+    x.add_argument(
+        "--ca-cert-paths", nargs="+", action="extend", default=[], metavar="PATH",
+        help="PEM CA certificates trusted for https:// and grpcs:// workers, in addition to the system roots",
+    )  # fmt: skip
+    x.add_argument("--client-cert-path", default=None, metavar="PATH", help="certificate presented to workers (mTLS)")
+    x.add_argument("--client-key-path", default=None, metavar="PATH", help="its unencrypted PEM key")
+
+    k = parser.add_argument_group("control-plane security")
+    k.add_argument(
+        "--control-plane-api-keys", nargs="+", action="extend", default=[], metavar="ID:NAME:ROLE:KEY",
+        help="control-plane keys (role admin or user); once any is set, --api-key no longer reaches the control plane",
+    )  # fmt: skip
+    k.add_argument("--jwt-issuer", default=None, metavar="URL", help="accept JWTs from this OIDC issuer")
+    k.add_argument("--jwt-audience", default=None, help="the audience a JWT must carry (required with --jwt-issuer)")
+    k.add_argument("--jwt-jwks-uri", default=None, metavar="URL", help="default: from the issuer's OIDC discovery")
+    k.add_argument(
+        "--jwt-role-mapping", nargs="+", action="extend", default=[], metavar="IDP_ROLE=ROLE",
+        help="map the token's `roles` claim to gateway roles (default: admin=admin user=user)",
+    )  # fmt: skip
+    k.add_argument("--control-plane-audit-enabled", action="store_true", help="log one line per control-plane request")
+
     o = parser.add_argument_group("observability")
     o.add_argument("--prometheus-host", default=d.prometheus_host)
     o.add_argument("--prometheus-port", type=int, default=d.prometheus_port)
@@ -166,6 +203,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error", "critical"))
     o.add_argument("--log-dir", default=None)
     o.add_argument("--log-json", action="store_true")
+    o.add_argument(
+        "--engine-metrics-cache-secs", type=duration, default=d.engine_metrics_cache_secs,
+        help="GET /engine_metrics answers from one scrape of the workers for this long (0 to 5; 0: scrape per call)",
+    )  # fmt: skip
 
 
 def selector_pair(text: str) -> tuple[str, str]:
@@ -207,6 +248,19 @@ def _prefill_specs(groups: Sequence[Sequence[str]]) -> tuple[PrefillSpec, ...]:
             port = int(group[1])
         specs.append(PrefillSpec(group[0], port))
     return tuple(specs)
+
+
+def _auth_config(args: argparse.Namespace) -> AuthConfig:
+    from shepherd.security.principals import parse_control_plane_keys, parse_role_mapping
+
+    return AuthConfig(
+        control_plane_api_keys=parse_control_plane_keys(args.control_plane_api_keys),
+        jwt_issuer=args.jwt_issuer,
+        jwt_audience=args.jwt_audience,
+        jwt_jwks_uri=args.jwt_jwks_uri,
+        jwt_role_mapping=parse_role_mapping(args.jwt_role_mapping),
+        audit_enabled=args.control_plane_audit_enabled,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -275,8 +329,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         queue_size=args.queue_size,
         queue_timeout_secs=args.queue_timeout_secs,
         api_key=args.api_key,
+        auth=_auth_config(args),
         cors_allowed_origins=tuple(args.cors_allowed_origins),
         request_id_headers=tuple(h.lower() for h in args.request_id_headers),
+        tls=TlsConfig(
+            cert_path=args.tls_cert_path,
+            key_path=args.tls_key_path,
+            ca_cert_paths=tuple(args.ca_cert_paths),
+            client_cert_path=args.client_cert_path,
+            client_key_path=args.client_key_path,
+        ),
         prometheus_host=args.prometheus_host,
         prometheus_port=args.prometheus_port,
         prometheus_duration_buckets=(
@@ -286,6 +348,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         log_dir=args.log_dir,
         log_json=args.log_json,
         shutdown_grace_period_secs=args.shutdown_grace_period_secs,
+        shutdown_drain_window_secs=args.shutdown_drain_window_secs,
+        engine_metrics_cache_secs=args.engine_metrics_cache_secs,
     ).validate()
 
 

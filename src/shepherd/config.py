@@ -11,6 +11,8 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from shepherd.urls import display_url
+
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 STATIC_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
@@ -65,7 +67,7 @@ class CacheAwareConfig:
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
-    max_tree_size: int = 2**26  # characters indexed per model, over all workers
+    max_tree_size: int = 2**26  # bytes of prefix index per model, over all workers (64 MiB)
     block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
     worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
     chars_per_token: float = 4.0  # converts KV tokens to indexed characters; high rather than low (routing.md)
@@ -106,6 +108,88 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Server TLS on the main port, and TLS/mTLS to `https://` and `grpcs://` workers (shepherd/tls.py)."""
+
+    cert_path: str | None = None  # --tls-cert-path: PEM, the leaf first, then intermediates
+    key_path: str | None = None  # --tls-key-path: its unencrypted PEM key
+    ca_cert_paths: tuple[str, ...] = ()  # trusted for workers in addition to the system roots
+    client_cert_path: str | None = None  # presented to workers (mTLS)
+    client_key_path: str | None = None
+
+    @property
+    def to_workers(self) -> bool:
+        """Whether worker connections need more than the default verification against the system roots."""
+        return bool(self.ca_cert_paths or self.client_cert_path)
+
+    def validate(self) -> None:
+        """Pairs are complete and every file loads, so a bad path fails at startup, not at the first connection."""
+        from shepherd.tls import server_context, worker_context
+
+        pairs = (
+            ("--tls-cert-path and --tls-key-path", self.cert_path, self.key_path),
+            ("--client-cert-path and --client-key-path", self.client_cert_path, self.client_key_path),
+        )
+        for flags, cert, key in pairs:
+            if bool(cert) != bool(key):
+                raise ConfigError(f"{flags} go together: give both or neither")
+        if self.cert_path and self.key_path:
+            server_context(self.cert_path, self.key_path)
+        worker_context(self)
+
+
+CONTROL_PLANE_ROLES = ("admin", "user")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneKey:
+    """One `--control-plane-api-keys id:name:role:key` entry."""
+
+    id: str
+    name: str
+    role: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Control-plane credentials and audit (docs/security.md). `--api-key` stays on GatewayConfig (SMG's meaning)."""
+
+    control_plane_api_keys: tuple[ControlPlaneKey, ...] = ()
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_uri: str | None = None  # None: discovered from the issuer's .well-known/openid-configuration
+    jwt_role_mapping: tuple[tuple[str, str], ...] = ()  # (idp_role, gateway_role); empty: admin=admin, user=user
+    audit_enabled: bool = False
+
+    @property
+    def jwt_enabled(self) -> bool:
+        return self.jwt_issuer is not None
+
+    @property
+    def control_plane_protected(self) -> bool:
+        """Whether control-plane credentials are configured: the control plane then takes only those."""
+        return bool(self.control_plane_api_keys) or self.jwt_enabled
+
+    def validate(self) -> None:
+        if not self.jwt_enabled:
+            if self.jwt_audience or self.jwt_jwks_uri or self.jwt_role_mapping:
+                raise ConfigError("--jwt-audience, --jwt-jwks-uri and --jwt-role-mapping need --jwt-issuer")
+            return
+        if not self.jwt_audience:
+            raise ConfigError("--jwt-issuer needs --jwt-audience (tokens for other audiences must be refused)")
+        for flag, url in (("--jwt-issuer", self.jwt_issuer), ("--jwt-jwks-uri", self.jwt_jwks_uri)):
+            if url is not None and not url.startswith(("https://", "http://")):
+                raise ConfigError(f"{flag} must be an http:// or https:// URL, got {url!r}")
+
+    def redacted(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key in data["control_plane_api_keys"]:
+            key["key"] = "<redacted>"
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 30000
@@ -139,8 +223,10 @@ class GatewayConfig:
     queue_timeout_secs: float = 60.0
 
     api_key: str | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
     cors_allowed_origins: tuple[str, ...] = ()
     request_id_headers: tuple[str, ...] = DEFAULT_REQUEST_ID_HEADERS
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     prometheus_host: str = "0.0.0.0"
     prometheus_port: int = 29000
@@ -149,6 +235,15 @@ class GatewayConfig:
     log_dir: str | None = None
     log_json: bool = False
     shutdown_grace_period_secs: float = 180.0
+    shutdown_drain_window_secs: float | None = None  # None: min(grace period / 2, 5 s), as SMG
+    engine_metrics_cache_secs: float = 2.0  # /engine_metrics answers from one scrape for this long
+
+    @property
+    def drain_window_secs(self) -> float:
+        """After SIGTERM: how long readiness answers 503 while new requests are still accepted and served."""
+        if self.shutdown_drain_window_secs is not None:
+            return self.shutdown_drain_window_secs
+        return min(self.shutdown_grace_period_secs / 2, 5.0)
 
     @property
     def concurrency_limit(self) -> int:
@@ -166,11 +261,13 @@ class GatewayConfig:
         for url in (*self.worker_urls, *(p.url for p in self.prefill), *self.decode):
             if "://" in url and not url.startswith(STATIC_URL_SCHEMES):
                 raise ConfigError(
-                    f"worker URL {url!r} must start with http://, https://, grpc:// or grpcs:// (or be a bare "
-                    "host:port, probed for both HTTP and gRPC)"
+                    f"worker URL {display_url(url)!r} must start with http://, https://, grpc:// or grpcs:// (or be "
+                    "a bare host:port, probed for both HTTP and gRPC)"
                 )
         if self.load_monitor_interval_secs <= 0:
             raise ConfigError("--load-monitor-interval must be > 0")
+        if self.drain_window_secs < 0 or not 0 <= self.engine_metrics_cache_secs <= 5:
+            raise ConfigError("--shutdown-drain-window-secs must be >= 0 and --engine-metrics-cache-secs in [0, 5]")
         if self.pd_disaggregation and self.worker_urls:
             raise ConfigError("--worker-urls cannot be combined with --pd-disaggregation; use --prefill/--decode")
         if not self.pd_disaggregation and (self.prefill or self.decode):
@@ -215,6 +312,8 @@ class GatewayConfig:
         ):
             raise ConfigError("--prometheus-duration-buckets must be positive and strictly increasing")
         self._validate_discovery()
+        self.tls.validate()
+        self.auth.validate()
         return self
 
     def _validate_discovery(self) -> None:
@@ -242,4 +341,9 @@ class GatewayConfig:
         data = dataclasses.asdict(self)
         if data["api_key"]:
             data["api_key"] = "<redacted>"
+        data["worker_urls"] = [display_url(url) for url in self.worker_urls]
+        data["decode"] = [display_url(url) for url in self.decode]
+        for prefill in data["prefill"]:
+            prefill["url"] = display_url(prefill["url"])
+        data["auth"] = self.auth.redacted()
         return data

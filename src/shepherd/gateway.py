@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -19,6 +20,8 @@ from shepherd.routing.context import Endpoint
 from shepherd.routing.pd import PD_ENDPOINTS, PDRouter
 from shepherd.routing.policies import create_policy
 from shepherd.routing.router import Router
+from shepherd.security.posture import log_posture
+from shepherd.tls import ServerTls, grpc_tls, worker_context
 from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.health import HealthChecker
@@ -39,8 +42,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.registry = Registry()
-        self.client = UpstreamClient()
-        self.grpc_clients = GrpcClients()
+        tls = config.tls
+        self.client = UpstreamClient(ssl_context=worker_context(tls))
+        self.grpc_clients = GrpcClients(grpc_tls(tls))
+        self.server_tls = ServerTls(tls.cert_path, tls.key_path) if tls.cert_path and tls.key_path else None
         self.manager = WorkerManager(self.registry, self.client, config, self.grpc_clients)
         self._tokenizers: TokenizerRegistry | None = None
         self._grpc_dispatcher: GrpcDispatcher | None = None
@@ -165,6 +170,7 @@ class Gateway:
             self.manager.submit_remove(worker)
 
     async def start(self) -> None:
+        log_posture(self.config)  # before any listener accepts: probes that see the port up can read the summary
         await self._metrics_listener.start()
         app = build_app(self)
         self._runner = web.AppRunner(
@@ -174,7 +180,10 @@ class Gateway:
             shutdown_timeout=self.config.shutdown_grace_period_secs,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True)
+        ssl_context = self.server_tls.context if self.server_tls is not None else None
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True, ssl_context=ssl_context
+        )
         await site.start()
         self._load_startup_tokenizer()
         self.manager.add_static()
@@ -184,11 +193,30 @@ class Gateway:
         self.load_monitor.start()
         _tune_gc()
         log.info(
-            "shepherd listening on http://%s:%d (policy %s)", self.config.host, self.config.port, self.config.policy
+            "shepherd listening on %s://%s:%d (policy %s)",
+            "https" if ssl_context is not None else "http",
+            self.config.host,
+            self.config.port,
+            self.config.policy,
         )
 
+    async def drain(self, interrupted: asyncio.Event) -> None:
+        """The drain window after SIGTERM: readiness answers 503 while the listener still accepts and serves new
+        requests, so load balancers and Kubernetes endpoints stop sending before it closes. `interrupted` (a second
+        signal) cuts the window short."""
+        self.shutting_down = True
+        window = self.config.drain_window_secs
+        log.info(
+            "shutting down: readiness is 503, new requests still served for %.1fs, then in-flight ones get %.0fs",
+            window,
+            self.config.shutdown_grace_period_secs,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupted.wait(), window)
+
     async def stop(self) -> None:
-        """Readiness goes 503, listeners close, in-flight requests get the grace period, then teardown."""
+        """Readiness goes 503 (already during the drain window), listeners close, in-flight requests get the grace
+        period, then teardown."""
         self.shutting_down = True
         await self.health.close()
         await self.load_monitor.close()
@@ -208,9 +236,12 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.server_tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.server_tls.reload)
         await self.start()
         await stop.wait()
-        log.info("shutting down: draining in-flight requests (grace %.0fs)", self.config.shutdown_grace_period_secs)
+        stop.clear()
+        await self.drain(stop)
         await self.stop()
 
 

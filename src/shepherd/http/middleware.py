@@ -1,4 +1,4 @@
-"""The one middleware every request passes: request id, CORS, payload limit, auth, error envelope.
+"""The one middleware every request passes: request id, CORS, payload limit, access control, audit, error envelope.
 
 One middleware instead of a chain keeps the per-request cost to a single coroutine frame.
 """
@@ -6,7 +6,6 @@ One middleware instead of a chain keeps the per-request cost to a single corouti
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
 import time
@@ -16,8 +15,11 @@ from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, error_body, error_response
+from shepherd.http.route_policy import RouteClass, RouteClasses
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import INFERENCE_ENDPOINTS
+from shepherd.security.access import AccessControl
+from shepherd.security.audit import audit
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +28,6 @@ REQUEST_ID = web.RequestKey("request_id", str)
 # Set by the routers once a streamed response has started: after that, an error cannot become a new response.
 STREAM_STARTED = web.RequestKey("stream_started", web.StreamResponse)
 
-# Routes that stay open under --api-key (probes, model listing, engine metrics).
-PUBLIC_PATHS = frozenset(
-    {
-        "/health",
-        "/liveness",
-        "/readiness",
-        "/health_generate",
-        "/v1/models",
-        "/get_model_info",
-        "/get_server_info",
-        "/engine_metrics",
-    }
-)
 _ID_PREFIX = {endpoint.path: endpoint.id_prefix for endpoint in INFERENCE_ENDPOINTS}
 _CORS_PREFLIGHT = {
     "access-control-allow-methods": "GET,POST,PUT,PATCH,DELETE,OPTIONS",
@@ -65,7 +54,9 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
     id_headers = config.request_id_headers
     log_requests = log.isEnabledFor(logging.DEBUG)  # decided once: the check is not free per request
     max_payload = config.max_payload_size
-    expected_auth = f"bearer {config.api_key}".encode() if config.api_key else None
+    access = AccessControl.for_config(config)  # None: no credential and no audit, nothing to check per request
+    route_classes = RouteClasses()
+    audit_enabled = config.auth.audit_enabled
     origins = frozenset(config.cors_allowed_origins)
 
     def request_id_of(request: web.Request) -> str:
@@ -76,25 +67,12 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
                 return value if _valid_id(value) else new_request_id(request.path)
         return new_request_id(request.path)
 
-    def check_auth(request: web.Request) -> None:
-        supplied = request.headers.get("Authorization")
-        if supplied is None:
-            raise GatewayError(
-                401,
-                "invalid_api_key",
-                "Missing API key: send it as `Authorization: Bearer <key>`",
-                headers={"www-authenticate": 'Bearer realm="shepherd"'},
-            )
-        scheme, _, token = supplied.partition(" ")
-        candidate = f"{scheme.lower()} {token.strip()}".encode()
-        if not hmac.compare_digest(candidate, expected_auth):  # type: ignore[arg-type]
-            raise GatewayError(401, "invalid_api_key", "Invalid API key")
-
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_of(request)
         request[REQUEST_ID] = request_id
+        control: RouteClass | None = None  # set on control-plane routes, for the audit line
         try:
             if origins and request.method == "OPTIONS":
                 response: web.StreamResponse = web.Response(status=200, headers=_CORS_PREFLIGHT)
@@ -103,8 +81,14 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
                 if length is not None and length > max_payload:
                     raise _payload_too_large()
                 match = request.match_info
-                if expected_auth is not None and match.http_exception is None and request.path not in PUBLIC_PATHS:
-                    check_auth(request)
+                if access is not None and match.http_exception is None:
+                    route_class = route_classes.of(match)
+                    if route_class is RouteClass.DATA_PLANE:
+                        if access.data_plane_protected:
+                            access.check_data_plane(request)
+                    elif route_class is not RouteClass.PUBLIC:
+                        control = route_class
+                        await access.check_control_plane(request, route_class)
                 response = await handler(request)
         except GatewayError as exc:
             response = error_response(exc)
@@ -132,6 +116,8 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
         except asyncio.CancelledError:  # the client went away
             if metrics is not None:
                 metrics.record_http(request, 499, time.perf_counter() - started)
+            if control is not None and audit_enabled:  # e.g. /add_worker goes on after its caller left
+                await audit(request, control, 499, request_id)
             raise
         except Exception:
             log.exception(
@@ -146,6 +132,8 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
             )
         if metrics is not None:
             metrics.record_http(request, response.status, time.perf_counter() - started)
+        if control is not None and audit_enabled:
+            await audit(request, control, response.status, request_id)
         if log_requests:
             _log_request(request, request_id, response, time.perf_counter() - started)
         if not response.prepared:
