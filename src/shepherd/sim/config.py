@@ -74,6 +74,16 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --grpc: report the local tokenizer directory as GetModelInfo's tokenizer_path (default: empty, "
         "so a gateway has to fetch the tokenizer with GetTokenizer)",
     )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls-cert-path", metavar="PATH",
+        help="serve the worker port over TLS with this PEM certificate: URLs are https:// (grpcs:// with --grpc); "
+        "the metrics sidecar of --grpc and the prefill bootstrap listener stay plain",
+    )  # fmt: skip
+    tls.add_argument("--tls-key-path", metavar="PATH", help="the certificate's unencrypted PEM key")
+    tls.add_argument(
+        "--tls-client-ca", metavar="PATH", help="require a client certificate signed by this PEM CA (mTLS)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,9 @@ class SimConfig:
     dp_size: int
     grpc: bool = False
     tokenizer_path_in_info: bool = False
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
@@ -106,6 +119,10 @@ class SimConfig:
             raise ValueError("--bootstrap-timeout-secs must be positive and --bootstrap-port a port number or 0")
         if args.prefill_tokens_per_ms <= 0:
             raise ValueError("--prefill-tokens-per-ms must be positive")
+        if bool(args.tls_cert_path) != bool(args.tls_key_path):
+            raise ValueError("--tls-cert-path and --tls-key-path go together: give both or neither")
+        if args.tls_client_ca and not args.tls_cert_path:
+            raise ValueError("--tls-client-ca needs --tls-cert-path and --tls-key-path")
         latency = None
         if args.latency_model == "batch":
             latency = LatencyModel(
@@ -134,7 +151,14 @@ class SimConfig:
             dp_size=args.dp_size,
             grpc=args.grpc,
             tokenizer_path_in_info=args.tokenizer_path_in_info,
+            tls_cert_path=args.tls_cert_path,
+            tls_key_path=args.tls_key_path,
+            tls_client_ca=args.tls_client_ca,
         )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_path is not None
 
     @property
     def disaggregation_mode(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,11 +54,23 @@ class _FaultAwareHealth(health_pb2_grpc.HealthServicer):
         )
 
 
+def server_credentials(cert_path: str, key_path: str, client_ca_path: str | None) -> grpc.ServerCredentials:
+    """TLS for the gRPC port; with `client_ca_path`, clients must present a certificate that CA signed (mTLS)."""
+    key, chain = Path(key_path).read_bytes(), Path(cert_path).read_bytes()
+    client_ca = Path(client_ca_path).read_bytes() if client_ca_path else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class GrpcListener:
     """One worker's gRPC server on a fixed port, which can be stopped and started again (`refuse`)."""
 
-    def __init__(self, host: str, servicer: SchedulerServicer) -> None:
+    def __init__(
+        self, host: str, servicer: SchedulerServicer, credentials: grpc.ServerCredentials | None = None
+    ) -> None:
         self._host = host
+        self._credentials = credentials  # None: plaintext
         self._target_host = f"[{host}]" if ":" in host else host
         self._servicer = servicer
         self._health = _FaultAwareHealth(servicer.worker.faults)
@@ -68,7 +81,11 @@ class GrpcListener:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        bound = server.add_insecure_port(f"{self._target_host}:{port}")
+        address = f"{self._target_host}:{port}"
+        if self._credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, self._credentials)
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {port} on {self._target_host}")
         self.port = bound

@@ -16,10 +16,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from pathlib import Path
 
+import grpc
 import uvloop
 from aiohttp import web
 
@@ -28,8 +30,9 @@ from shepherd.sim import bpe
 from shepherd.sim.app import build_app
 from shepherd.sim.config import SimConfig, add_sim_arguments
 from shepherd.sim.grpc_scheduler import SchedulerServicer
-from shepherd.sim.grpc_server import GrpcListener
+from shepherd.sim.grpc_server import GrpcListener, server_credentials
 from shepherd.sim.worker import SimWorker
+from shepherd.tls import server_context
 
 __all__ = ["SimServer", "add_sim_arguments", "run_sim"]
 
@@ -46,6 +49,17 @@ class SimServer:
         self._http_ports: list[int] = []  # the HTTP app's port: the worker port, or its metrics sidecar port
         self._grpc_listeners: list[GrpcListener] = []
         self.tokenizer_dir: Path | None = None  # --grpc: the workers' tokenizer directory
+        self._ssl: ssl.SSLContext | None = None  # the HTTP worker port's TLS; a --grpc sidecar stays plain
+        self._grpc_credentials: grpc.ServerCredentials | None = None
+        if config.tls_cert_path and config.tls_key_path:
+            # Loading checks the files (ConfigError) even for --grpc, whose server only reads them at bind time.
+            context = server_context(config.tls_cert_path, config.tls_key_path, config.tls_client_ca)
+            if config.grpc:
+                self._grpc_credentials = server_credentials(
+                    config.tls_cert_path, config.tls_key_path, config.tls_client_ca
+                )
+            else:
+                self._ssl = context
 
     async def start(self) -> None:
         """Bind every worker's listener (raises ``OSError`` if a port is taken)."""
@@ -57,7 +71,8 @@ class SimServer:
         for worker in self.workers:
             port = self.config.port + worker.index if self.config.port else 0
             if tokenizer is not None and self.tokenizer_dir is not None:
-                listener = GrpcListener(self.config.host, SchedulerServicer(worker, tokenizer, self.tokenizer_dir))
+                servicer = SchedulerServicer(worker, tokenizer, self.tokenizer_dir)
+                listener = GrpcListener(self.config.host, servicer, self._grpc_credentials)
                 self._grpc_listeners.append(listener)
                 sock = await listener.start_with_sidecar(port, _listen)
                 worker.port = listener.port
@@ -72,7 +87,7 @@ class SimServer:
                 shutdown_timeout=_SHUTDOWN_GRACE_S,
             )
             await runner.setup()
-            site = web.SockSite(runner, sock)
+            site = web.SockSite(runner, sock, ssl_context=self._ssl)
             await site.start()
             self._runners.append(runner)
             self._sites.append(site)
@@ -115,7 +130,9 @@ class SimServer:
                 else:
                     conn.force_close()
         elif not refusing and site is None:
-            site = web.SockSite(self._runners[index], _listen(self.config.host, self._http_ports[index]))
+            site = web.SockSite(
+                self._runners[index], _listen(self.config.host, self._http_ports[index]), ssl_context=self._ssl
+            )
             await site.start()
             self._sites[index] = site
 
@@ -154,7 +171,11 @@ def _write_ready_file(path: str, server: SimServer) -> None:
 
 
 async def _serve(config: SimConfig) -> int:
-    server = SimServer(config)
+    try:
+        server = SimServer(config)
+    except ValueError as exc:  # a TLS file that does not load
+        print(f"shepherd sim: {exc}", file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

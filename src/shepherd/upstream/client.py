@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -26,16 +28,21 @@ _FORWARDED_REQUEST_HEADERS = ("traceparent", "tracestate", "x-smg-routing-key")
 
 
 class UpstreamClient:
-    """One connection pool for all workers; created inside the running event loop."""
+    """One connection pool for all workers; created inside the running event loop.
 
-    def __init__(self, connect_timeout_secs: float = 10.0) -> None:
+    `ssl_context` (shepherd/tls.py) verifies `https://` workers and carries the client certificate; None keeps
+    aiohttp's default verification against the system roots.
+    """
+
+    def __init__(self, connect_timeout_secs: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self._connect_timeout = connect_timeout_secs
+        self._ssl: ssl.SSLContext | bool = ssl_context or True
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, ssl=self._ssl)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,

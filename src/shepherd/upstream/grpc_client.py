@@ -15,7 +15,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from shepherd.upstream.grpc_pool import grpc_target
+from shepherd.upstream.grpc_pool import GrpcTls, grpc_target
 
 _MiB = 1024 * 1024
 # Keepalive the real servicer accepts: it permits pings without calls and at most one per 10 s.
@@ -59,11 +59,13 @@ class TokenizerBundleError(Exception):
 class SglangClient:
     """The stub of one worker, on a channel created once and kept for the worker's lifetime."""
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, tls: GrpcTls | None = None) -> None:
         self.url = url
         target = grpc_target(url)
         if url.startswith("grpcs://"):
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
+            tls = tls or GrpcTls()
+            credentials = grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.SglangSchedulerStub(self._channel)

@@ -5,6 +5,7 @@ HTTP-only gateways never load grpc, protobuf or the SGLang stubs (`upstream/grpc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -23,18 +24,31 @@ def grpc_target(url: str) -> str:
     return urlsplit(url).netloc
 
 
+@dataclass(frozen=True, slots=True)
+class GrpcTls:
+    """PEM arguments of `grpc.ssl_channel_credentials` for `grpcs://` channels (built by shepherd/tls.py).
+
+    `root_certificates` None: gRPC's default roots; `private_key` and `certificate_chain`: the client certificate.
+    """
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+
 class GrpcClients:
     """One `SglangClient` per base URL (DP ranks of one engine share it), closed when the engine leaves."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: GrpcTls | None = None) -> None:
         self._clients: dict[str, SglangClient] = {}
+        self._tls = tls
 
     def get(self, url: str, api_key: str | None = None) -> SglangClient:
         client = self._clients.get(url)
         if client is None:
             from shepherd.upstream.grpc_client import SglangClient
 
-            client = self._clients[url] = SglangClient(url, api_key)
+            client = self._clients[url] = SglangClient(url, api_key, self._tls)
         return client
 
     async def discard(self, url: str) -> None:
