@@ -103,7 +103,7 @@ def test_readiness_gates_registration_and_terminating_pods_leave(gateway, kube, 
     wait_workers_from(gateway, SOURCE, {url("127.0.2.1", port), url("127.0.2.9", port)}, "flip")
     worker_id = workers_from(gateway, SOURCE, "flip")[url("127.0.2.1", port)]["id"]
 
-    kube.update_pod("flip", NS, ready=False)  # NotReady keeps the worker (SMG): the health checker judges it
+    kube.update_pod("flip", NS, ready=False)  # NotReady keeps the worker, out of routing (see the next test)
     kube.delete_pod("flip-witness", NS)
     wait_workers_from(gateway, SOURCE, {url("127.0.2.1", port)}, "flip")
     assert workers_from(gateway, SOURCE, "flip")[url("127.0.2.1", port)]["id"] == worker_id
@@ -111,6 +111,32 @@ def test_readiness_gates_registration_and_terminating_pods_leave(gateway, kube, 
     kube.update_pod("flip", NS, terminating=True)  # deletionTimestamp set: drained and removed at once
     wait_workers_from(gateway, SOURCE, set(), "flip")
     kube.delete_pod("flip", NS)
+
+
+def test_a_not_ready_pod_leaves_routing_at_once_and_comes_back_when_ready(tmp_path, kube, port):
+    args = ("--service-discovery", "--selector", "app=hold-test", "--service-discovery-namespace", "hold",
+            "--service-discovery-port", str(port), "--disable-retries")  # fmt: skip
+    with launch(tmp_path, kube, *args) as gw:
+        kube.create_pod("hold-0", "hold", labels={"app": "hold-test"}, ip="127.0.9.1")
+        worker_url = url("127.0.9.1", port)
+        worker = wait_workers_from(gw, SOURCE, {worker_url})[worker_url]
+        assert worker["routing_hold"] is None
+        assert gw.post("/generate", {"text": "x"})[0] == 200
+
+        kube.update_pod("hold-0", "hold", ready=False)  # Service semantics: out of routing, still registered
+        gw.process.wait_for(lambda: gw.get("/readiness")[0] == 503, 5, "readiness 503: no routable worker")
+        status, body = gw.post("/generate", {"text": "x"})
+        assert status == 503 and body["error"]["code"] == "no_available_workers", body
+        held = workers_from(gw, SOURCE)[worker_url]
+        assert held["id"] == worker["id"] and held["status"] == "ready" and "not ready" in held["routing_hold"]
+
+        kube.update_pod("hold-0", "hold", ready=True)
+        gw.process.wait_for(lambda: gw.get("/readiness")[0] == 200, 5, "the worker back in routing")
+        back = workers_from(gw, SOURCE)[worker_url]
+        assert back["id"] == worker["id"] and back["routing_hold"] is None
+        assert gw.post("/generate", {"text": "x"})[0] == 200
+        kube.delete_pod("hold-0", "hold")
+        wait_workers_from(gw, SOURCE, set())
 
 
 def test_a_pod_relabeled_out_of_the_selector_is_removed_and_back_in_is_added(gateway, kube, port):

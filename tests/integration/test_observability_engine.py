@@ -56,6 +56,7 @@ def gateway(http_sims, grpc_sim, log_dir, tmp_path_factory) -> GatewayProcess:
         *("--health-check-interval-secs", "1", "--health-check-timeout-secs", "1"),
         *("--health-failure-threshold", "1", "--health-success-threshold", "1"),
         *("--log-level", "info", "--log-dir", str(log_dir), "--policy", "round_robin"),
+        *("--engine-metrics-cache-secs", "0"),  # each test's call scrapes the engines as they are now
     )
     with start_gateway(tmp_path_factory.mktemp("eng-gw"), http_sims.urls, *args, api_key=GATEWAY_KEY) as gw:
         status, body = gw.post(

@@ -234,6 +234,21 @@ async def test_prefill_input_logprobs_are_merged_into_every_stream_frame(gateway
     assert [[tok for _, tok, _ in by_index[i]] for i in (0, 1)] == batch["input_ids"]
 
 
+async def test_input_logprobs_of_a_prefill_that_answers_a_stream_with_one_json_body_are_merged(gateway, fleets):
+    prefills, _ = fleets
+    for i in (0, 1):
+        prefills.ctl(i, stream_as_json=True)  # streamed /generate answered with one JSON body
+    body = {"text": "json prefill", "return_logprob": True, "stream": True, "sampling_params": {"max_new_tokens": 3}}
+    plain = {k: v for k, v in body.items() if k != "stream"}
+    expected = http_request("POST", prefills.urls[0] + "/generate", plain)[1]["meta_info"]["input_token_logprobs"]
+    assert expected
+
+    _, frames = await stream_frames(gateway.url + "/generate", body)
+    data = [f for _, f in frames if isinstance(f, dict)]
+    assert len(data) >= 2 and frames[-1][1] == "[DONE]"
+    assert all(f["meta_info"]["input_token_logprobs"] == expected for f in data)
+
+
 async def test_stream_is_the_decode_workers_relayed_as_it_arrives(gateway, fleets):
     prefills, decodes = fleets
     body = {"text": "stream from decode", "stream": True, "sampling_params": {"max_new_tokens": 20}}

@@ -86,6 +86,8 @@ def start_gateway(
         str(prometheus_port),
         "--log-level",
         "debug",
+        "--shutdown-drain-window-secs",  # nothing routes to a test gateway: stop() need not wait (a test may override)
+        "0",
     ]
     if worker_urls:
         args += ["--worker-urls", *worker_urls]

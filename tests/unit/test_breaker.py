@@ -72,3 +72,43 @@ def test_disabled_breaker_never_opens():
         breaker.record_failure(now=float(t))
     assert breaker.state is CircuitState.CLOSED and breaker.allows(now=10.0)
     assert transitions == []
+
+
+def half_open(breaker):
+    for t in (0.0, 0.1, 0.2):
+        breaker.record_failure(now=t)
+    assert breaker.allows(now=10.2) and breaker.state is CircuitState.HALF_OPEN
+
+
+def test_half_open_admits_at_most_success_threshold_trials_at_a_time():
+    breaker, _ = make()  # success threshold 2
+    changes = []
+    breaker.on_trials = changes.append
+    half_open(breaker)
+    first = breaker.begin_trial()
+    assert breaker.allows()
+    second = breaker.begin_trial()
+    assert not breaker.allows()  # both trial slots taken: the verdict is pending
+    assert changes == [breaker]
+    breaker.end_trial(first)  # e.g. a 429 or a client that left: no verdict, the slot frees
+    assert breaker.allows() and changes == [breaker, breaker]
+    breaker.record_success()
+    breaker.end_trial(second)
+    third = breaker.begin_trial()
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+    breaker.end_trial(third)
+    assert breaker.allows()
+
+
+def test_a_trial_of_an_earlier_half_open_period_frees_no_slot_of_the_next():
+    breaker, _ = make()
+    half_open(breaker)
+    stale = breaker.begin_trial()
+    breaker.begin_trial()
+    breaker.record_failure(now=11.0)  # reopens while both trials are in flight
+    assert breaker.allows(now=21.0) and breaker.state is CircuitState.HALF_OPEN
+    breaker.begin_trial()
+    breaker.begin_trial()
+    breaker.end_trial(stale)
+    assert not breaker.allows()  # still two trials of this period in flight

@@ -12,6 +12,7 @@ from shepherd.config import CacheAwareConfig, CircuitBreakerConfig, ConfigError,
 from shepherd.routing.context import GENERATE, RequestContext
 from shepherd.routing.policies import create_policy
 from shepherd.routing.policies.cache_aware import HOLDERS_PROBED, SAMPLES, CacheAwarePolicy
+from shepherd.routing.prefix_index import PAIR_BYTES
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker
 
@@ -132,7 +133,7 @@ def test_misses_go_to_the_worker_with_less_traffic_once_every_cache_is_full():
         assert p.pick((a,), ctx(words(50 + i, 1990))) is a
     assert p.pick((b,), ctx(words(70, 4000))) is b  # b holds one prompt that all but fills it
     entry_a, entry_b = p.index_for("m").view((a, b)).entries
-    assert 0.95 < entry_a.chars / entry_a.capacity < entry_b.chars / entry_b.capacity
+    assert 0.95 < entry_a.fill < entry_b.fill
     # Both caches are full: fill hardly tells them apart, traffic does. b's cache churns far less.
     assert p.pick((a, b), ctx(words(80, 3000))) is b
 
@@ -217,15 +218,15 @@ def test_shared_system_prompt_does_not_pull_every_new_conversation_onto_one_work
     assert stayed >= 0.9 * 64
 
 
-def test_index_stays_within_its_budget_under_a_burst():
+def test_index_stays_within_its_byte_budget_under_a_burst():
     budget = 200_000
     p = policy(CacheAwareConfig(max_tree_size=budget))
     fleet = make_workers(4)
     index = p.index_for("m")
     for i in range(3000):
         p.pick(fleet, ctx(words(i, 1500)))
-        assert index.chars <= budget
-    assert index.chars > budget // 2
+        assert index.estimated_bytes <= budget
+    assert index.estimated_bytes > budget // 2
 
 
 def test_worker_capacity_estimate_forgets_prefixes_a_bounded_cache_has_evicted():
@@ -258,12 +259,13 @@ def test_worker_reported_kv_capacity_is_used_when_not_configured():
     a, b = make_workers(2)
     a.labels["max_total_num_tokens"] = "2000"  # as discovered from its /server_info
     entry_a, entry_b = p.index_for("m").view((a, b)).entries
-    assert entry_a.capacity == 8000
-    assert entry_b.capacity == CacheAwareConfig().max_tree_size // 2  # unknown: only the budget share applies
+    assert entry_a.char_capacity == 8000
+    assert entry_b.char_capacity > 2**60  # unknown: only the memory budget applies
+    assert entry_a.key_capacity == entry_b.key_capacity == CacheAwareConfig().max_tree_size // 2 // PAIR_BYTES
     configured = policy(dataclasses.replace(NO_SPILL, worker_kv_tokens=1000))
-    assert configured.index_for("m").view((a, b)).entries[0].capacity == 4000
+    assert configured.index_for("m").view((a, b)).entries[0].char_capacity == 4000
     denser = policy(dataclasses.replace(NO_SPILL, chars_per_token=3.0))  # e.g. code, or the simulator's text
-    assert denser.index_for("m").view((a, b)).entries[0].capacity == 6000
+    assert denser.index_for("m").view((a, b)).entries[0].char_capacity == 6000
 
 
 def test_removed_worker_leaves_the_index():

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+import trustme
 import yaml
 
 from shepherd.cli import build_parser, config_from_args
+from shepherd.config import GatewayConfig
 from shepherd.discovery.kubernetes import PodSelection
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -23,10 +29,41 @@ def gateway_container() -> dict[str, Any]:
     return container
 
 
-def test_gateway_args_are_valid_flags_and_select_the_example_workers():
-    args = gateway_container()["args"]
+def kustomization() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def generated_secrets() -> dict[str, set[str]]:
+    """Secret name -> its keys, as kustomization.yaml's secretGenerator builds them (keys.env from the example)."""
+    secrets = {}
+    for generator in kustomization()["secretGenerator"]:
+        keys = {entry.split("=", 1)[0] for entry in generator.get("files", ())}
+        for env_file in generator.get("envs", ()):
+            example = (DEPLOY / f"{env_file}.example").read_text().splitlines()
+            keys |= {line.split("=", 1)[0] for line in example if line and not line.startswith("#")}
+        secrets[generator["name"]] = keys
+    return secrets
+
+
+def gateway_config(tmp_path: Path) -> tuple[GatewayConfig, dict[str, str]]:
+    """The gateway's configuration from its manifest arguments, with the Secret values the pod would get: each
+    environment variable holds `value-of-<secret key>`, and a test certificate sits where the TLS Secret is mounted."""
+    container = gateway_container()
+    env = {e["name"]: f"value-of-{e['valueFrom']['secretKeyRef']['key']}" for e in container["env"]}
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls"]
+    cert = trustme.CA().issue_cert("shepherd.inference.svc")
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    args = [
+        re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg).replace(mount, str(tmp_path))
+        for arg in container["args"]
+    ]
     assert args[0] == "launch"
-    config = config_from_args(build_parser().parse_args(args))
+    return config_from_args(build_parser().parse_args(args)), env
+
+
+def test_gateway_args_are_valid_flags_and_select_the_example_workers(tmp_path):
+    config, _ = gateway_config(tmp_path)
     sd = config.discovery
     assert sd.provider == "kubernetes" and config.remove_unhealthy_workers
 
@@ -74,3 +111,60 @@ def test_pd_example_pods_match_the_documented_selectors():
     assert selection.role_of(prefill["labels"]).value == "prefill"
     assert selection.role_of(decode["labels"]).value == "decode"
     assert prefill["annotations"]["sglang.ai/bootstrap-port"].isdigit()
+
+
+def test_keys_and_certificate_come_from_the_generated_secrets(tmp_path):
+    deployment = documents("gateway.yaml")["Deployment/shepherd"]
+    container = gateway_container()
+    secrets = generated_secrets()
+    for entry in container["env"]:
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]], ref
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert secrets[volume["secret"]["secretName"]] == {"tls.crt", "tls.key"}
+    (tls_generator,) = [g for g in kustomization()["secretGenerator"] if g["name"] == volume["secret"]["secretName"]]
+    assert tls_generator["type"] == "kubernetes.io/tls"
+    assert all(g["namespace"] == deployment["metadata"]["namespace"] for g in kustomization()["secretGenerator"])
+
+    config, env = gateway_config(tmp_path)
+    assert config.api_key == "value-of-api-key"
+    roles = {key.role: key.key for key in config.auth.control_plane_api_keys}
+    assert roles == {"admin": "value-of-admin-key", "user": "value-of-reader-key"}
+    assert config.tls.cert_path == str(tmp_path / "tls.crt") and config.tls.key_path == str(tmp_path / "tls.key")
+    assert not any(value in str(deployment) for value in env.values())  # no secret is written in the manifest
+
+
+def test_probes_and_shutdown_timing_match_the_drain_window(tmp_path):
+    config, _ = gateway_config(tmp_path)
+    container = gateway_container()
+    pod = documents("gateway.yaml")["Deployment/shepherd"]["spec"]["template"]["spec"]
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+    assert readiness["httpGet"]["path"] == "/readiness" and liveness["httpGet"]["path"] == "/liveness"
+    for probe in (readiness, liveness):  # the main port serves TLS
+        assert probe["httpGet"]["scheme"] == "HTTPS" and probe["httpGet"]["port"] == container["ports"][0]["name"]
+    window = config.drain_window_secs
+    assert window == 5
+    assert readiness["periodSeconds"] * readiness.get("failureThreshold", 3) <= window  # 503 noticed in the window
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and float(command[1]) == window
+    needed = float(command[1]) + window + config.shutdown_grace_period_secs
+    assert needed < pod["terminationGracePeriodSeconds"] <= needed + 30  # no SIGKILL before the drain is over
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_the_secrets_and_points_the_gateway_at_them(tmp_path):
+    deploy = tmp_path / "kubernetes"
+    shutil.copytree(DEPLOY, deploy)
+    (deploy / "secrets" / "keys.env").write_text("api-key=a\nadmin-key=b\nreader-key=c\n")
+    cert = trustme.CA().issue_cert("shepherd.inference.svc")
+    cert.private_key_pem.write_to_path(str(deploy / "secrets" / "tls.key"))
+    cert.cert_chain_pems[0].write_to_path(str(deploy / "secrets" / "tls.crt"))
+    built = subprocess.run(["kubectl", "kustomize", str(deploy)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in spec["containers"][0]["env"]}
+    refs |= {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert refs == set(secrets) and all(name.startswith(("shepherd-keys-", "shepherd-tls-")) for name in refs)

@@ -15,7 +15,7 @@ from shepherd.gateway import Gateway
 from shepherd.http.app import build_app
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker, WorkerStatus
-from tests.support.processes import free_port
+from tests.support.processes import free_port, start_sim
 
 SCRAPE_TIMEOUT = 0.5
 
@@ -144,3 +144,34 @@ async def test_no_workers_and_all_failed_are_clear_errors():
             assert "Every worker scrape failed" in error["message"]
     finally:
         await gateway.client.close()
+
+
+async def test_a_burst_of_calls_scrapes_each_worker_once_and_the_cache_expires(tmp_path):
+    gateway = Gateway(GatewayConfig(host="127.0.0.1", port=0, engine_metrics_cache_secs=1.0))
+    with start_sim(tmp_path, 2) as sims:
+        for url in sims.urls:
+            register(gateway, url)
+
+        def scrapes() -> list[int]:
+            return [sims.log(i)["counts"].get("/metrics", 0) for i in range(2)]
+
+        try:
+            async with TestClient(TestServer(build_app(gateway))) as client:
+                burst = await asyncio.gather(*(client.get("/engine_metrics") for _ in range(20)))
+                bodies = {await resp.text() for resp in burst}
+                assert {resp.status for resp in burst} == {200} and len(bodies) == 1
+                assert "scraped 2 of 2 workers" in bodies.pop()
+                assert await asyncio.to_thread(scrapes) == [1, 1]  # one shared scrape for the whole burst
+                assert (await client.get("/engine_metrics")).status == 200  # still cached
+                assert await asyncio.to_thread(scrapes) == [1, 1]
+
+                async def scraped_again() -> bool:
+                    assert (await client.get("/engine_metrics")).status == 200
+                    return await asyncio.to_thread(scrapes) == [2, 2]
+
+                deadline = time.monotonic() + 5
+                while not await scraped_again():
+                    assert time.monotonic() < deadline, "the cached answer never expired"
+                    await asyncio.sleep(0.05)
+        finally:
+            await gateway.client.close()

@@ -13,7 +13,7 @@ from shepherd.config import CircuitBreakerConfig, GatewayConfig
 from shepherd.gateway import Gateway
 from shepherd.http.admission import Admission
 from shepherd.http.app import build_app
-from shepherd.observability.metrics import GatewayMetrics, MetricsListener
+from shepherd.observability.metrics import PRESET_STATUSES, GatewayMetrics, MetricsListener
 from shepherd.routing.context import CHAT, GENERATE
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.registry import Registry
@@ -53,7 +53,10 @@ def test_worker_requests_and_latency_after_known_attempts():
     assert exp.value("smg_worker_requests_total", worker="http://a:1", status="200") == 3
     assert exp.value("smg_worker_requests_total", worker="http://a:1", status="503") == 1
     assert exp.value("smg_worker_requests_total", worker="http://b:1", status="502") == 1
-    assert len(exp.series("smg_worker_requests_total")) == 3
+    # The usual outcomes are exported at 0 from the start, so a first burst of errors is never lost between scrapes.
+    assert exp.value("smg_worker_requests_total", worker="http://b:1", status="500") == 0
+    statuses = {(s["worker"], s["status"]) for s in exp.series("smg_worker_requests_total")}
+    assert statuses == {(w, str(c)) for w in ("http://a:1", "http://b:1") for c in PRESET_STATUSES}
     assert exp.value("smg_worker_latency_seconds_count", worker="http://a:1") == 4
     assert exp.value("smg_worker_latency_seconds_bucket", worker="http://a:1", le="0.005") == 3
     assert exp.value("smg_worker_latency_seconds_bucket", worker="http://a:1", le="0.25") == 4

@@ -46,7 +46,7 @@ def test_batch_size_follows_the_request_shape(endpoint, payload, expected):
 
 def test_prefill_logprobs_go_in_front_of_the_decodes():
     decode = orjson.dumps({"text": "x", "meta_info": {"input_token_logprobs": DECODE, "output_token_logprobs": []}})
-    prefill = _input_logprobs(orjson.dumps({"meta_info": {"input_token_logprobs": PREFILL}}), stream=False)
+    prefill = _input_logprobs(orjson.dumps({"meta_info": {"input_token_logprobs": PREFILL}}))
     merged = orjson.loads(_prepend_logprobs(decode, prefill))
     assert merged["meta_info"] == {"input_token_logprobs": PREFILL + DECODE, "output_token_logprobs": []}
 
@@ -57,7 +57,7 @@ def test_batch_items_are_merged_item_by_item():
         {"meta_info": {"input_token_logprobs": PREFILL}},
     ]
     decode_items = [{"meta_info": {"input_token_logprobs": []}}, {"meta_info": {"input_token_logprobs": DECODE}}]
-    prefill = _input_logprobs(orjson.dumps(prefill_items), stream=False)
+    prefill = _input_logprobs(orjson.dumps(prefill_items))
     merged = orjson.loads(_prepend_logprobs(orjson.dumps(decode_items), prefill))
     assert [m["meta_info"]["input_token_logprobs"] for m in merged] == [PREFILL[:1], PREFILL + DECODE]
 
@@ -70,7 +70,7 @@ def test_stream_frames_are_merged_by_their_batch_index():
         )
         + b"data: [DONE]\n\n"
     )
-    prefill = _input_logprobs(prefill_stream, stream=True)
+    prefill = _input_logprobs(prefill_stream)
     frame = b"data: " + orjson.dumps({"index": 1, "meta_info": {"input_token_logprobs": DECODE}}) + b"\n"
     merged = orjson.loads(_prepend_logprobs_to_frame(frame, prefill)[len(b"data: ") :])
     assert merged["meta_info"]["input_token_logprobs"] == PREFILL + DECODE

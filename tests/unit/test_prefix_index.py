@@ -4,7 +4,7 @@ import random
 import pytest
 
 from shepherd.config import CircuitBreakerConfig
-from shepherd.routing.prefix_index import BlockLayout, PrefixIndex
+from shepherd.routing.prefix_index import PAIR_BYTES, BlockLayout, PrefixIndex
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker
 
@@ -96,38 +96,36 @@ def test_worker_capacity_evicts_least_recent_keys_leaf_first():
 
 
 def test_budget_is_split_among_workers_and_bounds_the_index_under_a_burst():
-    budget = 64 * 1024
-    index = PrefixIndex(page_chars=64, budget_chars=budget)
+    budget = 256 * 1024
+    index = PrefixIndex(page_chars=64, budget_bytes=budget)
     fleet = make_workers(4)
     view = index.view(fleet)
-    assert index.fair_share == budget // 4 and all(entry.capacity == budget // 4 for entry in view.entries)
-    longest = 0
+    per_worker = budget // 4 // PAIR_BYTES
+    assert index.fair_share == per_worker and all(entry.key_capacity == per_worker for entry in view.entries)
     for i in range(2000):  # a burst of unique prompts, far more than the budget
-        prompt = text(i, 500 + i % 3000)
-        longest = max(longest, len(prompt))
-        keys, ends = index.layout.keys(prompt)
+        keys, ends = index.layout.keys(text(i, 500 + i % 3000))
         index.record(view.entries[i % 4], keys, ends)
-        assert index.chars <= budget
-        assert sum(len(owners) for owners in index.holders.values()) == sum(len(e.lru) for e in view.entries)
-    assert index.chars >= budget // 2  # it is a cache, not a leak-free empty set
+        assert index.estimated_bytes <= budget and index.pairs == sum(len(e.lru) for e in view.entries)
+        assert sum(len(owners) for owners in index.holders.values()) == index.pairs
+    assert index.estimated_bytes >= budget // 2  # it is a cache, not a leak-free empty set
 
 
 def test_fleet_growth_shrinks_capacity_and_maintain_trims_in_bounded_steps():
-    index = PrefixIndex(page_chars=64, budget_chars=40_000)
+    index = PrefixIndex(page_chars=64, budget_bytes=800 * PAIR_BYTES)
     fleet = make_workers(8)
     view = index.view(fleet[:2])
     for i in range(200):
         keys, ends = index.layout.keys(text(i, 1000))
         index.record(view.entries[i % 2], keys, ends)
-    before = index.chars
-    assert before > 40_000 // 8
+    before = index.pairs
+    assert before > 800 // 8
     index.view(fleet)  # six more workers: each may now hold 1/8 of the budget
-    assert index.fair_share == 5000 and index.pending
+    assert index.fair_share == 100 and index.pending
     assert index.maintain(10) == 10
     while index.pending:
         assert index.maintain(10) <= 10
-    assert all(entry.chars <= 5000 for entry in index.entries.values())
-    assert index.chars <= 10_000 < before
+    assert all(len(entry.lru) <= 100 for entry in index.entries.values())
+    assert index.pairs <= 200 < before
 
 
 def test_removed_worker_is_purged_incrementally():

@@ -1,6 +1,9 @@
+import time
+
 from shepherd.config import CircuitBreakerConfig, HealthCheckConfig
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.health import HealthChecker
+from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
@@ -76,3 +79,23 @@ def test_draining_workers_are_not_touched_by_health():
     registry.set_status(w, WorkerStatus.DRAINING)
     checker.record(w, False)
     assert w.status is WorkerStatus.DRAINING
+
+
+def test_a_half_open_worker_leaves_the_candidates_while_its_trials_are_in_flight():
+    registry = Registry()
+    a = add_worker(registry, "http://a")  # success threshold 3
+    b = add_worker(registry, "http://b")
+    a.breaker.record_failure()
+    assert a.breaker.allows(now=time.monotonic() + 3600)  # the timeout passed: half-open
+    registry.changed(a)
+    assert registry.candidates(WorkerType.REGULAR, "m") == (a, b)
+    leases = [Lease(a).__enter__() for _ in range(3)]
+    assert registry.candidates(WorkerType.REGULAR, "m") == (b,)  # three trials in flight: no more for now
+    leases[0].__exit__(None, None, None)
+    assert registry.candidates(WorkerType.REGULAR, "m") == (a, b)
+    for lease in leases[1:]:
+        a.breaker.record_success()
+        lease.__exit__(None, None, None)
+    a.breaker.record_success()
+    assert a.breaker.state.value == "closed" and a.load == 0
+    assert registry.candidates(WorkerType.REGULAR, "m") == (a, b)

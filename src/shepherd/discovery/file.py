@@ -27,6 +27,7 @@ import yaml
 from shepherd.config import GatewayConfig
 from shepherd.discovery import metrics
 from shepherd.discovery.reconciler import DesiredWorker, Reconciler, desired_worker
+from shepherd.urls import display_url
 from shepherd.workers.manager import SpecError, WorkerManager, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def parse_manifest(text: bytes, default_api_key: str | None = None) -> list[Work
         except SpecError as exc:
             raise ManifestError(f"workers[{index}]: {exc}") from None
         if spec.url in specs:
-            raise ManifestError(f"workers[{index}]: {spec.url} is listed twice")
+            raise ManifestError(f"workers[{index}]: {display_url(spec.url)} is listed twice")
         spec.api_key = spec.api_key or default_api_key
         specs[spec.url] = spec
     return list(specs.values())
@@ -132,7 +133,7 @@ class FileDiscovery:
             if self._last_problem is not None:
                 log.info("worker manifest %s is valid again", self._path)
             self._last_problem = None
-            self._desired_workers = {spec.url: desired_worker(spec, spec.url) for spec in specs}
+            self._desired_workers = {spec.url: desired_worker(spec, display_url(spec.url)) for spec in specs}
             log.debug("worker manifest %s: %d workers (sha256 %s)", self._path, len(specs), _digest(text))
         self._reconciler.reconcile()
 

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _GONE = 410
 _SOURCE = "kubernetes"
+_RBAC_HINT = "check the service account's RBAC (pods: get, list, watch)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class WatchTiming:
     backoff_initial_secs: float = 0.2
     backoff_max_secs: float = 30.0
     page_size: int = 500
+    refusal_patience_secs: float = 30.0  # 401/403 after access worked: retried quietly this long before blaming RBAC
 
 
 class _Expired(Exception):
@@ -105,6 +108,50 @@ class _Backoff:
         return delay
 
 
+class _Refusals:
+    """Logs HTTP 401/403 answers according to whether these credentials were ever accepted.
+
+    Never accepted: a configuration problem, reported at every attempt with the RBAC hint. Accepted before: what an
+    API server does for a few seconds after it restarts, until it has loaded its RBAC rules; said once, retried
+    quietly, and blamed on RBAC only when it outlasts the patience.
+    """
+
+    def __init__(self, patience_secs: float) -> None:
+        self._patience = patience_secs
+        self._accepted = False
+        self._since: float | None = None  # first refusal of the current run of refusals
+        self._escalated = False
+
+    def accepted(self) -> None:
+        if self._since is not None:
+            log.info("Kubernetes API accepts the credentials again after %.1fs", time.monotonic() - self._since)
+        self._accepted, self._since, self._escalated = True, None, False
+
+    def refused(self, what: str, why: str) -> None:
+        now = time.monotonic()
+        if not self._accepted:
+            log.warning("Kubernetes pod %s failed (%s: %s); retrying", what, why, _RBAC_HINT)
+        elif self._since is None:
+            self._since = now
+            log.info(
+                "Kubernetes pod %s refused (%s) with credentials the API server accepted before; an API server that "
+                "has just restarted refuses requests until it has loaded its RBAC rules: retrying quietly",
+                what,
+                why,
+            )
+        elif not self._escalated and now - self._since >= self._patience:
+            self._escalated = True
+            log.warning(
+                "Kubernetes pod %s still refused after %.0fs (%s: %s); retrying",
+                what,
+                now - self._since,
+                why,
+                _RBAC_HINT,
+            )
+        else:
+            log.debug("Kubernetes pod %s refused (%s); retrying", what, why)
+
+
 class PodListWatch(Generic[T]):
     """Keeps the event loop informed of the pods matching a label selector.
 
@@ -129,6 +176,7 @@ class PodListWatch(Generic[T]):
         self._on_event = on_event
         self._api_factory = api_factory
         self._timing = timing or WatchTiming()
+        self._refusals = _Refusals(self._timing.refusal_patience_secs)
         self._stop = threading.Event()
         self._resp: Any = None
         self._progress = False  # the current watch delivered an event
@@ -183,7 +231,10 @@ class PodListWatch(Generic[T]):
                     break
                 metrics.SNAPSHOT_ERRORS.labels(_SOURCE).inc()
                 what = "list" if self._resource_version is None else "watch"
-                log.warning("Kubernetes pod %s failed (%s); retrying", what, _why(exc))
+                if getattr(exc, "status", None) in (401, 403):
+                    self._refusals.refused(what, _why(exc))
+                else:
+                    log.warning("Kubernetes pod %s failed (%s); retrying", what, _why(exc))
             if self._progress:
                 backoff.reset()
                 expired_idle = False
@@ -257,12 +308,15 @@ class PodListWatch(Generic[T]):
         params["label_selector"] = self._selector or None
         try:
             if self._namespace:
-                return api.list_namespaced_pod(self._namespace, _preload_content=False, **params)
-            return api.list_pod_for_all_namespaces(_preload_content=False, **params)
+                resp = api.list_namespaced_pod(self._namespace, _preload_content=False, **params)
+            else:
+                resp = api.list_pod_for_all_namespaces(_preload_content=False, **params)
         except ApiException as exc:
             if exc.status == _GONE:
                 raise _Expired(f"HTTP 410 {exc.reason}") from None
             raise
+        self._refusals.accepted()
+        return resp
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -273,9 +327,13 @@ class PodListWatch(Generic[T]):
 
 
 def _why(exc: Exception) -> str:
+    """`HTTP 403 Forbidden (the API server's message)`, or the exception's type and text."""
     status = getattr(exc, "status", None)
-    if status in (401, 403):
-        return f"HTTP {status} {getattr(exc, 'reason', '')}: check the service account's RBAC (pods: get, list, watch)"
-    if status:
-        return f"HTTP {status} {getattr(exc, 'reason', '')}"
-    return f"{type(exc).__name__}: {exc}"
+    if not status:
+        return f"{type(exc).__name__}: {exc}"
+    why = f"HTTP {status} {getattr(exc, 'reason', None) or ''}".rstrip()
+    try:
+        message = orjson.loads(getattr(exc, "body", None) or b"{}").get("message")
+    except (orjson.JSONDecodeError, AttributeError):
+        message = None
+    return f"{why} ({message})" if message else why

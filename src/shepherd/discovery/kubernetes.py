@@ -7,9 +7,10 @@ workers those pods describe (see reconciler.py). Semantics follow SMG:
   `--prefill-selector` (prefill, checked first) or `--decode-selector` (decode). The server-side selector of
   the watch is the pairs common to all role selectors; the rest is filtered here.
 - an included pod with an IP reserves its url; it is registered once it is Running with condition Ready=True and
-  no deletionTimestamp. A pod that later turns NotReady keeps its worker (the health checker judges the worker
-  itself, and with --remove-unhealthy-workers a failed worker is removed and re-added when the pod is Ready again);
-  a pod that is deleted, terminating, finished or no longer matching is drained and removed.
+  no deletionTimestamp. A pod that later turns NotReady keeps its worker, out of routing until it is Ready again
+  (Service semantics; the health checker keeps judging the worker itself, and with --remove-unhealthy-workers a
+  failed worker is removed and re-added when the pod is Ready again); a pod that is deleted, terminating, finished
+  or no longer matching is drained and removed.
 - the worker's identity includes the pod uid: a new pod at the same IP replaces the old worker.
 - prefill pods take their bootstrap port from the `--bootstrap-port-annotation` annotation.
 """

@@ -5,6 +5,8 @@ same source owns in the registry (and its registrations in flight) and closes th
 
 - a registered worker whose url is no longer wanted, or is wanted with a different identity (a new pod uid at the
   same IP, a changed role or bootstrap port, a new API key), is drained and removed;
+- a registered worker that is still wanted but not addable (its pod turned NotReady) stays registered but leaves
+  routing at once (`Worker.routing_hold`), and comes back when it is addable again, as a Kubernetes Service does;
 - a wanted, addable url with nothing registered is submitted for registration; a replaced worker is re-added once
   its predecessor has left the registry (a removal triggers another pass);
 - a registration in flight for a url that is no longer wanted (or wanted differently) is cancelled.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import orjson
 
 from shepherd.discovery import metrics
+from shepherd.urls import display_url
 from shepherd.workers.manager import DuplicateWorker, Job, WorkerManager, WorkerSpec
 from shepherd.workers.worker import Worker, WorkerStatus
 
@@ -46,7 +49,11 @@ class DesiredWorker:
     description: str = ""  # for logs: "pod: worker-0 (10.0.0.5:8000)"
 
     def matches(self, worker: Worker) -> bool:
-        return worker.labels.get(SPEC_HASH_LABEL) == self.spec_hash and worker.api_key == self.spec.api_key
+        return (
+            worker.labels.get(SPEC_HASH_LABEL) == self.spec_hash
+            and worker.api_key == self.spec.api_key
+            and _userinfo(worker.base_url) == _userinfo(self.spec.url)
+        )
 
 
 def address(url: str) -> str:
@@ -55,17 +62,23 @@ def address(url: str) -> str:
     return url.split("://", 1)[-1]
 
 
+def _userinfo(url: str) -> str:
+    """The credentials of a worker URL (`user:password`), or ''."""
+    return address(url).partition("/")[0].rpartition("@")[0]
+
+
 def desired_worker(
     spec: WorkerSpec, discovery_id: str, *, addable: bool = True, description: str = ""
 ) -> DesiredWorker:
     """Stamp the provider's labels and a hash of everything that defines the worker onto `spec`.
 
-    The hash leaves out the API key (labels are public); `DesiredWorker.matches` compares keys directly.
+    The hash leaves out the API key and a password in the URL (labels are public); `DesiredWorker.matches` compares
+    those directly.
     """
     spec.labels[PROVIDER_LABEL] = spec.source
     spec.labels[ID_LABEL] = discovery_id
     identity = {
-        "url": spec.url,
+        "url": display_url(spec.url),
         "worker_type": spec.worker_type.value,
         "bootstrap_port": spec.bootstrap_port,
         "labels": spec.labels,
@@ -75,7 +88,7 @@ def desired_worker(
     }
     digest = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
     spec.labels[SPEC_HASH_LABEL] = digest
-    return DesiredWorker(spec, digest, addable, description or spec.url)
+    return DesiredWorker(spec, digest, addable, description or display_url(spec.url))
 
 
 @dataclass(slots=True)
@@ -141,6 +154,7 @@ class Reconciler:
                 owned.setdefault(address(worker.base_url), []).append(worker)
         outcome = _Pass()
         self._remove_unwanted(desired, owned, outcome)
+        self._hold_unready(desired, owned)
         self._cancel_unwanted_jobs(desired, outcome)
         self._add_missing(desired, owned, outcome)
         self._held_elsewhere &= desired.keys()
@@ -168,18 +182,27 @@ class Reconciler:
             if not live:
                 continue  # already leaving
             reason = "no longer discovered" if want is None else f"replaced by {want.description}"
-            log.info("Removing worker: %s (%s)", url, reason)
+            log.info("Removing worker: %s (%s)", display_url(url), reason)
             for worker in live:
                 self._manager.submit_remove(worker)
             metrics.DEREGISTRATIONS.labels(self._source, "reconciled").inc()
             outcome.removed += 1
+
+    def _hold_unready(self, desired: Mapping[str, DesiredWorker], owned: dict[str, list[Worker]]) -> None:
+        for url, workers in owned.items():
+            want = desired.get(url)
+            if want is None or not want.matches(workers[0]):
+                continue  # being removed
+            reason = None if want.addable else f"{want.description} is not ready"
+            for worker in workers:
+                self._registry.set_routing_hold(worker, reason)
 
     def _cancel_unwanted_jobs(self, desired: Mapping[str, DesiredWorker], outcome: _Pass) -> None:
         for url, job in list(self._jobs.items()):
             want = desired.get(url)
             if want is not None and want.addable and want.spec_hash == job.spec.labels.get(SPEC_HASH_LABEL):
                 continue
-            log.info("Cancelling registration of %s: no longer wanted as submitted", url)
+            log.info("Cancelling registration of %s: no longer wanted as submitted", display_url(url))
             self._manager.cancel_job(job)
             del self._jobs[url]
             outcome.cancelled += 1
@@ -214,4 +237,4 @@ class Reconciler:
             self._manager.cancel_job(job)
             return
         metrics.REGISTRATIONS.labels(self._source, "success").inc()
-        log.info("Registered worker: %s", url)
+        log.info("Registered worker: %s", display_url(url))

@@ -16,11 +16,12 @@ from shepherd import __version__
 from shepherd.http.errors import GatewayError
 from shepherd.http.responses import json_response
 from shepherd.observability.engine_metrics import EngineMetrics
-from shepherd.upstream.client import auth_headers, relay_response_headers
+from shepherd.upstream.client import relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
+from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec, is_secret_name
 from shepherd.workers.registry import count_by_type
-from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+from shepherd.workers.worker import Worker, WorkerStatus, WorkerType, worker_auth_headers
 
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
@@ -55,7 +56,7 @@ def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
 
 
 def _not_found(worker_id: str) -> GatewayError:
-    return GatewayError(404, "worker_not_found", f"Worker {worker_id} not found")
+    return GatewayError(404, "worker_not_found", f"Worker {display_url(unquote(worker_id))} not found")
 
 
 class AdminRoutes:
@@ -143,7 +144,7 @@ class AdminRoutes:
         workers = self.registry.all()
         results = await self._fan_out("POST", "/flush_cache", _distinct_bases(workers))
         results.update(await self._grpc_flush(workers))
-        failed = sorted(url for url, r in results.items() if not r["ok"])
+        failed = sorted(display_url(url) for url, r in results.items() if not r["ok"])
         body = {
             "status": "success" if not failed else "partial",
             "message": f"Successfully flushed cache on {len(results) - len(failed)} of {len(results)} workers",
@@ -181,7 +182,7 @@ class AdminRoutes:
             {
                 "status": "accepted",
                 "worker_id": job.worker_id,
-                "url": spec.url,
+                "url": display_url(spec.url),
                 "location": location,
                 "message": "Worker addition queued for background processing",
             },
@@ -259,18 +260,19 @@ class AdminRoutes:
         job = self._submit(spec)
         assert job.task is not None
         await asyncio.shield(job.task)
+        shown = display_url(spec.url)
         if job.status == "failed":
-            return web.Response(status=400, text=job.message or f"Failed to add worker: {spec.url}")
-        return web.Response(text=f"Successfully added worker: {spec.url}")
+            return web.Response(status=400, text=job.message or f"Failed to add worker: {shown}")
+        return web.Response(text=f"Successfully added worker: {shown}")
 
     async def legacy_remove_worker(self, request: web.Request) -> web.Response:
         url = request.query.get("url", "")
         workers = self.manager.workers_at(url)
         if not workers:
-            return web.Response(status=404, text=f"Worker {url} not found")
+            return web.Response(status=404, text=f"Worker {display_url(url)} not found")
         for worker in workers:
             self.manager.submit_remove(worker)
-        return web.Response(text=f"Successfully removed worker: {url}")
+        return web.Response(text=f"Successfully removed worker: {display_url(url)}")
 
     async def legacy_list_workers(self, _request: web.Request) -> web.Response:
         return json_response({"urls": [w.url for w in self.registry.all()]})
@@ -289,11 +291,7 @@ class AdminRoutes:
         return self.registry.get(key) or self.registry.by_url(unquote(key).rstrip("/"))
 
     def _job(self, key: str) -> Job | None:
-        job = self.manager.jobs.get(key)
-        if job is not None:
-            return job
-        url = unquote(key).rstrip("/")
-        return next((j for j in self.manager.jobs.values() if j.spec.url == url), None)
+        return self.manager.job(unquote(key))
 
     def _first_healthy(self) -> Worker | None:
         """A routable worker, an HTTP one if there is any (its info is passed through as the engine wrote it)."""
@@ -352,9 +350,10 @@ class AdminRoutes:
 
     async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
         """A worker's info passed through. These routes are public, so the client's own credentials go along,
-        never the gateway's or the worker's key (an engine's server info can include its arguments)."""
+        never the gateway's or the worker's key (an engine's server info can include its arguments). A worker URL
+        with credentials uses those instead."""
         client_auth = request.headers.get("Authorization")
-        headers = {"Authorization": client_auth} if client_auth else {}
+        headers = {"Authorization": client_auth} if client_auth and not has_userinfo(worker.base_url) else {}
         try:
             async with self.gw.client.session.get(
                 worker.base_url + path, headers=headers, timeout=_FANOUT_TIMEOUT
@@ -373,7 +372,7 @@ class AdminRoutes:
                 async with self.gw.client.session.request(
                     method,
                     worker.base_url + path,
-                    headers=auth_headers(worker.api_key or self.gw.config.api_key),
+                    headers=worker_auth_headers(worker.base_url, worker.api_key or self.gw.config.api_key),
                     timeout=_FANOUT_TIMEOUT,
                 ) as resp:
                     raw = await resp.read()
@@ -399,21 +398,23 @@ def _distinct_bases(workers: Iterable[Worker]) -> list[Worker]:
 
 
 def _apply_update(worker: Worker, data: dict[str, Any]) -> None:
-    """PATCH /workers/{id}: priority, cost, labels (merged), api_key."""
+    """PATCH /workers/{id}: priority, cost, labels (merged), api_key. Every field is checked before any is applied,
+    so a rejected update changes nothing."""
+    priority, cost, labels, api_key = worker.priority, worker.cost, worker.labels, worker.api_key
     if "priority" in data:
-        if not isinstance(data["priority"], int) or isinstance(data["priority"], bool):
+        priority = data["priority"]
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise GatewayError(400, "invalid_worker_spec", "field 'priority' must be an integer", param="priority")
-        worker.priority = data["priority"]
     if "cost" in data:
         if not isinstance(data["cost"], (int, float)) or isinstance(data["cost"], bool):
             raise GatewayError(400, "invalid_worker_spec", "field 'cost' must be a number", param="cost")
-        worker.cost = float(data["cost"])
+        cost = float(data["cost"])
     if "labels" in data:
-        labels = data["labels"]
-        if not isinstance(labels, dict):
+        if not isinstance(data["labels"], dict):
             raise GatewayError(400, "invalid_worker_spec", "field 'labels' must be an object", param="labels")
-        worker.labels.update({str(k): str(v) for k, v in labels.items()})
+        labels = {**labels, **{str(k): str(v) for k, v in data["labels"].items()}}
     if "api_key" in data:
-        if data["api_key"] is not None and not isinstance(data["api_key"], str):
+        api_key = data["api_key"]
+        if api_key is not None and not isinstance(api_key, str):
             raise GatewayError(400, "invalid_worker_spec", "field 'api_key' must be a string", param="api_key")
-        worker.api_key = data["api_key"]
+    worker.priority, worker.cost, worker.labels, worker.api_key = priority, cost, labels, api_key

@@ -5,8 +5,13 @@ gRPC engine share its metrics sidecar (see sidecar_address.py). Scrapes run conc
 the health-check timeout, so a slow engine delays the answer by at most that long; engines that fail are
 left out, named in a comment at the top and counted in `smg_engine_metrics_scrapes_total{result}`.
 
+The merged answer (or the error) is reused for `--engine-metrics-cache-secs` (at most 5) while the set of engines
+stays the same, and concurrent callers wait for one scrape in flight: a burst of calls, or several Prometheus
+servers, scrape each engine once per period instead of once per call.
+
 Credentials: an HTTP engine gets its own API key (else the gateway's `--api-key`, as for inference), and
-only on its own scrape. A gRPC engine's sidecar is unauthenticated plain HTTP and never gets a key.
+only on its own scrape. A gRPC engine's sidecar is unauthenticated plain HTTP and never gets a key. An engine
+URL with credentials (`http://user:password@host`) uses them instead, and is shown with the password masked.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ from shepherd.observability.metrics import GatewayMetrics
 from shepherd.observability.sidecar_address import canonical_address, sidecar_metrics_url
 from shepherd.upstream.client import UpstreamClient, auth_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
+from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker
 
 
 @dataclass(frozen=True, slots=True)
 class ScrapeTarget:
-    url: str  # the /metrics URL fetched
-    address: str  # the canonical worker address, the `worker_addr` label of its samples
+    url: str  # the /metrics URL fetched (it may carry credentials: never shown)
+    address: str  # the canonical worker address as shown (`display_url`), the `worker_addr` label of its samples
     api_key: str | None  # sent as a Bearer token to this URL only
 
 
@@ -51,7 +57,8 @@ def scrape_targets(workers: Iterable[Worker], gateway_api_key: str | None) -> li
         if is_grpc_url(address):
             target = ScrapeTarget(sidecar_metrics_url(address), address, None)
         else:
-            target = ScrapeTarget(address + "/metrics", address, worker.api_key or gateway_api_key)
+            key = None if has_userinfo(address) else worker.api_key or gateway_api_key
+            target = ScrapeTarget(address + "/metrics", display_url(address), key)
         targets.setdefault(target.url, target)
     return list(targets.values())
 
@@ -71,6 +78,14 @@ async def scrape(session: aiohttp.ClientSession, target: ScrapeTarget, timeout: 
         return ScrapeResult(target, None, " ".join(str(exc).split()) or type(exc).__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One merged scrape: the exposition, or the error every scrape ended in."""
+
+    body: bytes | None
+    error: str | None = None
+
+
 class EngineMetrics:
     def __init__(
         self,
@@ -84,12 +99,35 @@ class EngineMetrics:
         self._metrics = metrics
         self._timeout = config.health_check.timeout_secs
         self._api_key = config.api_key
+        self._cache_secs = config.engine_metrics_cache_secs
+        # (targets, expiry on the loop clock, the scrape: done when cached, pending while in flight)
+        self._last: tuple[tuple[ScrapeTarget, ...], float, asyncio.Task[_Answer]] | None = None
 
     async def handle(self, _request: web.Request) -> web.Response:
         workers = self._registry.all()
         if not workers:
             raise GatewayError(503, "no_workers", "No available workers: no worker is registered to scrape")
-        targets = scrape_targets(workers, self._api_key)
+        targets = tuple(scrape_targets(workers, self._api_key))
+        now = asyncio.get_running_loop().time()
+        last = self._last
+        if last is not None and last[0] == targets and (not last[2].done() or now < last[1]):
+            task = last[2]
+        else:
+            task = asyncio.ensure_future(self._scrape_all(targets))
+            self._last = (targets, now + self._cache_secs, task)
+            task.add_done_callback(self._scraped)
+        answer = await asyncio.shield(task)  # a caller that leaves does not cancel the others' scrape
+        if answer.body is None:
+            raise GatewayError(502, "engine_metrics_unavailable", f"Every worker scrape failed ({answer.error})")
+        return web.Response(body=answer.body, headers={"Content-Type": TEXT_CONTENT_TYPE})
+
+    def _scraped(self, task: asyncio.Task[_Answer]) -> None:
+        """The cache period counts from the end of the scrape."""
+        last = self._last
+        if last is not None and last[2] is task:
+            self._last = (last[0], asyncio.get_running_loop().time() + self._cache_secs, task)
+
+    async def _scrape_all(self, targets: tuple[ScrapeTarget, ...]) -> _Answer:
         session = self._client.session
         results = await asyncio.gather(*(scrape(session, t, self._timeout) for t in targets))
         scraped = [(r.target.address, r.body) for r in results if r.body is not None]
@@ -97,10 +135,12 @@ class EngineMetrics:
         for result in results:
             self._metrics.record_engine_scrape(result.body is not None)
         if not scraped:
-            reasons = "; ".join(f"{r.target.address}: {r.error}" for r in failed)
-            raise GatewayError(502, "engine_metrics_unavailable", f"Every worker scrape failed ({reasons})")
+            return _Answer(None, "; ".join(f"{r.target.address}: {r.error}" for r in failed))
         header = [f"shepherd engine_metrics: scraped {len(scraped)} of {len(targets)} workers"]
-        header += [f"shepherd engine_metrics: failed {r.target.address} ({r.target.url}): {r.error}" for r in failed]
+        header += [
+            f"shepherd engine_metrics: failed {r.target.address} ({display_url(r.target.url)}): {r.error}"
+            for r in failed
+        ]
         # Parsing a fleet's expositions is CPU work the event loop should not wait on.
         merged = await asyncio.to_thread(merge_expositions, scraped, header)
-        return web.Response(body=merged.text.encode(), headers={"Content-Type": TEXT_CONTENT_TYPE})
+        return _Answer(merged.text.encode())

@@ -52,6 +52,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _CB_STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.OPEN: 1, CircuitState.HALF_OPEN: 2}
 
 
+PRESET_STATUSES = (200, 500, 502, 503, 504)
+
+
 class WorkerCells:
     """One worker's request counter (by status) and latency histogram."""
 
@@ -60,7 +63,9 @@ class WorkerCells:
     def __init__(self, label: str, requests: CounterFamily, latency: HistogramFamily) -> None:
         self._label = label
         self._requests = requests
-        self._statuses: dict[int, Count] = {}
+        # The usual outcomes exist at 0 from the start: Prometheus cannot see the first increments of a series that
+        # appears between two scrapes, so a worker that fails in one short burst would otherwise show no errors.
+        self._statuses: dict[int, Count] = {status: requests.child(label, str(status)) for status in PRESET_STATUSES}
         self.latency = latency.child(label)
 
     def record(self, status: int, seconds: float) -> None:

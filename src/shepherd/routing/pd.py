@@ -28,8 +28,8 @@ from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.policies import Policy
-from shepherd.routing.router import GrpcDispatcherSource, choose_worker
-from shepherd.upstream.client import UpstreamClient, forward_request_headers, relay_response_headers
+from shepherd.routing.router import GrpcDispatcherSource, choose_worker, worker_request_headers
+from shepherd.upstream.client import UpstreamClient, relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
@@ -226,7 +226,7 @@ class PDRouter:
         self, request: web.Request, ctx: RequestContext, decode: Worker, body: bytes
     ) -> aiohttp.ClientResponse | SideFailure:
         """Send to the decode worker and wait for its response head (a failure is read whole)."""
-        headers = forward_request_headers(request.headers, ctx.request_id, decode.api_key, self._config.api_key)
+        headers = worker_request_headers(request, ctx, decode, self._config.api_key)
         try:
             upstream = await self._client.session.post(
                 decode.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
@@ -264,7 +264,7 @@ class PDRouter:
         lease: Lease,
     ) -> PrefillLogprobs | SideFailure | None:
         """Send to the prefill worker and drain its answer; returns its input logprobs when asked for."""
-        headers = forward_request_headers(request.headers, ctx.request_id, prefill.api_key, self._config.api_key)
+        headers = worker_request_headers(request, ctx, prefill, self._config.api_key)
         try:
             async with self._client.session.post(
                 prefill.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
@@ -277,7 +277,7 @@ class PDRouter:
         except aiohttp.ClientError as exc:
             return SideFailure("prefill", prefill, reason=str(exc))
         lease.ok = True
-        return _input_logprobs(payload, ctx.stream) if want_logprobs else None
+        return _input_logprobs(payload) if want_logprobs else None
 
     def _record(self, failure: SideFailure, ctx: RequestContext) -> SideFailure:
         worker = failure.worker
@@ -377,10 +377,14 @@ def batch_size(ctx: RequestContext) -> int | None:
     return n if isinstance(n, int) and n > 1 else None
 
 
-def _input_logprobs(payload: bytes, stream: bool) -> PrefillLogprobs:
-    """The prefill's `meta_info.input_token_logprobs` per batch item (of the last SSE frame with them, for streams)."""
+def _input_logprobs(payload: bytes) -> PrefillLogprobs:
+    """The prefill's `meta_info.input_token_logprobs` per batch item (of the last SSE frame with them, for streams).
+
+    The body's shape decides, not the request's `stream` flag: a prefill may answer a streamed request with one JSON
+    body (an object, or an array for a batch) instead of SSE frames.
+    """
     found: PrefillLogprobs = {}
-    if not stream:
+    if payload.lstrip()[:1] in (b"{", b"["):
         data = _loads(payload)
         for index, item in enumerate(data if isinstance(data, list) else [data]):
             logprobs = _logprobs_of(item)

@@ -13,14 +13,15 @@ the true shared prefix, which is precise enough for a ratio threshold.
 Holders. `holders[key]` is the set of workers believed to hold the prefix ending at that key. A lookup walks the
 request's keys from the root while they are present: its cost depends on the prompt, not on the number of workers.
 
-Capacity. Each worker's keys form an LRU, and a worker's indexed characters are kept within its `capacity`:
-the model's budget divided evenly among its workers, or less when `capacity_of(worker)` (its KV cache size in
-characters) is smaller, so the whole index never outgrows its budget and forgets what a bounded engine cache would
-have evicted. A request touches
-its keys deepest first, so a prompt's root is more recent than its leaves and eviction goes leaf first, like an
-engine's radix cache. A record that pushes its worker over capacity evicts at once (bounded work, so bursts are
-trimmed as they arrive); larger backlogs (a removed worker, a fleet that grew) are queued for `maintain(budget)`,
-which the policy runs in small chunks.
+Capacity. Each worker's keys form an LRU, bounded two ways. Memory: the model's budget in bytes is divided evenly
+among its workers, and each (key, worker) pair is charged `PAIR_BYTES`, what it costs when no other worker shares the
+key (shared keys cost less), so the whole index stays within its budget however short the prompts are (the text is
+never stored: a key costs the same for 1 character as for 1000). Engine cache: when `capacity_of(worker)` gives the
+worker's KV cache size in characters, its indexed characters stay within it, so the index forgets what a bounded
+engine cache would have evicted. A request touches its keys deepest first, so a prompt's root is more recent than its
+leaves and eviction goes leaf first, like an engine's radix cache. A record that pushes its worker over capacity
+evicts at once (bounded work, so bursts are trimmed as they arrive); larger backlogs (a removed worker, a fleet that
+grew) are queued for `maintain(budget)`, which the policy runs in small chunks.
 
 Traffic share. Recording a request also adds it to the worker's exponentially decayed request count (half-life:
 32 requests per worker), the policy's view of how placement is spread when in-flight counts are too small to tell,
@@ -42,6 +43,13 @@ _SHARE_RENORMALIZE_AT = 1e18
 _EVICT_SLACK = 64  # inline evictions allowed per record beyond the number of keys it touched
 _MAX_VIEWS = 8
 _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key before giving up on it
+# Bytes one (key, worker) pair costs, measured with tracemalloc (tests/unit/test_prefix_index_memory.py) when no other
+# worker holds the key, its worst case: the key's int (32) and its block size (28 when > 256), the LRU's OrderedDict
+# entry (~100), the holders map's entry for the key (~40) and its own one-holder dict (~230), plus the slack of
+# tables that grow by doubling (about 480 bytes measured in steady state). Pairs of a key held by several workers cost
+# less: they share the key's entry and dict.
+PAIR_BYTES = 512
+_UNBOUNDED = 2**62
 
 
 class BlockLayout:
@@ -84,16 +92,26 @@ class BlockLayout:
 class WorkerEntry:
     """What one index believes about one worker: the prefixes it holds (LRU first) and its recent traffic."""
 
-    __slots__ = ("alive", "capacity", "chars", "kv_chars", "lru", "share", "worker")
+    __slots__ = ("alive", "char_capacity", "chars", "fill", "key_capacity", "lru", "share", "worker")
 
     def __init__(self, worker: Worker, kv_chars: int) -> None:
         self.worker = worker
         self.lru: OrderedDict[int, int] = OrderedDict()  # key -> characters of its block
         self.chars = 0
-        self.kv_chars = kv_chars  # the worker's cache size in characters; 0 = unknown
-        self.capacity = 0  # set by PrefixIndex._fleet_changed
+        self.char_capacity = kv_chars if kv_chars > 0 else _UNBOUNDED  # the worker's KV cache in characters
+        self.key_capacity = 1  # its share of the memory budget, in keys; set by PrefixIndex._fleet_changed
+        self.fill = 0.0  # how full its estimated cache is: the larger of chars and keys over their capacity
         self.share = 0.0  # decayed request count, in units of PrefixIndex.share_unit
         self.alive = True
+
+    @property
+    def over(self) -> bool:
+        return self.chars > self.char_capacity or len(self.lru) > self.key_capacity
+
+    def refill(self) -> None:
+        by_chars = self.chars / self.char_capacity
+        by_keys = len(self.lru) / self.key_capacity
+        self.fill = by_chars if by_chars > by_keys else by_keys
 
     def __repr__(self) -> str:
         return f"WorkerEntry({self.worker.url}, chars={self.chars})"
@@ -112,17 +130,18 @@ class FleetView:
 
 class PrefixIndex:
     def __init__(
-        self, page_chars: int = 64, budget_chars: int = 2**26, capacity_of: Callable[[Worker], int] | None = None
+        self, page_chars: int = 64, budget_bytes: int = 2**26, capacity_of: Callable[[Worker], int] | None = None
     ) -> None:
-        if budget_chars < 1:
-            raise ValueError("budget_chars must be >= 1")
+        if budget_bytes < 1:
+            raise ValueError("budget_bytes must be >= 1")
         self.layout = BlockLayout(page_chars)
-        self.budget_chars = budget_chars
+        self.budget_bytes = budget_bytes
         self._capacity_of = capacity_of
         self.holders: dict[int, dict[WorkerEntry, None]] = {}
         self.entries: dict[Worker, WorkerEntry] = {}
         self.chars = 0  # indexed characters over all (key, worker) pairs, removed workers' until purged
-        self.fair_share = budget_chars  # of the budget, per worker
+        self.pairs = 0  # (key, worker) pairs, removed workers' until purged
+        self.fair_share = 1  # keys per worker: its part of the memory budget
         self.share_unit = 1.0
         self.total_share = 0.0
         self.total_share_squares = 0.0  # sum of every recorded request's squared weight, for share_noise
@@ -175,13 +194,19 @@ class PrefixIndex:
         self.views_built += 1
         return view
 
+    @property
+    def estimated_bytes(self) -> int:
+        """Memory the index is charged for (at most `budget_bytes` once maintenance caught up)."""
+        return self.pairs * PAIR_BYTES
+
     def _fleet_changed(self) -> None:
         workers = max(1, len(self.entries))
-        self.fair_share = fair_share = max(1, self.budget_chars // workers)
+        self.fair_share = fair_share = max(1, self.budget_bytes // workers // PAIR_BYTES)
         self._share_growth = 2.0 ** (1.0 / (_SHARE_HALF_LIFE_PER_WORKER * workers))
         for entry in self.entries.values():
-            entry.capacity = min(fair_share, entry.kv_chars) if entry.kv_chars > 0 else fair_share
-            if entry.chars > entry.capacity:
+            entry.key_capacity = fair_share
+            entry.refill()
+            if entry.over:
                 self._over[entry] = None
 
     # --- lookups ---------------------------------------------------------------------------------------------
@@ -244,6 +269,7 @@ class PrefixIndex:
         lru = entry.lru
         holders = self.holders
         added = 0
+        held = len(lru)
         for i in range(len(keys) - 1, -1, -1):  # deepest first, so the root ends up most recent
             key = keys[i]
             if key in lru:
@@ -259,6 +285,7 @@ class PrefixIndex:
                 owners[entry] = None
         entry.chars += added
         self.chars += added
+        self.pairs += len(lru) - held
         unit = self.share_unit
         entry.share += unit
         self.total_share += unit
@@ -266,10 +293,12 @@ class PrefixIndex:
         self.share_unit = unit * self._share_growth
         if self.share_unit > _SHARE_RENORMALIZE_AT:
             self._renormalize_shares()
-        if entry.chars > entry.capacity:
+        if entry.over:
             self._trim(entry, len(keys) + _EVICT_SLACK)
-            if entry.chars > entry.capacity:
+            if entry.over:
                 self._over[entry] = None
+        else:
+            entry.refill()
 
     @property
     def pending(self) -> bool:
@@ -290,7 +319,7 @@ class PrefixIndex:
         over = self._over
         while done < budget and over:
             entry = next(iter(over))
-            if not entry.alive or entry.chars <= entry.capacity:
+            if not entry.alive or not entry.over:
                 del over[entry]
                 continue
             done += self._trim(entry, budget - done)
@@ -298,16 +327,18 @@ class PrefixIndex:
 
     def _trim(self, entry: WorkerEntry, limit: int) -> int:
         evicted = 0
-        capacity = entry.capacity
-        while entry.chars > capacity and evicted < limit and entry.lru:
+        lru, char_capacity, key_capacity = entry.lru, entry.char_capacity, entry.key_capacity
+        while (entry.chars > char_capacity or len(lru) > key_capacity) and evicted < limit and lru:
             self._evict_oldest(entry)
             evicted += 1
+        entry.refill()
         return evicted
 
     def _evict_oldest(self, entry: WorkerEntry) -> None:
         key, size = entry.lru.popitem(last=False)
         entry.chars -= size
         self.chars -= size
+        self.pairs -= 1
         owners = self.holders.get(key)
         if owners is not None:
             owners.pop(entry, None)

@@ -22,6 +22,7 @@ from shepherd.upstream.client import UpstreamClient, forward_request_headers, re
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.relay import relay_sse
 from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
+from shepherd.urls import display_url
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerType
@@ -98,7 +99,7 @@ class Router:
         """One try on `worker`; `started` is when dispatch began (time to first token counts from there)."""
         if self._grpc is not None and is_grpc_url(worker.base_url):
             return await self._grpc().attempt(request, ctx, worker, last, started, self.policy)
-        headers = forward_request_headers(request.headers, ctx.request_id, worker.api_key, self._config.api_key)
+        headers = worker_request_headers(request, ctx, worker, self._config.api_key)
         body = ctx.body if worker.dp_rank is None else ctx.inject({"data_parallel_rank": worker.dp_rank})
         url = worker.upstream_url(ctx.endpoint.upstream_path)
         breaker = worker.breaker
@@ -130,11 +131,13 @@ class Router:
             except TimeoutError:
                 breaker.record_failure()
                 self.policy.on_request_done(worker, ctx, False)
-                return AttemptFailure(worker, transport_error=f"timed out calling {url}", timed_out=True)
+                shown = display_url(str(url))
+                return AttemptFailure(worker, transport_error=f"timed out calling {shown}", timed_out=True)
             except aiohttp.ClientError as exc:
                 breaker.record_failure()
                 self.policy.on_request_done(worker, ctx, False)
-                return AttemptFailure(worker, transport_error=f"error sending request to {url}: {exc}")
+                shown = display_url(str(url))
+                return AttemptFailure(worker, transport_error=f"error sending request to {shown}: {exc}")
 
     async def _relay_stream(
         self,
@@ -191,6 +194,17 @@ class Router:
         if failure.timed_out:
             raise GatewayError(504, "call_upstream_timeout", f"Upstream worker {failure.transport_error}")
         raise GatewayError(502, "call_upstream_connection_failed", f"Upstream worker {failure.transport_error}")
+
+
+def worker_request_headers(
+    request: web.Request, ctx: RequestContext, worker: Worker, gateway_api_key: str | None
+) -> dict[str, str]:
+    """`forward_request_headers` for `worker`, without any Authorization when the worker's URL carries credentials
+    of its own (aiohttp sends those as Basic auth, and refuses a second Authorization header)."""
+    headers = forward_request_headers(request.headers, ctx.request_id, worker.api_key, gateway_api_key)
+    if worker.userinfo:
+        headers.pop("Authorization", None)
+    return headers
 
 
 def choose_worker(

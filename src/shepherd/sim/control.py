@@ -10,6 +10,7 @@
      "hang": true,                 # inference requests wait until hang is cleared
      "disconnect_after_chunks": 3, # streams are cut after N frames, plain responses at once
      "refuse": true,               # close the listener and drop open connections (gRPC: the gRPC port)
+     "stream_as_json": true,       # /generate answers a streamed request with one JSON body (a prefill may)
      "output_text": "Hi 🙂",       # gRPC workers: every output is the BPE encoding of this text
      "crash": true}                # answer, then exit the whole process with status 1
 
@@ -47,7 +48,7 @@ from shepherd.sim.worker import SimWorker
 _CTL_FIELDS = frozenset(
     {
         "worker", "reset", "crash", "health_status", "error_status", "error_rate", "error_body",
-        "latency_ms", "hang", "disconnect_after_chunks", "refuse", "output_text",
+        "latency_ms", "hang", "disconnect_after_chunks", "refuse", "output_text", "stream_as_json",
     }
 )  # fmt: skip
 

@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 _INT_FIELDS = ("health_status", "error_status", "latency_ms", "disconnect_after_chunks")
-_BOOL_FIELDS = ("hang", "refuse")
+_BOOL_FIELDS = ("hang", "refuse", "stream_as_json")
 
 
 class FaultError(ValueError):
@@ -25,6 +25,8 @@ class FaultState:
     ``disconnect_after_chunks``: streams are cut after N SSE frames; non-streaming inference
     responses are cut before any byte is sent.
     ``refuse``: the listener is closed (applied by the server, which owns the socket).
+    ``stream_as_json``: ``/generate`` with ``"stream": true`` answers one JSON body, as for a plain request (what
+    some prefill servers do; the gateway must read PD input logprobs from either shape).
     ``output_text`` (gRPC workers): every generation outputs exactly the BPE encoding of this text
     (not a fault, a script for tests: it pins which ids a client must detokenize).
     """
@@ -43,6 +45,7 @@ class FaultState:
         self.disconnect_after_chunks: int | None = None
         self.hang = False
         self.refuse = False
+        self.stream_as_json = False
         self.output_text: str | None = None
         self._unhang.set()
         self._refresh()
@@ -98,5 +101,6 @@ class FaultState:
             "hang": self.hang,
             "disconnect_after_chunks": self.disconnect_after_chunks,
             "refuse": self.refuse,
+            "stream_as_json": self.stream_as_json,
             "output_text": self.output_text,
         }

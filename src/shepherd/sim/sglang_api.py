@@ -103,7 +103,7 @@ class SglangApi:
         group = self.worker.submit(prompts, max_new, n, dp_rank if isinstance(dp_rank, int) else None)
         batch = batch or n > 1
         try:
-            if not stream:
+            if not stream or self.worker.faults.stream_as_json:
                 await group.wait()
                 handshake.after(rooms)
                 outputs = [_generate_output(s, rids[s.index], logprobs, input_logprobs) for s in group.seqs]

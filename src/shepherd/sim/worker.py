@@ -45,7 +45,7 @@ class SimWorker:
             host = "127.0.0.1"  # a wildcard bind is reachable on loopback
         elif ":" in host:
             host = f"[{host}]"
-        scheme = "grpc" if self.config.grpc else "http"
+        scheme = ("grpc" if self.config.grpc else "http") + ("s" if self.config.tls else "")
         return f"{scheme}://{host}:{self.port}"
 
     @property

@@ -2,7 +2,10 @@
 
 closed: allows traffic; `failure_threshold` consecutive failures, all within `window_secs`, open it.
 open: no traffic; after `timeout_secs` it becomes half_open (lazily, when someone asks).
-half_open: allows traffic; `success_threshold` successes close it, any failure reopens it.
+half_open: allows at most `success_threshold` trial requests in flight at a time (the rest go to other workers,
+or get 503 when there is none); `success_threshold` successes close it, any failure reopens it. A trial counts from
+the request's dispatch to its end (`Lease`), so one that ends without a verdict (429, a client that left) frees its
+slot.
 """
 
 from __future__ import annotations
@@ -22,10 +25,21 @@ class CircuitState(StrEnum):
 
 
 TransitionListener = Callable[["CircuitBreaker", CircuitState, CircuitState], None]
+TrialsListener = Callable[["CircuitBreaker"], None]
 
 
 class CircuitBreaker:
-    __slots__ = ("_config", "_failures", "_listener", "_opened_at", "_successes", "state")
+    __slots__ = (
+        "_config",
+        "_failures",
+        "_listener",
+        "_opened_at",
+        "_period",
+        "_successes",
+        "_trials",
+        "on_trials",
+        "state",
+    )
 
     def __init__(self, config: CircuitBreakerConfig, listener: TransitionListener | None = None) -> None:
         self._config = config
@@ -34,6 +48,9 @@ class CircuitBreaker:
         self._failures: deque[float] = deque()
         self._successes = 0
         self._opened_at = 0.0
+        self._trials = 0  # half-open: trial requests in flight
+        self._period = 0  # counts transitions, so a trial that outlives its half-open period is not counted in the next
+        self.on_trials: TrialsListener | None = None  # called when the trial slots fill up or one frees (the registry)
 
     @property
     def consecutive_failures(self) -> int:
@@ -45,8 +62,11 @@ class CircuitBreaker:
 
     def allows(self, now: float | None = None) -> bool:
         """True when traffic may be sent; moves open -> half_open once the timeout has passed."""
-        if self.state is not CircuitState.OPEN or self._config.disabled:
+        state = self.state
+        if state is CircuitState.CLOSED or self._config.disabled:
             return True
+        if state is CircuitState.HALF_OPEN:
+            return self._trials < self._config.success_threshold
         if (now if now is not None else time.monotonic()) - self._opened_at >= self._config.timeout_secs:
             self._transition(CircuitState.HALF_OPEN)
             return True
@@ -58,6 +78,21 @@ class CircuitBreaker:
             return 0.0
         elapsed = (now if now is not None else time.monotonic()) - self._opened_at
         return max(0.0, self._config.timeout_secs - elapsed)
+
+    def begin_trial(self) -> int:
+        """Count a request dispatched while half-open; returns the token for `end_trial`."""
+        self._trials += 1
+        if self._trials == self._config.success_threshold and self.on_trials is not None:
+            self.on_trials(self)
+        return self._period
+
+    def end_trial(self, token: int) -> None:
+        """A trial request ended (whatever its outcome); its slot frees unless the period it began in is over."""
+        if token != self._period:
+            return
+        self._trials -= 1
+        if self._trials == self._config.success_threshold - 1 and self.on_trials is not None:
+            self.on_trials(self)
 
     def record_success(self) -> None:
         if self._config.disabled:
@@ -93,5 +128,7 @@ class CircuitBreaker:
         old, self.state = self.state, new
         self._failures.clear()
         self._successes = 0
+        self._trials = 0
+        self._period += 1
         if self._listener is not None:
             self._listener(self, old, new)

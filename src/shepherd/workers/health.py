@@ -15,10 +15,10 @@ from collections.abc import Callable
 import aiohttp
 
 from shepherd.config import HealthCheckConfig
-from shepherd.upstream.client import UpstreamClient, auth_headers
+from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.registry import Registry
-from shepherd.workers.worker import Worker, WorkerStatus
+from shepherd.workers.worker import Worker, WorkerStatus, worker_auth_headers
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class HealthChecker:
             return await self._check_grpc(base_url, api_key)
         try:
             async with self._client.session.get(
-                base_url + self._config.endpoint, headers=auth_headers(api_key), timeout=self._timeout
+                base_url + self._config.endpoint, headers=worker_auth_headers(base_url, api_key), timeout=self._timeout
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300

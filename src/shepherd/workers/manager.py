@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -18,12 +19,19 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from shepherd.config import GatewayConfig
-from shepherd.upstream.client import UpstreamClient, auth_headers
+from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
+from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.grpc_info import grpc_worker_info
 from shepherd.workers.registry import Registry
-from shepherd.workers.worker import UNKNOWN_MODEL, Worker, WorkerStatus, WorkerType
+from shepherd.workers.worker import (
+    UNKNOWN_MODEL,
+    Worker,
+    WorkerStatus,
+    WorkerType,
+    worker_auth_headers,
+)
 
 if TYPE_CHECKING:
     from shepherd.upstream.grpc_client import SglangClient
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 _LABEL_VALUE_MAX = 256
+FINISHED_JOB_TTL_SECS = 300.0  # a failed registration stays visible at GET /workers/{id} this long
+MAX_FINISHED_JOBS = 1000  # and at most this many of them are kept (the oldest go first)
 _SECRET_NAME = re.compile(r"api_key|secret|password|credential|keyfile|(^|_)token$", re.IGNORECASE)
 
 
@@ -71,11 +81,14 @@ class WorkerSpec:
             raise SpecError("worker_type", "field 'worker_type' must be regular, prefill or decode") from None
         spec = cls(url=normalize_url(url), worker_type=wtype, source=source)
         spec.api_key = _optional(data, "api_key", str)
+        if spec.api_key is not None and has_userinfo(spec.url):
+            raise SpecError("api_key", "give a worker's credentials in its URL or as 'api_key', not both")
         spec.bootstrap_port = _optional(data, "bootstrap_port", int)
         if spec.bootstrap_port is not None and not 0 < spec.bootstrap_port < 65536:
             raise SpecError("bootstrap_port", "field 'bootstrap_port' must be a port number")
         spec.labels = _labels(data.get("labels"))
-        spec.priority = _optional(data, "priority", int) or 50
+        priority = _optional(data, "priority", int)
+        spec.priority = spec.priority if priority is None else priority
         cost = _optional(data, "cost", (int, float))
         spec.cost = 1.0 if cost is None else float(cost)
         spec.model_id = _optional(data, "model_id", str) or _optional(data, "model", str)
@@ -102,28 +115,27 @@ def _labels(value: Any) -> dict[str, str]:
 def normalize_url(url: str) -> str:
     """Validate a worker URL and drop a trailing slash; raises SpecError naming the `url` field.
 
-    A bare `host:port` is kept as it is: registration probes it for HTTP and for gRPC (`detect_scheme`).
+    A bare `host:port` is kept as it is: registration probes it for HTTP and for gRPC (`_unreachable_reason`).
+    Credentials (`http://user:password@host:port`) are allowed on HTTP(S) URLs only, and never echoed.
     """
-    if "://" not in url:
-        parts = urlsplit("//" + url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise SpecError("url", f"field 'url' is not a valid worker URL: {url!r} (need scheme://host:port)")
-        return url.rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in _URL_SCHEMES or not parts.hostname:
-        raise SpecError("url", f"field 'url' is not a valid worker URL: {url!r} (need http(s)://host:port)")
+    shown = display_url(url)
+    bare = "://" not in url
     try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise SpecError("url", f"field 'url' has an invalid port: {url!r}") from None
-    if parts.query or parts.fragment:
-        raise SpecError("url", f"field 'url' must not carry a query or fragment: {url!r}")
-    if parts.port is None and is_grpc_url(url):
-        raise SpecError("url", f"a gRPC worker URL needs a port: {url!r}")
+        parts = urlsplit("//" + url if bare else url)
+        port = parts.port
+    except ValueError:  # an unbalanced IPv6 bracket, a port that is not a number or out of range
+        raise SpecError("url", f"field 'url' is not a valid worker URL: {shown!r}") from None
+    if bare:
+        if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise SpecError("url", f"field 'url' is not a valid worker URL: {shown!r} (need scheme://host:port)")
+    elif parts.scheme not in _URL_SCHEMES or not parts.hostname:
+        raise SpecError("url", f"field 'url' is not a valid worker URL: {shown!r} (need http(s)://host:port)")
+    elif parts.query or parts.fragment:
+        raise SpecError("url", f"field 'url' must not carry a query or fragment: {shown!r}")
+    elif port is None and is_grpc_url(url):
+        raise SpecError("url", f"a gRPC worker URL needs a port: {shown!r}")
+    if (parts.username is not None or parts.password is not None) and parts.scheme not in ("http", "https"):
+        raise SpecError("url", f"credentials in a worker URL need http:// or https://: {shown!r}")
     return url.rstrip("/")
 
 
@@ -139,16 +151,17 @@ class Job:
     task: asyncio.Task | None = None
 
     def to_json(self) -> dict[str, Any]:
+        url = display_url(self.spec.url)
         return {
             "id": self.worker_id,
-            "url": self.spec.url,
+            "url": url,
             "worker_type": self.spec.worker_type.value,
             "status": "pending" if self.status != "failed" else "failed",
             "healthy": False,
             "is_healthy": False,
             "job_status": {
                 "job_type": "AddWorker",
-                "worker_url": self.spec.url,
+                "worker_url": url,
                 "status": self.status,
                 "message": self.message,
                 "timestamp": int(self.started),
@@ -158,7 +171,7 @@ class Job:
 
 class DuplicateWorker(Exception):
     def __init__(self, url: str, worker_id: str) -> None:
-        super().__init__(f"Worker already exists at URL '{url}' with ID {worker_id}")
+        super().__init__(f"Worker already exists at URL '{display_url(url)}' with ID {worker_id}")
         self.worker_id = worker_id
 
 
@@ -175,6 +188,9 @@ class WorkerManager:
         self._grpc = grpc_clients or GrpcClients()
         self._config = config
         self.jobs: dict[str, Job] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # failed job id -> when it failed, oldest first
+        self.finished_job_ttl_secs = FINISHED_JOB_TTL_SECS
+        self.max_finished_jobs = MAX_FINISHED_JOBS
         self._tasks: set[asyncio.Task] = set()
 
     # --- adding --------------------------------------------------------------------------------------------
@@ -199,8 +215,10 @@ class WorkerManager:
         try:
             workers = self._build_workers(job, await self._discover(spec))
         except (TimeoutError, OSError, aiohttp.ClientError, ValueError) as exc:
-            job.status, job.message = "failed", f"worker {spec.url} could not be registered: {exc}"
+            job.status, job.message = "failed", f"worker {display_url(spec.url)} could not be registered: {exc}"
             log.error("%s", job.message)
+            self._finished[job.worker_id] = time.monotonic()
+            self._expire_jobs()
             return
         for worker in workers:
             if self.registry.by_url(worker.url) is not None:
@@ -251,6 +269,8 @@ class WorkerManager:
         try:
             async with self._client.session.get(url + path, headers=self._auth_headers(spec), timeout=timeout) as resp:
                 return None if resp.status < 400 else f"{path} answered {resp.status}"
+        except aiohttp.ClientConnectorCertificateError:
+            raise  # an untrusted certificate will not change by waiting: the registration fails now
         except (TimeoutError, aiohttp.ClientError) as exc:
             return str(exc) or type(exc).__name__
 
@@ -273,7 +293,7 @@ class WorkerManager:
 
     def _auth_headers(self, spec: WorkerSpec) -> dict[str, str]:
         """The worker's own key, else the gateway's `--api-key`, as for inference requests (DP discovery needs it)."""
-        return auth_headers(spec.api_key or self._config.api_key)
+        return worker_auth_headers(spec.url, spec.api_key or self._config.api_key)
 
     async def _get_json(
         self, spec: WorkerSpec, paths: tuple[str, ...], timeout: aiohttp.ClientTimeout
@@ -320,13 +340,14 @@ class WorkerManager:
                 worker_id=worker_id,
             )
 
+        shown = display_url(spec.url)
         if not self._config.dp_aware:
-            return [make(spec.url, job.worker_id)]
+            return [make(shown, job.worker_id)]
         dp_size = server_info.get("dp_size")
         if not isinstance(dp_size, int) or dp_size < 1:
-            raise ValueError(f"--dp-aware: worker {spec.url} reports no dp_size in its server info")
+            raise ValueError(f"--dp-aware: worker {shown} reports no dp_size in its server info")
         return [
-            make(f"{spec.url}@{rank}", job.worker_id if rank == 0 else str(uuid.uuid4()), rank, dp_size)
+            make(f"{shown}@{rank}", job.worker_id if rank == 0 else str(uuid.uuid4()), rank, dp_size)
             for rank in range(dp_size)
         ]
 
@@ -342,6 +363,27 @@ class WorkerManager:
         if job.task is not None:
             job.task.cancel()
         self.jobs.pop(job.worker_id, None)
+        self._finished.pop(job.worker_id, None)
+
+    def job(self, key: str) -> Job | None:
+        """A registration by worker id or URL: pending, or failed and not expired yet."""
+        self._expire_jobs()
+        job = self.jobs.get(key)
+        if job is None:
+            url = key.rstrip("/")
+            job = next((j for j in self.jobs.values() if url in (j.spec.url, display_url(j.spec.url))), None)
+        return job
+
+    def _expire_jobs(self) -> None:
+        """Forget failed registrations older than the TTL, and the oldest beyond the cap."""
+        finished = self._finished
+        horizon = time.monotonic() - self.finished_job_ttl_secs
+        while finished:
+            job_id, failed_at = next(iter(finished.items()))
+            if failed_at > horizon and len(finished) <= self.max_finished_jobs:
+                break
+            del finished[job_id]
+            self.jobs.pop(job_id, None)
 
     async def _drain_and_remove(self, worker: Worker) -> None:
         deadline = time.monotonic() + self._config.drain_timeout_secs

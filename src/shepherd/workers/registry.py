@@ -59,6 +59,7 @@ class Registry:
             raise ValueError(f"worker {worker.url} is already registered")
         self._by_id[worker.id] = worker
         self._by_url[worker.url] = worker
+        worker.breaker.on_trials = self._on_trials
         self._rebuild()
         for listener in self._on_added:
             listener(worker)
@@ -67,6 +68,7 @@ class Registry:
         if self._by_id.pop(worker.id, None) is None:
             return
         self._by_url.pop(worker.url, None)
+        worker.breaker.on_trials = None
         self._rebuild()
         for listener in self._on_removed:
             listener(worker)
@@ -91,6 +93,17 @@ class Registry:
         log.info("worker %s: %s -> %s", worker.url, old.value, status.value)
         self.changed(worker)
 
+    def set_routing_hold(self, worker: Worker, reason: str | None) -> None:
+        """Keep a registered worker out of routing (`reason`) or let it back (None), whatever its health says."""
+        if worker.routing_hold == reason:
+            return
+        worker.routing_hold = reason
+        if reason is None:
+            log.info("worker %s: back in routing", worker.url)
+        else:
+            log.info("worker %s: out of routing: %s", worker.url, reason)
+        self.changed(worker)
+
     def changed(self, worker: Worker | None = None) -> None:
         """Something that affects routability changed (status, breaker, model)."""
         self._rebuild()
@@ -111,9 +124,14 @@ class Registry:
 
         return on_transition
 
+    def _on_trials(self, _breaker: CircuitBreaker) -> None:
+        # A half-open worker's trial slots filled up or one freed: it leaves or rejoins the candidates.
+        self._rebuild()
+
     # --- reads for the data plane --------------------------------------------------------------------------
     def candidates(self, worker_type: WorkerType, model: str | None) -> tuple[Worker, ...]:
-        """Routable workers (ready, circuit not open) of a type serving `model` (None: any model)."""
+        """Routable workers (ready; circuit closed, or half-open with a trial slot free) of a type serving `model`
+        (None: any model)."""
         return self._routable.get((worker_type, model), ())
 
     def set_tokenized_models(self, models: frozenset[str]) -> None:
@@ -161,12 +179,14 @@ class Registry:
         for worker in self._by_id.values():
             if self.can_serve(worker):
                 models.setdefault(worker.worker_type, set()).add(worker.model_id)
-            if worker.status is not WorkerStatus.READY or not self.can_serve(worker):
+            if worker.status is not WorkerStatus.READY or worker.routing_hold or not self.can_serve(worker):
                 continue  # a gRPC worker takes token ids: without its model's tokenizer, nothing can be sent to it
-            if not worker.breaker.allows():
-                wait = worker.breaker.reopen_in()
-                next_reopen = wait if next_reopen is None else min(next_reopen, wait)
-                continue
+            breaker = worker.breaker
+            if not breaker.allows():
+                if breaker.state is CircuitState.OPEN:
+                    wait = breaker.reopen_in()
+                    next_reopen = wait if next_reopen is None else min(next_reopen, wait)
+                continue  # open, or half-open with every trial slot taken (a trial's end rebuilds)
             routable.setdefault((worker.worker_type, _ANY_MODEL), []).append(worker)
             routable.setdefault((worker.worker_type, worker.model_id), []).append(worker)
             if is_grpc_url(worker.base_url):

@@ -9,7 +9,15 @@ from typing import Any
 
 from yarl import URL
 
+from shepherd.upstream.client import auth_headers
+from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
+
+
+def worker_auth_headers(url: str, api_key: str | None) -> dict[str, str]:
+    """`Authorization: Bearer api_key` for a call to `url`, unless the URL carries credentials of its own (aiohttp
+    sends those as Basic auth and refuses a second Authorization header)."""
+    return {} if has_userinfo(url) else auth_headers(api_key)
 
 
 class WorkerStatus(StrEnum):
@@ -33,8 +41,9 @@ _LATENCY_SAMPLES = 512
 class Worker:
     """State the registry keeps per routing target.
 
-    `url` is the identity shown to operators (`base_url@rank` for DP-aware ranks); requests go to `base_url`.
-    The API key is kept here only to authenticate to this worker and is never serialized.
+    `url` is the identity shown to operators (`base_url@rank` for DP-aware ranks), built from `display_url`; requests
+    go to `base_url`, which may carry credentials and is never shown as it is. The API key is kept here only to
+    authenticate to this worker and is never serialized.
     """
 
     __slots__ = (
@@ -56,10 +65,12 @@ class Worker:
         "model_id",
         "priority",
         "requests_total",
+        "routing_hold",
         "source",
         "status",
         "upstream_urls",
         "url",
+        "userinfo",
         "worker_type",
     )
 
@@ -84,6 +95,7 @@ class Worker:
         self.id = worker_id or str(uuid.uuid4())
         self.url = url
         self.base_url = base_url or url
+        self.userinfo = has_userinfo(self.base_url)  # its own credentials: no Bearer key goes with requests
         self.breaker = breaker
         self.worker_type = worker_type
         self.model_id = model_id
@@ -96,6 +108,9 @@ class Worker:
         self.dp_size = dp_size
         self.source = source
         self.status = WorkerStatus.PENDING
+        # Why the worker's source keeps it out of routing while it stays registered (its pod is NotReady); the
+        # health checker keeps judging `status` meanwhile. None: routable by status and breaker alone.
+        self.routing_hold: str | None = None
         self.load = 0
         self.requests_total = 0
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
@@ -139,6 +154,7 @@ class Worker:
             "load": self.load,
             "latency_p99_ms": self.latency_p99_ms(),
             "circuit_state": self.breaker.state.value,
+            "routing_hold": self.routing_hold,
             "labels": self.labels,
             "priority": self.priority,
             "cost": self.cost,
@@ -147,7 +163,7 @@ class Worker:
         if self.worker_type is WorkerType.PREFILL:
             data["bootstrap_port"] = self.bootstrap_port
         if self.dp_rank is not None:
-            data.update(dp_rank=self.dp_rank, dp_size=self.dp_size, dp_base_url=self.base_url)
+            data.update(dp_rank=self.dp_rank, dp_size=self.dp_size, dp_base_url=display_url(self.base_url))
         if self.engine_load is not None:
             data["engine_load"] = self.engine_load
         return data

@@ -1,8 +1,9 @@
 """cache_aware: send a request where its prompt prefix is probably cached, unless that worker is overloaded.
 
 Per model, a `PrefixIndex` estimates which workers hold which prompt prefixes (see prefix_index.py), each worker's
-part bounded by its KV cache size (--worker-kv-tokens, else the `max_total_num_tokens` the worker reported at
-registration, times --cache-chars-per-token) so the index forgets what the engine must have evicted. Per request:
+part bounded by its share of --max-tree-size (bytes) and by its KV cache size (--worker-kv-tokens, else the
+`max_total_num_tokens` the worker reported at registration, times --cache-chars-per-token) so the index forgets what
+the engine must have evicted. Per request:
 
 1. Survey. Exactly over up to 32 candidates, else over 8 random ones (power of d choices), so the cost does not grow
    with the fleet: `least` has the fewest in-flight requests (`Worker.load`, counted from dispatch), then the
@@ -186,10 +187,10 @@ class CacheAwarePolicy:
         spare_limit = least_load + self._spill_margin
         share_weight = 0.5 / mean_share if mean_share > 0 else 0.0
         spare = least
-        spare_score = least.chars / least.capacity + least.share * share_weight
+        spare_score = least.fill + least.share * share_weight
         for entry in pool:
             if entry.worker.load <= spare_limit:
-                score = entry.chars / entry.capacity + entry.share * share_weight
+                score = entry.fill + entry.share * share_weight
                 if score < spare_score:
                     spare, spare_score = entry, score
         self.examined += len(pool)
