@@ -21,7 +21,8 @@ def test_routing_bench_measures_each_workload_through_each_gateway(tmp_path, mod
     argv += ["--pd", "--prefill-workers", "2", "--decode-workers", "1"] if mode == "pd" else ["--workers", "2"]
     argv += ["--groups", "4", "--prompts-per-group", "3", "--system-tokens", "128", "--question-tokens", "16"]
     argv += ["--clients", "3", "--rounds", "3", "--first-tokens", "64", "--turn-tokens", "16", "--answer-tokens", "4"]
-    argv += ["--rate", "50", "--output", str(output)]
+    argv += ["--rate", "50", "--workloads", "shared-prefix", "multi-turn", "--no-sglang-router"]
+    argv += ["--output", str(output)]
     with_chart = importlib.util.find_spec("matplotlib") is not None
     if with_chart:
         argv += ["--chart", str(chart)]

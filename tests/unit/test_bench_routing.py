@@ -10,22 +10,29 @@ import pytest
 
 from shepherd.bench import routing
 from shepherd.bench.conversation_load import WorkloadRun
+from shepherd.bench.fleet import GatewayTemplate
 from shepherd.bench.routing import (
     PD_KV_TOKENS,
     PD_RATE,
+    SGLANG_ROUTER,
     SHEPHERD,
     SMG,
+    TRACE_KV_FACTOR,
     Fleet,
+    GatewayRun,
     Settings,
     bounds,
     build_workload,
     figures,
+    gateway_runs,
     gateways_from_args,
     goal,
     render,
+    replica_scaling,
     settings_from_args,
     share,
 )
+from shepherd.bench.workloads import TRACE, WORKLOADS
 from shepherd.cli import build_parser
 
 
@@ -39,9 +46,12 @@ def test_defaults_and_pd_defaults() -> None:
     settings = settings_from_args(args)
     assert settings == Settings()
     assert settings.workers == 8 and settings.rate == 100.0 and settings.concurrency is None
+    assert settings.workloads == WORKLOADS and settings.trace is None and settings.replicas == (1,)
+    assert settings.trace_kv_tokens == TRACE_KV_FACTOR * settings.kv_tokens
     assert settings.conversation_system_tokens > 0  # chat products open every conversation with a system prompt
     pd = settings_from_args(parse("--pd"))
     assert pd.pd and pd.kv_tokens == PD_KV_TOKENS and pd.rate == PD_RATE and pd.cache_workers == 2
+    assert pd.trace_kv_tokens == TRACE_KV_FACTOR * PD_KV_TOKENS
     assert settings_from_args(parse("--pd", "--kv-tokens", "1000", "--rate", "5")).kv_tokens == 1000
 
 
@@ -49,7 +59,10 @@ def test_concurrency_replaces_the_rate_and_sizes_are_validated() -> None:
     settings = settings_from_args(parse("--concurrency", "12", "--workloads", "multi-turn", "multi-turn"))
     assert settings.rate is None and settings.concurrency == 12 and settings.workloads == ("multi-turn",)
     assert settings.load == "12 clients closed loop"
-    for bad in (["--rate", "0"], ["--concurrency", "0"], ["--workers", "0"], ["--groups", "0"], ["--kv-tokens", "0"]):
+    bad_flags = (["--rate", "0"], ["--concurrency", "0"], ["--workers", "0"], ["--groups", "0"], ["--kv-tokens", "0"],
+                 ["--replicas", "0"], ["--zipf-groups", "0"], ["--think-time", "0"],
+                 ["--workloads", TRACE])  # fmt: skip
+    for bad in bad_flags:
         with pytest.raises(ValueError):
             settings_from_args(parse(*bad))
     with pytest.raises(SystemExit):
@@ -63,6 +76,44 @@ def test_sim_flags_follow_the_settings() -> None:
     assert argv[-2:] == ["--dp-size", "2"]
 
 
+TRACE_LINES = "".join(
+    f'{{"timestamp": {1000 * i}, "input_length": 1024, "output_length": 64, "hash_ids": [0, {i + 1}]}}\n'
+    for i in range(10)
+)
+
+
+def test_a_trace_adds_its_workload_and_window_and_runs_on_its_own_kv_size(tmp_path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(TRACE_LINES)
+    args = ["--trace", str(path), "--trace-start", "2", "--trace-duration", "5", "--trace-requests", "4"]
+    settings = settings_from_args(parse(*args, "--trace-block-tokens", "32", "--trace-kv-tokens", "999"))
+    assert settings.workloads == (*WORKLOADS, TRACE) and settings.trace_kv_tokens == 999
+    assert settings.for_workload(TRACE).kv_tokens == 999 and settings.for_workload("multi-turn") == settings
+    workload = build_workload(TRACE, settings)
+    assert workload.timed and workload.requests == 4
+    assert [c.start for c in workload.conversations] == pytest.approx([0, 0.1, 0.2, 0.3])
+    whole = settings_from_args(parse("--trace", str(path), "--trace-start", "0", "--trace-duration", "0"))
+    assert whole.trace_duration_s is None and build_workload(TRACE, whole).requests == 10
+    assert settings_from_args(parse("--trace", str(path), *args, "--workloads", TRACE)).workloads == (TRACE,)
+    with pytest.raises(ValueError):  # the default window starts ten minutes in
+        settings_from_args(parse("--trace", str(path)))
+    for bad in (["--trace-start", "100"], ["--trace-time-scale", "0"], ["--trace-start", "-1"]):
+        with pytest.raises(ValueError):
+            settings_from_args(parse("--trace", str(path), *bad))
+    with pytest.raises(ValueError):
+        settings_from_args(parse("--trace", str(tmp_path / "missing.jsonl")))
+
+
+def test_replicas_multiply_only_shepherd_gateways() -> None:
+    settings = settings_from_args(parse("--replicas", "4", "2", "2"))
+    assert settings.replicas == (1, 2, 4)  # one replica always runs: the reference
+    gateways = gateways_from_args(["cache_aware"], "/opt/smg", [], False, "/opt/sglang-router")
+    runs = gateway_runs(gateways, settings.replicas)
+    assert [run.name for run in runs] == [SHEPHERD, f"{SHEPHERD}-x2", f"{SHEPHERD}-x4", SMG, SGLANG_ROUTER]
+    assert [run.replicas for run in runs] == [1, 2, 4, 1, 1] and runs[1].gateway is gateways[0]
+    assert GatewayRun(GatewayTemplate("other", "x")).name == "other"
+
+
 def test_default_gateways_are_shepherd_policies_then_smg() -> None:
     gateways = gateways_from_args(["cache_aware", "round_robin"], "/opt/smg", [], pd=False)
     assert [g.name for g in gateways] == [SHEPHERD, "shepherd-round_robin", SMG]
@@ -72,6 +123,10 @@ def test_default_gateways_are_shepherd_policies_then_smg() -> None:
     smg = gateways[2].argv(9000, 9001, ["http://w1"])
     assert smg[:2] == ["/opt/smg", "launch"] and smg[smg.index("--policy") + 1] == "cache_aware"
     assert "--pd-disaggregation" in gateways_from_args(["cache_aware"], None, [], pd=True)[0].template
+    *_, sglang_router = gateways_from_args(["cache_aware"], None, [], False, "/opt/sglang-router")
+    argv = sglang_router.argv(9000, 9001, ["http://w1"])
+    assert sglang_router.name == SGLANG_ROUTER and argv[:2] == ["/opt/sglang-router", "launch"]
+    assert argv[argv.index("--policy") + 1] == "cache_aware" and argv[argv.index("--worker-urls") + 1] == "http://w1"
 
 
 def test_gateway_options_add_and_replace_by_name() -> None:
@@ -131,34 +186,64 @@ def test_figures_take_hit_rate_and_share_from_the_worker_logs() -> None:
     assert pd["prefill_share_max_mean"] == 1.0 and pd["decode_share_max_mean"] == 2.0
 
 
-def gateway_figures(hit: float, p99: float, share_: float) -> dict:
+def gateway_figures(hit: float, p99: float, share_: float, name: str = SHEPHERD, replicas: int = 1) -> dict:
     return {"hit_rate": hit, "ttft_ms": {"p50": p99 / 2, "p99": p99}, "latency_ms": {"p50": 1.0, "p99": 2.0},
-            "rps": 10.0, "share_max_mean": share_, "failed": 0, "skipped": 0}  # fmt: skip
+            "rps": 10.0, "share_max_mean": share_, "failed": 0, "skipped": 0, "gateway": name,
+            "replicas": replicas}  # fmt: skip
 
 
-def document(ours: dict, theirs: dict) -> dict:
-    result = {"description": "d", "requests": 10, "gateways": {SHEPHERD: ours, SMG: theirs},
+def document(ours: dict, smg: dict | None, sglang_router: dict | None = None, **more: dict) -> dict:
+    gateways = {SHEPHERD: ours, **more}
+    gateways.update({name: f for name, f in ((SMG, smg), (SGLANG_ROUTER, sglang_router)) if f is not None})
+    result = {"description": "d", "requests": 10, "load": "10 req/s open loop", "kv_tokens": 100, "gateways": gateways,
               "bounds": {"infinite_cache": 0.9, "fleet_capacity": 0.8, "fleet_capacity_tokens": 100,
-                         "prefix_set_tokens": 125}}  # fmt: skip
+                         "prefix_set_tokens": 125, "distinct_tokens": 150}}  # fmt: skip
     results = {"shared-prefix": result}
     settings = {"pd": False, "workers": 8, "kv_tokens": 100, "rate": 10.0, "concurrency": None}
-    return {"settings": settings, "results": results, "goal": goal(results)}
+    return {
+        "settings": settings,
+        "results": results,
+        "goal": goal(results),
+        "replica_scaling": replica_scaling(results),
+    }
 
 
-def test_goal_compares_shepherd_with_smg() -> None:
-    met = document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, 60.0, 1.0))["goal"]["shared-prefix"]
-    assert met["hit_rate_ratio"] == pytest.approx(1.125) and met["ttft_p99_ratio"] == pytest.approx(2 / 3)
-    assert met["met"] is True
-    too_uneven = document(gateway_figures(0.9, 40.0, 1.4), gateway_figures(0.8, 60.0, 1.0))
-    no_better_hits = document(gateway_figures(0.8, 40.0, 1.0), gateway_figures(0.8, 60.0, 1.0))
-    assert not too_uneven["goal"]["shared-prefix"]["met"] and not no_better_hits["goal"]["shared-prefix"]["met"]
-    assert goal({"w": {"gateways": {SHEPHERD: gateway_figures(0.8, 1.0, 1.0)}}}) == {}
+def test_goal_compares_shepherd_with_each_peer_and_the_bound() -> None:
+    smg, sglang_router = gateway_figures(0.8, 60.0, 1.0, SMG), gateway_figures(0.85, 45.0, 1.0, SGLANG_ROUTER)
+    met = document(gateway_figures(0.9, 40.0, 1.2), smg, sglang_router)["goal"]["shared-prefix"]
+    assert met[f"hit_rate_vs_{SMG}"] == pytest.approx(1.125) and met[f"ttft_p99_vs_{SMG}"] == pytest.approx(2 / 3)
+    assert met[f"hit_rate_vs_{SGLANG_ROUTER}"] == pytest.approx(0.9 / 0.85)
+    assert met["of_capacity_bound"] == pytest.approx(0.9 / 0.8) and met["met"] is True
+    too_uneven = document(gateway_figures(0.9, 40.0, 1.4), smg, sglang_router)
+    no_better_hits = document(gateway_figures(0.8, 40.0, 1.0), smg, sglang_router)
+    slower_than_sglang_router = document(gateway_figures(0.9, 50.0, 1.0), smg, sglang_router)
+    for doc in (too_uneven, no_better_hits, slower_than_sglang_router):
+        assert doc["goal"]["shared-prefix"]["met"] is False
+    # Without every peer the goal cannot be judged, but the bound and the share still are.
+    partial = document(gateway_figures(0.9, 40.0, 1.2), smg)["goal"]["shared-prefix"]
+    assert partial["met"] is None and partial[f"hit_rate_vs_{SGLANG_ROUTER}"] is None
+    assert partial["of_capacity_bound"] == pytest.approx(0.9 / 0.8)
+    assert goal({"w": {"gateways": {SMG: smg}}}) == {}
+
+
+def test_replica_scaling_is_the_hit_rate_over_one_replicas() -> None:
+    replicas = {f"{SHEPHERD}-x2": gateway_figures(0.76, 40.0, 1.0, SHEPHERD, 2),
+                f"{SHEPHERD}-x4": gateway_figures(0.6, 40.0, 1.0, SHEPHERD, 4)}  # fmt: skip
+    doc = document(gateway_figures(0.8, 40.0, 1.0), None, **replicas)
+    scaling = doc["replica_scaling"]["shared-prefix"][SHEPHERD]
+    assert scaling["hit_rate"] == {"1": 0.8, "2": 0.76, "4": 0.6}
+    assert scaling["ratio"] == {"2": pytest.approx(0.95), "4": pytest.approx(0.75)}
+    text = render(doc)
+    assert "0.760 (0.95x)" in text and "0.600 (0.75x)" in text and "within 5%" in text
+    assert document(gateway_figures(0.8, 40.0, 1.0), None)["replica_scaling"] == {}
 
 
 def test_render_prints_figures_bounds_and_the_goal() -> None:
-    text = render(document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, 60.0, 1.0)))
+    smg, sglang_router = gateway_figures(0.8, 60.0, 1.0, SMG), gateway_figures(0.85, 45.0, 1.0, SGLANG_ROUTER)
+    text = render(document(gateway_figures(0.9, 40.0, 1.2), smg, sglang_router))
     assert "0.900 with an infinite cache" in text and "0.800 with the fleet's 100 tokens (prefix set 125" in text
-    assert SHEPHERD in text and "1.12x" in text and "0.67x" in text and "yes" in text
+    assert SHEPHERD in text and "1.12x" in text and "0.67x" in text and "yes" in text and "1.06x" in text
+    assert "10 req/s open loop" in text and "of bound" in text
 
 
 def test_bounds_follow_the_fleet_and_pd_prefill_keeps_one_answer_token() -> None:
@@ -175,7 +260,7 @@ def test_bounds_follow_the_fleet_and_pd_prefill_keeps_one_answer_token() -> None
 
 def test_default_workloads_reuse_more_prefix_than_the_fleet_can_hold() -> None:
     settings = Settings()
-    for name in ("shared-prefix", "multi-turn"):
+    for name in WORKLOADS:
         limits = bounds(build_workload(name, settings), settings)
         # Placement matters: not every reused prefix fits, even with perfect eviction.
         assert limits["prefix_set_tokens"] > 1.2 * limits["fleet_capacity_tokens"]
@@ -186,7 +271,7 @@ def test_chart_is_a_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from shepherd.bench.chart import write_chart
 
-    doc = document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, math.nan, 1.0))
+    doc = document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, math.nan, 1.0, SMG))
     doc["results"]["multi-turn"] = doc["results"]["shared-prefix"]
     path = tmp_path / "chart.png"
     write_chart(doc, path)

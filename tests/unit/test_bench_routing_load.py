@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from shepherd.bench.conversation_load import STREAM_ERROR, SseFrames, run_workload
+from shepherd.bench.conversation_load import STREAM_ERROR, Splitter, SseFrames, run_workload
 from shepherd.bench.workloads import Conversation, Workload
 from tests.support.local_server import serving
 
@@ -81,7 +81,7 @@ def test_sse_frames_are_reassembled_across_chunks() -> None:
 async def test_each_turn_carries_the_answers_the_server_gave(server) -> None:
     chat, url = server
     work = workload(Conversation(" sys", (" q1", " q2", " q3")))
-    run = await run_workload(url, work, "m", concurrency=1)
+    run = await run_workload([url], work, "m", concurrency=1)
     assert run.load.ok == 3 and run.skipped == 0
     last = chat.bodies[-1]
     assert last["messages"] == [
@@ -101,21 +101,21 @@ async def test_each_turn_carries_the_answers_the_server_gave(server) -> None:
 async def test_conversations_are_served_round_by_round(server) -> None:
     chat, url = server
     work = workload(*(Conversation("", (f" c{i}t0", f" c{i}t1")) for i in range(3)))
-    await run_workload(url, work, "m", concurrency=1)
+    await run_workload([url], work, "m", concurrency=1)
     assert [b["messages"][-1]["content"] for b in chat.bodies] == [" c0t0", " c1t0", " c2t0", " c0t1", " c1t1", " c2t1"]
 
 
 async def test_closed_loop_keeps_at_most_concurrency_requests_in_flight(server) -> None:
     chat, url = server
     work = workload(*(Conversation("", (" a", " b")) for _ in range(10)))
-    run = await run_workload(url, work, "m", concurrency=3)
+    run = await run_workload([url], work, "m", concurrency=3)
     assert run.load.ok == 20 and chat.max_in_flight == 3
 
 
 async def test_open_loop_starts_requests_on_schedule(server) -> None:
     chat, url = server
     work = workload(*(Conversation("", (" q",)) for _ in range(10)))
-    run = await run_workload(url, work, "m", rate=100.0)
+    run = await run_workload([url], work, "m", rate=100.0)
     assert run.load.ok == 10
     span = chat.starts[-1] - chat.starts[0]
     assert 0.08 <= span < 0.5  # nine intervals of 10 ms, with room for a busy machine
@@ -124,7 +124,7 @@ async def test_open_loop_starts_requests_on_schedule(server) -> None:
 
 async def test_open_loop_slips_while_every_conversation_awaits_its_answer(server) -> None:
     chat, url = server
-    run = await run_workload(url, workload(Conversation("", (" a", " b", " c"))), "m", rate=1000.0)
+    run = await run_workload([url], workload(Conversation("", (" a", " b", " c"))), "m", rate=1000.0)
     assert run.load.ok == 3 and chat.max_in_flight == 1
     # Latency counts from the (slipped) scheduled start: each turn is charged about its own time, not the run's.
     assert max(run.load.latencies) < 0.6 * run.load.elapsed
@@ -137,7 +137,7 @@ async def test_a_failed_turn_ends_its_conversation(server) -> None:
         Conversation("", (" broken", " never")),
         Conversation("", (" fine",)),
     )
-    run = await run_workload(url, work, "m", concurrency=2)
+    run = await run_workload([url], work, "m", concurrency=2)
     assert run.load.count == 4 and run.load.ok == 2 and run.skipped == 3
     assert sorted(run.load.statuses) == [STREAM_ERROR, 200, 200, 500]
     assert not any(b["messages"][-1]["content"] == " never" for b in chat.bodies)
@@ -147,4 +147,56 @@ async def test_a_failed_turn_ends_its_conversation(server) -> None:
 
 def test_exactly_one_load_shape_is_required() -> None:
     with pytest.raises(ValueError):
-        asyncio.run(run_workload("http://127.0.0.1:1", workload(Conversation("", (" q",))), "m"))
+        asyncio.run(run_workload(["http://127.0.0.1:1"], workload(Conversation("", (" q",))), "m"))
+    timed = Workload("t", (Conversation("", (" q",)),), 3, "timed", timed=True)
+    with pytest.raises(ValueError):  # a timed workload brings its own schedule
+        asyncio.run(run_workload(["http://127.0.0.1:1"], timed, "m", rate=10.0))
+
+
+def test_splitter_sends_request_i_to_replica_i_mod_n() -> None:
+    split = Splitter(["a", "b", "c"])
+    assert [split() for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    one = Splitter(["only"])
+    assert {one() for _ in range(3)} == {"only"}
+    with pytest.raises(ValueError):
+        Splitter([])
+
+
+async def test_replicas_share_the_requests_round_robin() -> None:
+    first, second = ChatServer(), ChatServer()
+    async with serving(first.app) as url1, serving(second.app) as url2:
+        work = workload(*(Conversation("", (f" c{i}t0", f" c{i}t1")) for i in range(3)))
+        run = await run_workload([url1, url2], work, "m", concurrency=1)
+    assert run.load.ok == 6 and len(first.bodies) == len(second.bodies) == 3
+    sent = [b["messages"][-1]["content"] for b in first.bodies]
+    assert sent == [" c0t0", " c2t0", " c1t1"]  # requests 0, 2, 4 in issue order
+    # A conversation's turns land on either replica, with its whole history each time.
+    assert second.bodies[-1]["messages"][-2:] == [{"role": "assistant", "content": " answer-2"},
+                                                  {"role": "user", "content": " c2t1"}]  # fmt: skip
+
+
+async def test_a_timed_workload_follows_its_schedule_and_answer_lengths(server) -> None:
+    chat, url = server
+    work = Workload(
+        "t",
+        (
+            Conversation("", (" late",), start=0.3, max_tokens=7),
+            Conversation("", (" a0", " a1"), start=0.0, think=(0.6,)),
+            Conversation("", (" b0", " b1"), start=0.1, think=(0.0,)),
+        ),
+        max_tokens=3,
+        description="timed",
+        timed=True,
+    )
+    assert list(work.nominal_order()) == [(1, 0), (2, 0), (2, 1), (0, 0), (1, 1)]
+    run = await run_workload([url], work, "m")
+    assert run.load.ok == 5 and run.skipped == 0
+    sent = [b["messages"][-1]["content"] for b in chat.bodies]
+    # Starts and think times order the turns; a zero think time still waits for the answer before the next turn.
+    assert sent.index(" a0") < sent.index(" b0") < sent.index(" b1") and sent[-1] == " a1"
+    assert sent.index(" b0") < sent.index(" late")
+    assert {b["messages"][-1]["content"]: b["max_tokens"] for b in chat.bodies}[" late"] == 7
+    assert chat.bodies[sent.index(" b1")]["messages"][1] == {
+        "role": "assistant",
+        "content": f" answer-{sent.index(' b0') + 1}",
+    }

@@ -10,13 +10,19 @@ import pytest
 
 from shepherd.bench.workloads import (
     MULTI_TURN,
+    MULTI_TURN_THINK,
     SHARED_PREFIX,
+    ZIPF_PREFIX,
     Conversation,
+    Workload,
     chat_body,
     messages,
     multi_turn,
+    multi_turn_think,
     random_text,
     shared_prefix,
+    zipf_prefix,
+    zipf_ranks,
 )
 from shepherd.sim.parsing import chat_prompt_text
 from shepherd.sim.tokenizer import generate, tokenize
@@ -100,9 +106,60 @@ def test_replay_reproduces_the_prompts_and_answers_the_simulator_sees() -> None:
         assert replayed[later][0][: len(previous)] == previous
 
 
+def test_zipf_ranks_are_seeded_and_follow_the_popularity_law() -> None:
+    draws = zipf_ranks(20000, 50, 1.0, random.Random(7))
+    assert draws == zipf_ranks(20000, 50, 1.0, random.Random(7))
+    assert draws != zipf_ranks(20000, 50, 1.0, random.Random(8))
+    counts = Counter(draws)
+    assert set(counts) <= set(range(50)) and counts.most_common(1)[0][0] == 0
+    # Weight 1/r: rank 1 is drawn about twice as often as rank 2 and ten times as often as rank 10.
+    assert 1.8 < counts[0] / counts[1] < 2.2 and 8 < counts[0] / counts[9] < 12.5
+    uniform = Counter(zipf_ranks(20000, 4, 0.0, random.Random(1)))
+    assert all(4000 < n < 6000 for n in uniform.values())
+
+
+def test_zipf_prefix_requests_are_a_drawn_prefix_and_their_own_question() -> None:
+    workload = zipf_prefix(groups=20, requests=200, exponent=1.0, prefix_tokens=40, question_tokens=8, max_tokens=4)
+    assert workload.name == ZIPF_PREFIX and workload.requests == 200 and not workload.timed
+    prefixes = Counter(c.system for c in workload.conversations)
+    assert len(prefixes) <= 20 and prefixes.most_common(1)[0][1] > 200 / 20  # popular groups repeat
+    assert len({c.turns for c in workload.conversations}) == 200
+    assert all(len(tokenize(c.system)) == 40 and len(tokenize(c.turns[0])) == 8 for c in workload.conversations)
+    assert workload == zipf_prefix(20, 200, 1.0, 40, 8, 4)
+    assert workload != zipf_prefix(20, 200, 1.0, 40, 8, 4, seed=1)
+
+
+def test_multi_turn_think_times_the_multi_turn_conversations() -> None:
+    plain = multi_turn(6, 3, 20, 5, 4, system_tokens=10, seed=3)
+    workload = multi_turn_think(6, 3, 20, 5, 4, 10, think_s=2.0, conversation_rate=4.0, seed=3)
+    assert workload.name == MULTI_TURN_THINK and workload.timed and workload.requests == 18
+    assert [(c.system, c.turns) for c in workload.conversations] == [(c.system, c.turns) for c in plain.conversations]
+    starts = [c.start for c in workload.conversations]
+    assert starts == sorted(starts) and starts[0] > 0 and all(len(c.think) == 2 for c in workload.conversations)
+    assert workload == multi_turn_think(6, 3, 20, 5, 4, 10, 2.0, 4.0, seed=3)
+    # The turns interleave by due time, not round by round.
+    due = {(i, t): when for i, c in enumerate(workload.conversations) for t, when in enumerate(c.due_times())}
+    order = list(workload.nominal_order())
+    assert sorted(order) == sorted(due) and [due[k] for k in order] == sorted(due.values())
+    assert order != list(plain.nominal_order())
+
+
+def test_due_times_add_the_think_times_and_answer_lengths_can_differ() -> None:
+    conversation = Conversation("", (" a", " b", " c"), start=1.0, think=(0.5, 2.0))
+    assert conversation.due_times() == [1.0, 1.5, 3.5]
+    assert Conversation("", (" a", " b"), start=2.0).due_times() == [2.0, 2.0]  # no think time: at once
+    workload = Workload("w", (conversation, Conversation("", (" q",), max_tokens=9)), 3, "d", timed=True)
+    assert [workload.answer_tokens(0), workload.answer_tokens(1)] == [3, 9]
+    assert [len(answer) for _, answer in workload.replay()] == [9, 3, 3, 3]  # due order: q at 0, then a, b, c
+
+
 @pytest.mark.parametrize(
     "build",
     [
+        lambda: zipf_prefix(0, 1, 1.0, 1, 1, 1),
+        lambda: zipf_prefix(1, 1, -1.0, 1, 1, 1),
+        lambda: multi_turn_think(1, 1, 1, 1, 1, 0, think_s=0.0, conversation_rate=1.0),
+        lambda: multi_turn_think(1, 1, 1, 1, 1, 0, think_s=1.0, conversation_rate=0.0),
         lambda: shared_prefix(0, 1, 1, 1, 1),
         lambda: shared_prefix(1, 1, -1, 1, 1),
         lambda: shared_prefix(1, 1, 1, 1, 0),

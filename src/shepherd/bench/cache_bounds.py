@@ -9,6 +9,8 @@ leaves the pages of its prompt and answer behind.
 - `reused_prefix_tokens`: the size of the workload's prefix set, the distinct pages that some later prompt hits in
   that infinite cache. A fleet whose total KV capacity is below it cannot keep every reused prefix, so where requests
   go decides what stays cached.
+- `distinct_prompt_tokens`: the tokens of the distinct full pages of all prompts, everything a cache would need to
+  hold to never miss twice.
 - `capacity_hit_rate`: one cache of the fleet's total capacity, managed by Belady's optimal offline policy (evict,
   or do not insert, the page whose next use is farthest away). Whatever a router does, the pages resident on the
   workers at any moment are a set of at most that many pages, filled only by requests, so no router can hit more
@@ -49,6 +51,12 @@ def reused_prefix_tokens(turns: Iterable[Turn], page_size: int) -> int:
         reused.update(lease.keys[: lease.cached_tokens // page_size])
         cache.release(lease, prompt + answer)
     return len(reused) * page_size
+
+
+def distinct_prompt_tokens(turns: Iterable[Turn], page_size: int) -> int:
+    """Tokens of the distinct full pages of all prompts."""
+    keys = PrefixCache(0, page_size).page_keys
+    return len({key for prompt, _ in turns for key in keys(prompt)}) * page_size
 
 
 def capacity_hit_rate(turns: Iterable[Turn], page_size: int, capacity_tokens: int) -> float:

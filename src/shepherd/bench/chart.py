@@ -29,7 +29,9 @@ def write_chart(document: dict[str, Any], path: str | os.PathLike[str]) -> None:
         hit_axis.bar_label(bars, fmt="%.2f", fontsize=8)
         limits = result["bounds"]
         hit_axis.axhline(limits["infinite_cache"], color="black", linestyle="--", linewidth=1, label="infinite cache")
-        hit_axis.axhline(limits["fleet_capacity"], color="tab:red", linestyle=":", linewidth=1, label="fleet capacity")
+        hit_axis.axhline(
+            limits["fleet_capacity"], color="tab:red", linestyle=":", linewidth=1, label="fleet capacity (Belady)"
+        )
         hit_axis.set_ylim(0, 1.05)
         hit_axis.set_title(f"{name}{' (PD)' if pd else ''}: {'prefill ' if pd else ''}prefix-cache hit rate")
         hit_axis.legend(loc="lower right", fontsize=8)

@@ -1,11 +1,18 @@
 """Load driver for conversation workloads: one streamed chat request per turn, the answer fed back into the next.
 
 Conversations wait in a first-come-first-served queue; all start ready, and a conversation goes back to the end of
-the queue once its turn was answered. Two shapes of load, like `loadgen`:
+the queue once its turn was answered. Three shapes of load, like `loadgen` plus a schedule:
 
 - closed loop: `concurrency` clients, each taking the next ready conversation as soon as its previous request ended;
 - open loop: a request starts every 1/`rate` seconds. When no conversation is ready (every one is waiting for an
-  answer), the schedule slips by the wait instead of bursting afterwards. Latency counts from the scheduled start.
+  answer), the schedule slips by the wait instead of bursting afterwards. Latency counts from the scheduled start;
+- timed (a workload that carries its own schedule, `Workload.timed`): each conversation's first turn is due at its
+  start time, and each next turn its think time after the previous one was sent, but never before that one's
+  answer came back (the turn then slips to the answer). Latency counts from when the turn was due, or slipped to.
+
+Several base URLs are replicas of one gateway behind the simplest honest splitter: the load generator itself sends
+the i-th request it issues to replica i mod N. A separate proxy process would add its own hop and CPU to every
+request, and it is round robin either way.
 
 Every request records its latency, its TTFT (first frame with generated text), its status and the prompt and cached
 tokens the worker reported in the stream's usage frame. A conversation whose turn failed ends there (its history
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -52,6 +60,23 @@ class SseFrames:
         frames = (self._buffer + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
         self._buffer = frames.pop()  # an incomplete frame waits for the next chunk
         return [line[5:].strip() for frame in frames for line in frame.split(b"\n") if line.startswith(b"data:")]
+
+
+class Splitter:
+    """Round robin over gateway replicas in issue order: the i-th call returns replica i mod N."""
+
+    __slots__ = ("_issued", "urls")
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        if not urls:
+            raise ValueError("no gateway URL to send to")
+        self.urls = tuple(urls)
+        self._issued = 0
+
+    def __call__(self) -> str:
+        url = self.urls[self._issued % len(self.urls)]
+        self._issued += 1
+        return url
 
 
 @dataclass(slots=True)
@@ -107,18 +132,21 @@ async def _send(session: aiohttp.ClientSession, url: str, body: bytes, started: 
 
 
 async def run_workload(
-    base_url: str,
+    base_urls: Sequence[str],
     workload: Workload,
     model: str,
     concurrency: int | None = None,
     rate: float | None = None,
     timeout_secs: float = 60.0,
 ) -> WorkloadRun:
-    """Send every turn of `workload` to `base_url` (`/v1/chat/completions`); exactly one of concurrency and rate."""
-    if (concurrency is None) == (rate is None):
-        raise ValueError("give exactly one of concurrency (closed loop) and rate (open loop)")
+    """Send every turn of `workload` to the replicas at `base_urls` (`/v1/chat/completions`, split round robin);
+    exactly one of concurrency and rate, or neither for a timed workload."""
+    if workload.timed != (concurrency is None and rate is None) or (concurrency is not None and rate is not None):
+        raise ValueError(
+            "give exactly one of concurrency (closed loop) and rate (open loop), none for a timed workload"
+        )
     run = WorkloadRun()
-    url = base_url.rstrip("/") + "/v1/chat/completions"
+    split = Splitter([url.rstrip("/") + "/v1/chat/completions" for url in base_urls])
     conversations = workload.conversations
     answers: list[list[str]] = [[] for _ in conversations]
     ready: asyncio.Queue[int | None] = asyncio.Queue()
@@ -141,12 +169,14 @@ async def run_workload(
         connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",), auto_decompress=False
     ) as session:
 
-        async def one(index: int, started: float) -> None:
+        async def one(index: int, started: float) -> bool:
+            """Send the next turn of conversation `index`; whether it was answered (its later turns are skipped if
+            not)."""
             conversation = conversations[index]
             turn = len(answers[index])
-            body = orjson.dumps(chat_body(model, conversation, turn, answers[index], workload.max_tokens))
+            body = orjson.dumps(chat_body(model, conversation, turn, answers[index], workload.answer_tokens(index)))
             try:
-                answer = await _send(session, url, body, started)
+                answer = await _send(session, split(), body, started)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 answer = _Answer(0, error=f"{type(exc).__name__}: {exc}")
             status = STREAM_ERROR if answer.error and answer.status == 200 else answer.status
@@ -155,23 +185,44 @@ async def run_workload(
             run.load.record(time.perf_counter() - started, answer.ttft, status, len(answer.text))
             run.prompt_tokens += answer.prompt_tokens
             run.cached_tokens += answer.cached_tokens
-            left = len(conversation.turns) - turn - 1
-            if status == 200:
-                answers[index].append(answer.text)
+            if status != 200:
+                run.skipped += len(conversation.turns) - turn - 1
+                return False
+            answers[index].append(answer.text)
+            return True
+
+        async def queued(index: int, started: float) -> None:
+            """`one` for a queued conversation: back to the queue if it goes on, its skipped turns accounted for."""
+            left = len(conversations[index].turns) - len(answers[index]) - 1
+            if await one(index, started):
                 if left:
                     ready.put_nowait(index)
             elif left:
-                run.skipped += left
                 issued(left)
 
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        if concurrency is not None:
+        if workload.timed:
+
+            async def timed(index: int) -> None:
+                conversation = conversations[index]
+                due = t0 + conversation.start
+                for turn in range(len(conversation.turns)):
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    started = max(due, time.perf_counter())
+                    if not await one(index, started):
+                        return
+                    due = started + conversation.think_after(turn)
+
+            await asyncio.gather(*(timed(index) for index in range(len(conversations))))
+        elif concurrency is not None:
 
             async def client() -> None:
                 while (index := await ready.get()) is not None:
                     issued(1)
-                    await one(index, time.perf_counter())
+                    await queued(index, time.perf_counter())
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
         else:
@@ -190,7 +241,7 @@ async def run_workload(
                 if index is None:
                     break
                 issued(1)
-                tasks.append(asyncio.ensure_future(one(index, scheduled)))
+                tasks.append(asyncio.ensure_future(queued(index, scheduled)))
                 scheduled += interval
             await asyncio.gather(*tasks)
         run.load.elapsed = time.perf_counter() - t0

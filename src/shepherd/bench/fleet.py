@@ -29,7 +29,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loop
 
 SHEPHERD_TEMPLATE = (
     "{python} -m shepherd.cli launch --host {host} --port {port} --worker-urls {worker_urls} "
-    "--policy round_robin --prometheus-port {prom_port} --log-level warning"
+    "--policy round_robin --prometheus-port {prom_port} --log-level warning --shutdown-drain-window-secs 0"
 )
 
 

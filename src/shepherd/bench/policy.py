@@ -165,6 +165,7 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
         result["index_probes_per_decision"] = index.lookups / total
         result["entries_examined_per_decision"] = policy.examined / total
         result["indexed_chars"] = index.chars
+        result["index_bytes"] = index.estimated_bytes
     return result
 
 

@@ -2,28 +2,43 @@
 
 One fleet of simulated workers with the batching latency model and a bounded prefix (KV) cache each, then, one
 gateway after the other, each workload through each gateway: Shepherd with every `--policies` policy, SMG's
-`cache_aware` when its binary is found (`--smg`), and every `--gateway NAME=TEMPLATE`. Before each run the workers'
-caches are flushed and their request logs cleared; each gateway is started fresh for each workload, so no run
-inherits another's state.
+`cache_aware` when its binary is found (`--smg`), sglang-router's `cache_aware` likewise (`--sglang-router`), and
+every `--gateway NAME=TEMPLATE`. Before each run the workers' caches are flushed and their request logs cleared;
+each gateway is started fresh for each workload, so no run inherits another's state.
 
-Workloads (`shepherd.bench.workloads`): generated shared prefix (groups of prompts sharing a system prompt,
-shuffled) and multi-turn conversations (each turn carries the history, with the real answers fed back; by default
-every conversation opens with the same system prompt, as in a chat product: `--conversation-system-tokens 0` for
-private conversations only). The load is open loop at `--rate` requests/s, or closed loop with `--concurrency`
-clients.
+Workloads (`shepherd.bench.workloads`, `shepherd.bench.trace`):
+- shared-prefix: groups of prompts sharing a system prompt, shuffled (SGLang's generated-shared-prefix shape);
+- multi-turn: conversations where each turn carries the history, with the real answers fed back; by default every
+  conversation opens with the same system prompt, as in a chat product (`--conversation-system-tokens 0` for
+  private conversations only), served round by round;
+- zipf-prefix: a few hundred shared prefixes (system prompts, documents) with Zipf popularity, each request one
+  prefix and a question of its own;
+- multi-turn-think: the multi-turn conversations timed like users, starting at Poisson arrivals with exponential
+  think times between turns, so they interleave in a random order;
+- trace (with `--trace FILE`): a window of a Mooncake-format trace replayed with its own arrival times, each
+  512-token block id as `--trace-block-tokens` tokens of deterministic text, on a fleet of `--trace-kv-tokens` per
+  worker.
+The first three run at `--rate` requests/s open loop, or closed loop with `--concurrency` clients; the timed ones
+(multi-turn-think, trace) follow their own schedule.
 
 Default sizes: 8 workers of 8,192 KV tokens (65,536 in all) at 100 req/s; shared prefix 80 groups x 16 prompts of
 1,024 + 64 tokens; multi-turn 96 clients x 6 rounds, a 1,024-token shared system prompt, a 512-token first turn and
-64-token later turns. Each workload's prefix set (the pages a later prompt reuses) is about 1.25 times the fleet's
-capacity (81,920 and 82,432 tokens), so not every prefix can stay cached and where requests go decides which do.
-Each workload runs in well under a minute per gateway.
+64-token later turns; zipf-prefix 1,280 prompts over 256 groups of the same sizes as shared prefix, exponent 1.0;
+multi-turn-think 192 such conversations starting at 48/s, 2 s mean think time. Each workload's prefix set (the pages
+a later prompt reuses) is 1.25 to 2.5 times the fleet's capacity, so not every prefix can stay cached and where
+requests go decides which do. Trace: minutes 10 to 15 of the trace, 1 block = 64 tokens, ten times faster, answers
+capped at 32 tokens, on workers of 32,768 KV tokens (4x `--kv-tokens`).
+
+`--replicas 1 2 4`: every Shepherd gateway (named shepherd-*) also runs as 2 and 4 replicas of the same command
+line on the same fleet; the load generator sends the i-th request it issues to replica i mod N (the simplest honest
+splitter: a proxy process would add its own hop). The other gateways run once.
 
 Per gateway and workload:
 - hit rate: cached / prompt tokens summed over the workers' `/__log` counters (prefill workers in PD mode);
 - TTFT and end-to-end latency p50/p99 (streamed chat requests) and throughput;
 - share: the busiest worker's request count over the mean (1.0 is perfectly even);
 - and per workload the bounds a router cannot beat (`shepherd.bench.cache_bounds`): the infinite-cache oracle and
-  the optimal cache of the fleet's total capacity, next to the workload's prefix set.
+  the optimal (Belady) cache of the fleet's total capacity, next to the workload's prefix set and distinct tokens.
 
 `--pd`: 2 prefill + 2 decode workers (`--prefill-workers`, `--decode-workers`) of 32,768 KV tokens each (the
 default regular fleet's total on the prefill side) at 48 req/s, gateways in PD mode (`{worker_urls}` then stands for
@@ -35,6 +50,7 @@ A table on the terminal, `--output` JSON, `--chart` PNG (matplotlib, from the `b
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import shutil
 import sys
@@ -47,8 +63,14 @@ from typing import Any
 
 import orjson
 
+from shepherd.bench import trace as tr
 from shepherd.bench import workloads as wl
-from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate, reused_prefix_tokens
+from shepherd.bench.cache_bounds import (
+    capacity_hit_rate,
+    distinct_prompt_tokens,
+    infinite_cache_hit_rate,
+    reused_prefix_tokens,
+)
 from shepherd.bench.conversation_load import WorkloadRun, run_workload
 from shepherd.bench.fleet import FleetError, GatewayProcess, GatewayTemplate, SimFleet, wait_until
 from shepherd.bench.report import fmt, render_table, run_and_report, run_metadata
@@ -56,22 +78,29 @@ from shepherd.bench.report import fmt, render_table, run_and_report, run_metadat
 CHAT_PATH = "/v1/chat/completions"
 SIM_SEED = 0  # the simulators' seed: their answers, and so the multi-turn histories, follow from it
 REFERENCE_SMG = "/work/refvenv/bin/smg"
+SHEPHERD_PREFIX = "shepherd-"  # gateways named so are Shepherd's: the ones --replicas multiplies
 SHEPHERD = "shepherd-cache_aware"
 SMG = "smg-cache_aware"
+SGLANG_ROUTER = "sglang-router-cache_aware"
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
 DEFAULT_POLICIES = ("cache_aware", "round_robin", "power_of_two")
 # PD defaults: the same total prefix-cache capacity as the default regular fleet, spread over the prefill workers,
 # and a rate that two prefill workers sustain (at 60 req/s they serve about 51 of the default multi-turn workload).
 PD_KV_TOKENS = 32768
 PD_RATE = 48.0
-GOAL_HIT_RATIO = 1.1  # Shepherd cache_aware hit rate over SMG's, at least
-GOAL_TTFT_P99_RATIO = 0.8  # Shepherd cache_aware TTFT p99 over SMG's, at most
+TRACE_KV_FACTOR = 4  # trace workers' KV over --kv-tokens: its prompts are about twice the generated ones
+# Shepherd cache_aware against each peer: (hit rate ratio at least, TTFT p99 ratio at most), and the peer's short name.
+PEER_GOALS = {SMG: (1.1, 0.8), SGLANG_ROUTER: (1.0, 1.0)}
+_PEER_LABELS = {SMG: "SMG", SGLANG_ROUTER: "sglang-router"}
 GOAL_SHARE = 1.3  # busiest worker's share over the mean, at most
+GOAL_REPLICA_HIT = 0.95  # hit rate of N replicas over one replica's, at least
 
 _SHEPHERD = (
-    "{python} -m shepherd.cli launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warning"
+    "{python} -m shepherd.cli launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warning "
+    "--shutdown-drain-window-secs 0"  # a benchmark's gateway has no load balancer to drain from
 )
 _SMG = "{smg} launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warn"
+_SGLANG_ROUTER = _SMG.replace("{smg}", "{sglang_router}")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -103,7 +132,22 @@ class Settings:
     turn_tokens: int = 64
     conversation_system_tokens: int = 1024
     answer_tokens: int = 16
+    zipf_groups: int = 256
+    zipf_requests: int = 1280
+    zipf_exponent: float = 1.0
+    think_clients: int = 192
+    think_time_s: float = 2.0
+    conversation_rate: float = 48.0
+    trace: str | None = None
+    trace_start_s: float = 600.0
+    trace_duration_s: float | None = 300.0
+    trace_requests: int | None = None
+    trace_time_scale: float = 0.1
+    trace_block_tokens: int = 64
+    trace_max_output_tokens: int = 32
+    trace_kv_tokens: int = TRACE_KV_FACTOR * 8192
     seed: int = 0
+    replicas: tuple[int, ...] = (1,)
     timeout_secs: float = 60.0
     startup_timeout: float = 60.0
 
@@ -126,17 +170,75 @@ class Settings:
     def load(self) -> str:
         return f"{self.rate:g} req/s open loop" if self.rate is not None else f"{self.concurrency} clients closed loop"
 
+    def for_workload(self, name: str) -> Settings:
+        """The settings of `name`'s run: the trace has workers of its own KV size."""
+        return replace(self, kv_tokens=self.trace_kv_tokens) if name == wl.TRACE else self
+
 
 def build_workload(name: str, settings: Settings) -> wl.Workload:
+    """Workload `name` at `settings`' sizes; ValueError for invalid sizes (or a missing trace)."""
+    s = settings
     if name == wl.SHARED_PREFIX:
-        return wl.shared_prefix(
-            settings.groups, settings.prompts_per_group, settings.system_tokens, settings.question_tokens,
-            settings.answer_tokens, settings.seed,
+        return _cached_shared_prefix(
+            s.groups, s.prompts_per_group, s.system_tokens, s.question_tokens, s.answer_tokens, s.seed
+        )
+    if name == wl.MULTI_TURN:
+        return _cached_multi_turn(
+            s.clients, s.rounds, s.first_tokens, s.turn_tokens, s.answer_tokens, s.conversation_system_tokens, s.seed
+        )
+    if name == wl.ZIPF_PREFIX:
+        return _cached_zipf_prefix(
+            s.zipf_groups, s.zipf_requests, s.zipf_exponent, s.system_tokens, s.question_tokens, s.answer_tokens,
+            s.seed,
         )  # fmt: skip
-    return wl.multi_turn(
-        settings.clients, settings.rounds, settings.first_tokens, settings.turn_tokens, settings.answer_tokens,
-        settings.conversation_system_tokens, settings.seed,
-    )  # fmt: skip
+    if name == wl.MULTI_TURN_THINK:
+        return _cached_multi_turn_think(
+            s.think_clients, s.rounds, s.first_tokens, s.turn_tokens, s.answer_tokens, s.conversation_system_tokens,
+            s.think_time_s, s.conversation_rate, s.seed,
+        )  # fmt: skip
+    if name == wl.TRACE:
+        if s.trace is None:
+            raise ValueError("the trace workload needs --trace FILE")
+        return _cached_build_trace(
+            s.trace, s.trace_start_s, s.trace_duration_s, s.trace_requests, s.trace_block_tokens, s.trace_time_scale,
+            s.trace_max_output_tokens, s.seed,
+        )  # fmt: skip
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def build_trace(
+    path: str,
+    start_s: float,
+    duration_s: float | None,
+    count: int | None,
+    block_tokens: int,
+    time_scale: float,
+    max_output_tokens: int,
+    seed: int,
+) -> wl.Workload:
+    """The window of the trace at `path` as a workload; ValueError when it cannot be read or the window is empty."""
+    if start_s < 0 or (duration_s is not None and not duration_s > 0) or (count is not None and count < 1):
+        raise ValueError("--trace-start must be >= 0, --trace-duration > 0 and --trace-requests >= 1")
+    try:
+        requests = tr.read_trace(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the trace: {exc}") from None
+    picked = tr.window(requests, start_s, duration_s, count)
+    if not picked:
+        span = (requests[-1].timestamp_ms - requests[0].timestamp_ms) / 1000
+        raise ValueError(
+            f"no request of {path} ({span:,.0f}s long) in the window from {start_s:g}s"
+            " (--trace-start, --trace-duration, --trace-requests)"
+        )
+    return tr.trace_workload(picked, block_tokens, time_scale, max_output_tokens, seed, Path(path).name)
+
+
+# Checking the settings builds every workload, and the run uses them: each builder remembers its last ones.
+_cached_shared_prefix = functools.lru_cache(maxsize=2)(wl.shared_prefix)
+_cached_multi_turn = functools.lru_cache(maxsize=2)(wl.multi_turn)
+_cached_zipf_prefix = functools.lru_cache(maxsize=2)(wl.zipf_prefix)
+_cached_multi_turn_think = functools.lru_cache(maxsize=2)(wl.multi_turn_think)
+_cached_build_trace = functools.lru_cache(maxsize=2)(build_trace)
 
 
 def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
@@ -150,6 +252,7 @@ def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
         "fleet_capacity": capacity_hit_rate(turns, settings.page_size, capacity),
         "fleet_capacity_tokens": capacity,
         "prefix_set_tokens": reused_prefix_tokens(turns, settings.page_size),
+        "distinct_tokens": distinct_prompt_tokens(turns, settings.page_size),
         "prompt_tokens": sum(len(prompt) for prompt, _ in turns),
     }
 
@@ -157,12 +260,19 @@ def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
 # -- gateways ----------------------------------------------------------------------------------------------------
 
 
-def default_gateways(policies: Sequence[str], smg: str | None, pd: bool) -> list[GatewayTemplate]:
-    """Shepherd with each policy, then SMG's cache_aware when `smg` (its executable) is given."""
+def default_gateways(
+    policies: Sequence[str], smg: str | None, pd: bool, sglang_router: str | None = None
+) -> list[GatewayTemplate]:
+    """Shepherd with each policy, then the cache_aware of SMG and of sglang-router when their executables are given."""
     workers = "--pd-disaggregation {worker_urls}" if pd else "--worker-urls {worker_urls}"
-    out = [GatewayTemplate(f"shepherd-{policy}", f"{_SHEPHERD} {workers} --policy {policy}") for policy in policies]
+    out = [
+        GatewayTemplate(f"{SHEPHERD_PREFIX}{policy}", f"{_SHEPHERD} {workers} --policy {policy}") for policy in policies
+    ]
     if smg:
         out.append(GatewayTemplate(SMG, _SMG.replace("{smg}", shlex.quote(smg)) + f" {workers} --policy cache_aware"))
+    if sglang_router:
+        line = _SGLANG_ROUTER.replace("{sglang_router}", shlex.quote(sglang_router))
+        out.append(GatewayTemplate(SGLANG_ROUTER, f"{line} {workers} --policy cache_aware"))
     return out
 
 
@@ -175,19 +285,46 @@ def find_smg(requested: str | None) -> str | None:
     return shutil.which("smg")
 
 
+def find_sglang_router(requested: str | None) -> str | None:
+    """The sglang-router executable: `requested`, else `sglang-router` on PATH; None if absent."""
+    return requested or shutil.which("sglang-router")
+
+
 def gateways_from_args(
-    policies: Sequence[str], smg: str | None, specs: Sequence[str], pd: bool
+    policies: Sequence[str], smg: str | None, specs: Sequence[str], pd: bool, sglang_router: str | None = None
 ) -> list[GatewayTemplate]:
     """The defaults in order, then each `NAME=TEMPLATE` (replacing a default of the same name)."""
-    templates = {t.name: t for t in default_gateways(policies, smg, pd)}
+    templates = {t.name: t for t in default_gateways(policies, smg, pd, sglang_router)}
     for spec in specs:
         template = GatewayTemplate.parse(spec)
         if "/" in template.name:
             raise ValueError(f"gateway names cannot contain '/': {template.name!r}")
         templates[template.name] = template
     if not templates:
-        raise ValueError("no gateway to measure: give --policies, --smg or --gateway")
+        raise ValueError("no gateway to measure: give --policies, --smg, --sglang-router or --gateway")
     return list(templates.values())
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRun:
+    """One row of a workload's table: a gateway as `replicas` processes behind the load generator's splitter."""
+
+    gateway: GatewayTemplate
+    replicas: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.gateway.name if self.replicas == 1 else f"{self.gateway.name}-x{self.replicas}"
+
+
+def gateway_runs(gateways: Sequence[GatewayTemplate], replicas: Sequence[int]) -> list[GatewayRun]:
+    """Each gateway once, and each Shepherd gateway also at every replica count beyond one."""
+    counts = sorted({1, *replicas})
+    return [
+        GatewayRun(gateway, n)
+        for gateway in gateways
+        for n in (counts if gateway.name.startswith(SHEPHERD_PREFIX) else [1])
+    ]
 
 
 # -- the simulated fleet -----------------------------------------------------------------------------------------
@@ -313,52 +450,68 @@ def figures(run: WorkloadRun, logs: dict[str, list[dict[str, Any]]], cache_role:
     return out
 
 
-def measure(gateway: GatewayTemplate, fleet: Fleet, workload: wl.Workload, settings: Settings) -> dict[str, Any]:
-    """Start `gateway` on the fleet, run `workload` through it from clean caches, stop it; its figures."""
+def measure(gateway: GatewayRun, fleet: Fleet, workload: wl.Workload, settings: Settings) -> dict[str, Any]:
+    """Start `gateway`'s processes on the fleet, run `workload` through them from clean caches, stop them; its
+    figures."""
     import uvloop
 
-    process = GatewayProcess(gateway, fleet.gateway_args())
     probe = orjson.dumps({"model": settings.model, "messages": [{"role": "user", "content": " ping"}], "max_tokens": 1})
-    process.start(CHAT_PATH, probe, settings.startup_timeout)
+    processes: list[GatewayProcess] = []
     try:
+        for _ in range(gateway.replicas):
+            processes.append(GatewayProcess(gateway.gateway, fleet.gateway_args()))
+            processes[-1].start(CHAT_PATH, probe, settings.startup_timeout)
         fleet.reset(settings.timeout_secs)
+        load = (None, None) if workload.timed else (settings.concurrency, settings.rate)
         run = uvloop.run(
-            run_workload(
-                process.url, workload, settings.model, settings.concurrency, settings.rate, settings.timeout_secs
-            )
+            run_workload([p.url for p in processes], workload, settings.model, *load, settings.timeout_secs)
         )
         fleet.wait_idle(settings.timeout_secs)
         logs = fleet.logs()
     finally:
-        process.stop()
-    return figures(run, logs, fleet.cache_role)
+        for process in processes:
+            process.stop()
+    return {**figures(run, logs, fleet.cache_role), "gateway": gateway.gateway.name, "replicas": gateway.replicas}
 
 
 def run_routing(
     settings: Settings, gateways: Sequence[GatewayTemplate], progress: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Every workload through every gateway on one fleet; the JSON document of the run."""
+    """Every workload through every gateway, on one fleet per KV size; the JSON document of the run."""
     results: dict[str, Any] = {}
-    fleet = Fleet(settings).start(settings.startup_timeout)
+    runs = gateway_runs(gateways, settings.replicas)
+    fleet: Fleet | None = None
+    fleet_kv = 0
     try:
         for name in settings.workloads:
-            workload = build_workload(name, settings)
-            limits = bounds(workload, settings)
+            run_settings = settings.for_workload(name)
+            workload = build_workload(name, run_settings)
+            limits = bounds(workload, run_settings)
+            load = "timed by the workload" if workload.timed else run_settings.load
             progress(
-                f"{name}: {workload.description}; {workload.requests} requests at {settings.load};"
+                f"{name}: {workload.description}; {workload.requests} requests, {load};"
                 f" hit-rate bounds {limits['infinite_cache']:.3f} (infinite cache),"
-                f" {limits['fleet_capacity']:.3f} (the fleet's capacity);"
-                f" prefix set {limits['prefix_set_tokens']:,} tokens, fleet {limits['fleet_capacity_tokens']:,}"
+                f" {limits['fleet_capacity']:.3f} (the fleet's capacity); prefix set"
+                f" {limits['prefix_set_tokens']:,} tokens, distinct {limits['distinct_tokens']:,}"
+                f" ({limits['distinct_tokens'] / limits['fleet_capacity_tokens']:.1f}x the fleet's"
+                f" {limits['fleet_capacity_tokens']:,})"
             )
+            if fleet is None or fleet_kv != run_settings.kv_tokens:
+                if fleet is not None:
+                    fleet.stop()
+                    fleet = None
+                fleet = Fleet(run_settings).start(settings.startup_timeout)
+                fleet_kv = run_settings.kv_tokens
             measured: dict[str, Any] = {}
-            for gateway in gateways:
+            for run in runs:
                 started = time.monotonic()
-                measured[gateway.name] = figures_ = measure(gateway, fleet, workload, settings)
-                progress(f"  {gateway.name:<24} {_progress_line(figures_)}  ({time.monotonic() - started:.0f}s)")
-            results[name] = {"description": workload.description, "requests": workload.requests,
-                             "bounds": limits, "gateways": measured}  # fmt: skip
+                measured[run.name] = figures_ = measure(run, fleet, workload, run_settings)
+                progress(f"  {run.name:<28} {_progress_line(figures_)}  ({time.monotonic() - started:.0f}s)")
+            results[name] = {"description": workload.description, "requests": workload.requests, "load": load,
+                             "kv_tokens": run_settings.kv_tokens, "bounds": limits, "gateways": measured}  # fmt: skip
     finally:
-        fleet.stop()
+        if fleet is not None:
+            fleet.stop()
     return {
         "benchmark": "routing",
         "meta": run_metadata(),
@@ -368,6 +521,7 @@ def run_routing(
         },
         "results": results,
         "goal": goal(results),
+        "replica_scaling": replica_scaling(results),
     }
 
 
@@ -381,23 +535,49 @@ def _progress_line(f: dict[str, Any]) -> str:
 
 
 def goal(results: dict[str, Any]) -> dict[str, Any]:
-    """Shepherd cache_aware against SMG cache_aware per workload, when both ran: the issue's targets."""
+    """Shepherd cache_aware per workload against each peer and the capacity bound: the issue's targets. `met` is
+    None unless every peer ran."""
     out: dict[str, Any] = {}
     for name, result in results.items():
-        ours, theirs = result["gateways"].get(SHEPHERD), result["gateways"].get(SMG)
-        if ours is None or theirs is None:
+        measured = result["gateways"]
+        ours = measured.get(SHEPHERD)
+        if ours is None:
             continue
-        hit = _ratio(ours["hit_rate"], theirs["hit_rate"])
-        ttft = _ratio((ours["ttft_ms"] or {}).get("p99"), (theirs["ttft_ms"] or {}).get("p99"))
         shares = [v for k, v in ours.items() if k.endswith("share_max_mean") and not k.startswith("decode")]
         worst_share = max((s for s in shares if s is not None), default=None)
-        out[name] = {
-            "hit_rate_ratio": hit,
-            "ttft_p99_ratio": ttft,
+        entry: dict[str, Any] = {
             "share_max_mean": worst_share,
-            "met": hit is not None and hit >= GOAL_HIT_RATIO and ttft is not None and ttft <= GOAL_TTFT_P99_RATIO
-            and worst_share is not None and worst_share <= GOAL_SHARE,
-        }  # fmt: skip
+            "of_capacity_bound": _ratio(ours["hit_rate"], result["bounds"]["fleet_capacity"]),
+        }
+        checks = [worst_share is not None and worst_share <= GOAL_SHARE]
+        for peer, (min_hit, max_ttft) in PEER_GOALS.items():
+            theirs = measured.get(peer)
+            hit = ttft = None
+            if theirs is not None:
+                hit = _ratio(ours["hit_rate"], theirs["hit_rate"])
+                ttft = _ratio((ours["ttft_ms"] or {}).get("p99"), (theirs["ttft_ms"] or {}).get("p99"))
+                checks += [hit is not None and hit >= min_hit, ttft is not None and ttft <= max_ttft]
+            entry[f"hit_rate_vs_{peer}"] = hit
+            entry[f"ttft_p99_vs_{peer}"] = ttft
+        entry["met"] = all(checks) if all(peer in measured for peer in PEER_GOALS) else None
+        out[name] = entry
+    return out
+
+
+def replica_scaling(results: dict[str, Any]) -> dict[str, Any]:
+    """Per workload and replicated gateway: the hit rate at each replica count and its ratio to one replica's
+    (keys are replica counts as strings, as in JSON)."""
+    out: dict[str, Any] = {}
+    for name, result in results.items():
+        per_gateway: dict[str, Any] = {}
+        for f in result["gateways"].values():
+            single = result["gateways"].get(f["gateway"])
+            if f["replicas"] > 1 and single is not None:
+                entry = per_gateway.setdefault(f["gateway"], {"hit_rate": {"1": single["hit_rate"]}, "ratio": {}})
+                entry["hit_rate"][str(f["replicas"])] = f["hit_rate"]
+                entry["ratio"][str(f["replicas"])] = _ratio(f["hit_rate"], single["hit_rate"])
+        if per_gateway:
+            out[name] = per_gateway
     return out
 
 
@@ -415,16 +595,16 @@ def render(document: dict[str, Any]) -> str:
     for name, result in document["results"].items():
         limits = result["bounds"]
         share_headers = ["prefill share", "decode share"] if pd else ["share"]
-        headers = ["gateway", "hit rate", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99", "req/s", *share_headers]
-        headers.append("failed")
+        headers = ["gateway", "hit rate", "of bound", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99", "req/s"]
+        headers += [*share_headers, "failed"]
         rows = []
         for gateway, f in result["gateways"].items():
             ttft, latency = f["ttft_ms"] or {}, f["latency_ms"]
             shares = [f.get("prefill_share_max_mean"), f.get("decode_share_max_mean")] if pd else [f["share_max_mean"]]
             rows.append(
-                [gateway, fmt(f["hit_rate"], 3), fmt(ttft.get("p50"), 1), fmt(ttft.get("p99"), 1),
-                 fmt(latency["p50"], 1), fmt(latency["p99"], 1), fmt(f["rps"], 1), *(fmt(s, 2) for s in shares),
-                 str(f["failed"] + f["skipped"])]
+                [gateway, fmt(f["hit_rate"], 3), fmt(_ratio(f["hit_rate"], limits["fleet_capacity"]), 2),
+                 fmt(ttft.get("p50"), 1), fmt(ttft.get("p99"), 1), fmt(latency["p50"], 1), fmt(latency["p99"], 1),
+                 fmt(f["rps"], 1), *(fmt(s, 2) for s in shares), str(f["failed"] + f["skipped"])]
             )  # fmt: skip
         fleet = (
             f"{settings['prefill_workers']} prefill + {settings['decode_workers']} decode workers" if pd
@@ -432,29 +612,48 @@ def render(document: dict[str, Any]) -> str:
         )  # fmt: skip
         title = (
             f"{name}{' (PD)' if pd else ''}: {result['description']}; {result['requests']} requests, {fleet} of"
-            f" {settings['kv_tokens']:,} KV tokens, {_load(settings)}\n"
+            f" {result['kv_tokens']:,} KV tokens, {result['load']}\n"
             f"hit-rate bounds: {limits['infinite_cache']:.3f} with an infinite cache,"
             f" {limits['fleet_capacity']:.3f} with the fleet's {limits['fleet_capacity_tokens']:,} tokens"
-            f" (prefix set {limits['prefix_set_tokens']:,} tokens);"
-            f" times in ms; share = busiest worker's requests / mean"
+            f" (prefix set {limits['prefix_set_tokens']:,} tokens, distinct {limits['distinct_tokens']:,});"
+            f" of bound = hit rate / the fleet-capacity bound; times in ms; share = busiest worker's requests / mean"
         )
         parts.append(render_table(headers, rows, title))
     if document["goal"]:
-        rows = [
-            [name, fmt(g["hit_rate_ratio"], 2, "x"), fmt(g["ttft_p99_ratio"], 2, "x"), fmt(g["share_max_mean"], 2),
-             "yes" if g["met"] else "no"]
-            for name, g in document["goal"].items()
-        ]  # fmt: skip
-        headers = [f"{SHEPHERD} vs {SMG}", f"hit rate (>= {GOAL_HIT_RATIO})", f"TTFT p99 (<= {GOAL_TTFT_P99_RATIO})",
-                   f"share (<= {GOAL_SHARE})", "goal met"]  # fmt: skip
-        parts.append(render_table(headers, rows))
+        parts.append(_render_goal(document["goal"]))
+    if document["replica_scaling"]:
+        parts.append(_render_replicas(document["replica_scaling"]))
     return "\n\n".join(parts)
 
 
-def _load(settings: dict[str, Any]) -> str:
-    if settings["rate"] is not None:
-        return f"{settings['rate']:g} req/s open loop"
-    return f"{settings['concurrency']} clients closed loop"
+def _render_goal(goals: dict[str, Any]) -> str:
+    headers = [f"{SHEPHERD} vs"]
+    for peer, (min_hit, max_ttft) in PEER_GOALS.items():
+        headers += [f"hit/{_PEER_LABELS[peer]} (>= {min_hit})", f"p99/{_PEER_LABELS[peer]} (<= {max_ttft})"]
+    headers += [f"share (<= {GOAL_SHARE})", "of bound", "goal met"]
+    rows = []
+    for name, g in goals.items():
+        row = [name]
+        for peer in PEER_GOALS:
+            row += [fmt(g[f"hit_rate_vs_{peer}"], 2, "x"), fmt(g[f"ttft_p99_vs_{peer}"], 2, "x")]
+        met = "-" if g["met"] is None else "yes" if g["met"] else "no"
+        rows.append([*row, fmt(g["share_max_mean"], 2), fmt(g["of_capacity_bound"], 2), met])
+    return render_table(headers, rows)
+
+
+def _render_replicas(scaling: dict[str, Any]) -> str:
+    counts = sorted({int(n) for per in scaling.values() for e in per.values() for n in e["hit_rate"]})
+    headers = ["replicas: hit rate", "gateway", *(f"x{n}" for n in counts), f"within {1 - GOAL_REPLICA_HIT:.0%}"]
+    rows = []
+    for name, per_gateway in scaling.items():
+        for gateway, e in per_gateway.items():
+            cells = []
+            for n in counts:
+                hit, ratio = e["hit_rate"].get(str(n)), e["ratio"].get(str(n))
+                cells.append(fmt(hit, 3) + ("" if ratio is None else f" ({ratio:.2f}x)"))
+            ok = all(r is not None and r >= GOAL_REPLICA_HIT for r in e["ratio"].values())
+            rows.append([name, gateway, *cells, "yes" if ok else "no"])
+    return render_table(headers, rows)
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -479,13 +678,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("--no-smg", action="store_true", help="do not measure SMG")
     g.add_argument(
+        "--sglang-router", metavar="PATH",
+        help=f"sglang-router executable, measured as {SGLANG_ROUTER} (default: sglang-router on PATH)",
+    )  # fmt: skip
+    g.add_argument("--no-sglang-router", action="store_true", help="do not measure sglang-router")
+    g.add_argument(
+        "--replicas", nargs="+", type=int, default=list(d.replicas), metavar="N",
+        help="also run every Shepherd gateway as N replicas, request i to replica i mod N; one replica always runs"
+        " (e.g. --replicas 2 4; default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--gateway", action="append", default=[], metavar="NAME=TEMPLATE",
         help="another gateway (repeatable; a default of the same name is replaced); placeholders {port} {prom_port}"
         " {worker_urls} {host} {python}",
     )  # fmt: skip
 
     w = p.add_argument_group("workloads")
-    w.add_argument("--workloads", nargs="+", choices=wl.WORKLOADS, default=list(d.workloads))
+    w.add_argument(
+        "--workloads", nargs="+", choices=[*wl.WORKLOADS, wl.TRACE],
+        help=f"(default: {' '.join(wl.WORKLOADS)}, and {wl.TRACE} with --trace)",
+    )  # fmt: skip
     w.add_argument("--groups", type=int, default=d.groups, help="shared prefix: system prompts (default: %(default)s)")
     w.add_argument("--prompts-per-group", type=int, default=d.prompts_per_group, help="(default: %(default)s)")
     w.add_argument("--system-tokens", type=int, default=d.system_tokens, help="(default: %(default)s)")
@@ -499,7 +711,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a system prompt shared by every conversation; 0 for none (default: %(default)s)",
     )  # fmt: skip
     w.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="every answer (default: %(default)s)")
+    w.add_argument(
+        "--zipf-groups", type=int, default=d.zipf_groups,
+        help="zipf-prefix: shared prefixes of --system-tokens, questions of --question-tokens (default: %(default)s)",
+    )  # fmt: skip
+    w.add_argument("--zipf-requests", type=int, default=d.zipf_requests, help="(default: %(default)s)")
+    w.add_argument(
+        "--zipf-exponent", type=float, default=d.zipf_exponent,
+        help="the group of rank r is drawn with weight 1/r^exponent (default: %(default)s)",
+    )  # fmt: skip
+    w.add_argument(
+        "--think-clients", type=int, default=d.think_clients,
+        help="multi-turn-think: conversations, sized like multi-turn's (default: %(default)s)",
+    )  # fmt: skip
+    w.add_argument(
+        "--think-time", type=float, default=d.think_time_s,
+        help="mean exponential think time between turns, s (default: %(default)s)",
+    )  # fmt: skip
+    w.add_argument(
+        "--conversation-rate", type=float, default=d.conversation_rate,
+        help="conversations starting per second, Poisson (default: %(default)s)",
+    )  # fmt: skip
     w.add_argument("--seed", type=int, default=d.seed, help="workload seed (default: %(default)s)")
+
+    t = p.add_argument_group("trace replay")
+    t.add_argument("--trace", metavar="FILE", help="a Mooncake-format JSONL trace: adds the trace workload")
+    t.add_argument(
+        "--trace-start", type=float, default=d.trace_start_s, metavar="S",
+        help="window start, seconds of trace time after its first request (default: %(default)s)",
+    )  # fmt: skip
+    t.add_argument(
+        "--trace-duration", type=float, default=d.trace_duration_s, metavar="S",
+        help="window length in trace seconds; 0 for the rest of the trace (default: %(default)s)",
+    )  # fmt: skip
+    t.add_argument("--trace-requests", type=int, metavar="N", help="at most this many requests of the window")
+    t.add_argument(
+        "--trace-time-scale", type=float, default=d.trace_time_scale,
+        help="replay time per trace time: 0.1 replays ten minutes in one (default: %(default)s)",
+    )  # fmt: skip
+    t.add_argument(
+        "--trace-block-tokens", type=int, default=d.trace_block_tokens,
+        help="simulator tokens per 512-token trace block; lengths scale alike (default: %(default)s)",
+    )  # fmt: skip
+    t.add_argument(
+        "--trace-max-output", type=int, default=d.trace_max_output_tokens,
+        help="cap on the scaled answer lengths (default: %(default)s)",
+    )  # fmt: skip
+    t.add_argument(
+        "--trace-kv-tokens", type=int,
+        help=f"prefix cache per worker for the trace (default: {TRACE_KV_FACTOR}x --kv-tokens)",
+    )  # fmt: skip
 
     lo = p.add_argument_group("load").add_mutually_exclusive_group()
     lo.add_argument("--rate", type=float, help=f"open loop, requests/s (default: {d.rate:g}; {PD_RATE:g} with --pd)")
@@ -535,14 +796,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     kv_tokens = args.kv_tokens if args.kv_tokens is not None else PD_KV_TOKENS if args.pd else Settings().kv_tokens
+    trace_kv_tokens = args.trace_kv_tokens if args.trace_kv_tokens is not None else TRACE_KV_FACTOR * kv_tokens
     counts = (args.workers, args.prefill_workers, args.decode_workers, args.sim_processes, kv_tokens,
-              args.page_size, args.max_running_requests)  # fmt: skip
+              args.page_size, args.max_running_requests, trace_kv_tokens, *args.replicas)  # fmt: skip
     if min(counts) < 1:
-        raise ValueError("worker counts, processes, KV tokens, page size and running requests must be >= 1")
+        raise ValueError("worker counts, processes, KV tokens, page size, running requests and replicas must be >= 1")
     if (args.rate is not None and not args.rate > 0) or (args.concurrency is not None and args.concurrency < 1):
         raise ValueError("--rate must be > 0 and --concurrency >= 1")
+    if args.workloads is not None:
+        workloads = tuple(dict.fromkeys(args.workloads))
+    else:
+        workloads = (*wl.WORKLOADS, wl.TRACE) if args.trace else wl.WORKLOADS
     settings = Settings(
-        workloads=tuple(dict.fromkeys(args.workloads)),
+        workloads=workloads,
         pd=args.pd,
         workers=args.workers,
         prefill_workers=args.prefill_workers,
@@ -565,7 +831,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         turn_tokens=args.turn_tokens,
         conversation_system_tokens=args.conversation_system_tokens,
         answer_tokens=args.answer_tokens,
+        zipf_groups=args.zipf_groups,
+        zipf_requests=args.zipf_requests,
+        zipf_exponent=args.zipf_exponent,
+        think_clients=args.think_clients,
+        think_time_s=args.think_time,
+        conversation_rate=args.conversation_rate,
+        trace=args.trace,
+        trace_start_s=args.trace_start,
+        trace_duration_s=args.trace_duration or None,
+        trace_requests=args.trace_requests,
+        trace_time_scale=args.trace_time_scale,
+        trace_block_tokens=args.trace_block_tokens,
+        trace_max_output_tokens=args.trace_max_output,
+        trace_kv_tokens=trace_kv_tokens,
         seed=args.seed,
+        replicas=tuple(sorted({1, *args.replicas})),
         timeout_secs=args.timeout_secs,
         startup_timeout=args.startup_timeout,
     )
@@ -576,7 +857,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             settings, rate=args.rate if args.rate is not None else PD_RATE if args.pd else Settings().rate
         )
     for name in settings.workloads:
-        build_workload(name, settings)  # validates the sizes
+        build_workload(name, settings)  # validates the sizes (and reads the trace)
     return settings
 
 
@@ -584,7 +865,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         smg = None if args.no_smg else find_smg(args.smg)
-        gateways = gateways_from_args(args.policies, smg, args.gateway, settings.pd)
+        sglang_router = None if args.no_sglang_router else find_sglang_router(args.sglang_router)
+        gateways = gateways_from_args(args.policies, smg, args.gateway, settings.pd, sglang_router)
     except ValueError as exc:
         print(f"shepherd bench routing: {exc}", file=sys.stderr)
         return 2
