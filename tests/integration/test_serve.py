@@ -15,7 +15,8 @@ from tests.support.processes import ManagedProcess, free_ports, http_request
 def test_serve_starts_simulated_workers_and_the_gateway_and_stops_both(tmp_path, mode):
     port, prometheus_port = free_ports(2)
     args = [sys.executable, "-m", "shepherd.cli", "serve", "--backend", "sim", "--dp-size", "2",
-            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port)]  # fmt: skip
+            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
+            "--shutdown-drain-window-secs", "0"]  # fmt: skip
     if mode == "grpc":
         args.append("--grpc")
     gateway = GatewayProcess(ManagedProcess(args, "serve", log_dir=tmp_path).start(), port, prometheus_port)
