@@ -4,9 +4,10 @@ Where each figure comes from:
 - status, health, breaker state, load: the registry, as `GET /workers` shows them.
 - requests/s: the delta of each worker's `requests_total` (attempts sent to it, retries included) over ~5 s.
 - TTFT p50/p99 and cache hit rate: the engine's own Prometheus metrics (`*:time_to_first_token_seconds` buckets,
-  `*:cached_tokens_total` / `*:prompt_tokens_total`), over the last minute. The gateway's TTFT histogram is per
-  model, not per worker, and the HTTP relay passes `usage` through unread, so the engine is the one per-worker
-  source that costs the request path nothing. DP ranks of one engine show that engine's figures.
+  `*:cached_tokens_total` or `*:prompt_tokens_cached_total` over `*:prompt_tokens_total`), over the last minute. The
+  gateway's TTFT histogram is per model, not per worker, and the HTTP relay passes `usage` through unread, so the
+  engine is the one per-worker source that costs the request path nothing. DP ranks of one engine show that
+  engine's figures.
 
 Nothing is collected while nobody looks: engines are scraped when the page polls, at most once per
 `_MIN_REFRESH_SECS` however many pages are open, and the snapshots kept for the deltas cover one window.
@@ -39,7 +40,11 @@ _WINDOW_SECS = 60.0  # TTFT and cache hit rate
 _RATE_WINDOW_SECS = 5.0  # requests/s
 _MIN_REFRESH_SECS = 0.5
 _SCRAPE_TIMEOUT_SECS = 1.0  # a slow engine loses its figures for one refresh instead of stalling the page
-_SAMPLE = re.compile(r"^[A-Za-z_][\w]*:(time_to_first_token_seconds_bucket|prompt_tokens_total|cached_tokens_total)\b")
+# SGLang names the cache counter `cached_tokens_total`; vLLM and llama.cpp `prompt_tokens_cached_total`.
+_SAMPLE = re.compile(
+    r"^[A-Za-z_][\w]*:(time_to_first_token_seconds_bucket|prompt_tokens_total|cached_tokens_total"
+    r"|prompt_tokens_cached_total)\b"
+)
 _LE = re.compile(r'le="([^"]*)"')
 
 
@@ -76,7 +81,7 @@ def parse_engine_sample(text: str) -> EngineSample:
         kind = found.group(1)
         if kind == "prompt_tokens_total":
             sample.prompt_tokens = (sample.prompt_tokens or 0.0) + value
-        elif kind == "cached_tokens_total":
+        elif kind in ("cached_tokens_total", "prompt_tokens_cached_total"):
             sample.cached_tokens = (sample.cached_tokens or 0.0) + value
         else:
             le = _LE.search(labels)
