@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trustme
 import yaml
 
 from shepherd.cli import build_parser, config_from_args
 from shepherd.config import GatewayConfig
 from shepherd.discovery.kubernetes import PodSelection
+from tests.support.components import require
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 
@@ -34,15 +34,11 @@ def kustomization() -> dict[str, Any]:
 
 
 def generated_secrets() -> dict[str, set[str]]:
-    """Secret name -> its keys, as kustomization.yaml's secretGenerator builds them (keys.env from the example)."""
-    secrets = {}
-    for generator in kustomization()["secretGenerator"]:
-        keys = {entry.split("=", 1)[0] for entry in generator.get("files", ())}
-        for env_file in generator.get("envs", ()):
-            example = (DEPLOY / f"{env_file}.example").read_text().splitlines()
-            keys |= {line.split("=", 1)[0] for line in example if line and not line.startswith("#")}
-        secrets[generator["name"]] = keys
-    return secrets
+    """Secret name -> its keys, as kustomization.yaml's secretGenerator builds them (one file per key)."""
+    return {
+        generator["name"]: {entry.split("=", 1)[0] for entry in generator["files"]}
+        for generator in kustomization()["secretGenerator"]
+    }
 
 
 def gateway_config(tmp_path: Path) -> tuple[GatewayConfig, dict[str, str]]:
@@ -151,15 +147,16 @@ def test_probes_and_shutdown_timing_match_the_drain_window(tmp_path):
     assert needed < pod["terminationGracePeriodSeconds"] <= needed + 30  # no SIGKILL before the drain is over
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_the_secrets_and_points_the_gateway_at_them(tmp_path):
+    kubectl = str(require("kubectl"))
     deploy = tmp_path / "kubernetes"
     shutil.copytree(DEPLOY, deploy)
-    (deploy / "secrets" / "keys.env").write_text("api-key=a\nadmin-key=b\nreader-key=c\n")
+    for key in ("api-key", "admin-key", "reader-key"):
+        (deploy / "secrets" / key).write_text(f"value-of-{key}")
     cert = trustme.CA().issue_cert("shepherd.inference.svc")
     cert.private_key_pem.write_to_path(str(deploy / "secrets" / "tls.key"))
     cert.cert_chain_pems[0].write_to_path(str(deploy / "secrets" / "tls.crt"))
-    built = subprocess.run(["kubectl", "kustomize", str(deploy)], capture_output=True, text=True, timeout=60)
+    built = subprocess.run([kubectl, "kustomize", str(deploy)], capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
     docs = [d for d in yaml.safe_load_all(built.stdout) if d]
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}

