@@ -91,6 +91,16 @@ class FaultState:
     async def wait_while_hung(self) -> None:
         await self._unhang.wait()
 
+    async def before_inference(self) -> int | None:
+        """Delay or hang an inference request as the faults dictate; the status it must fail with, if any.
+
+        Shared by the HTTP routes and the gRPC servicer, which each render the failure their own way."""
+        if self.latency_ms:
+            await asyncio.sleep(self.latency_ms / 1000)
+        if self.hang:
+            await self.wait_while_hung()
+        return (self.error_status or 500) if self.should_fail() else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "health_status": self.health_status,

@@ -136,12 +136,8 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         faults = self.worker.faults
         if not faults.affects_inference:
             return
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
-        if faults.hang:
-            await faults.wait_while_hung()
-        if faults.should_fail():
-            status = faults.error_status or 500
+        status = await faults.before_inference()
+        if status is not None:
             raise RpcError(grpc_code(status), f"Injected fault (status {status})")
         if faults.disconnect_after_chunks is not None and not stream:
             raise RpcError(grpc.StatusCode.INTERNAL, "Injected disconnect")

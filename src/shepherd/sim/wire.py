@@ -71,12 +71,8 @@ async def apply_inference_faults(request: web.Request, faults: FaultState, strea
     """
     if not faults.affects_inference:
         return None
-    if faults.latency_ms:
-        await asyncio.sleep(faults.latency_ms / 1000)
-    if faults.hang:
-        await faults.wait_while_hung()
-    if faults.should_fail():
-        status = faults.error_status or 500
+    status = await faults.before_inference()
+    if status is not None:
         body = faults.error_body
         if body is None:
             body = error_body("Injected fault", status, "server_error")
