@@ -108,20 +108,6 @@ def _out_of_range(param: str, allowed: str) -> InvalidRequest:
     return InvalidRequest(f"'{param}' must be {allowed}", "invalid_value", param)
 
 
-def _temperature(value: Any, param: str) -> float:
-    value = number(value, param)
-    if value < 0:
-        raise _out_of_range(param, ">= 0")
-    return value
-
-
-def _top_p(value: Any, param: str) -> float:
-    value = number(value, param)
-    if not 0 < value <= 1:
-        raise _out_of_range(param, "in (0, 1]")
-    return value
-
-
 def _top_k(value: Any, param: str) -> int:
     value = integer(value, param)
     if value == 0:  # what the servicer does with 0 too
@@ -131,39 +117,16 @@ def _top_k(value: Any, param: str) -> int:
     return value
 
 
-def _min_p(value: Any, param: str) -> float:
-    value = number(value, param)
-    if not 0 <= value <= 1:
-        raise _out_of_range(param, "in [0, 1]")
-    return value
+def _ranged(convert: Callable[[Any, str], Any], allowed: str, ok: Callable[[Any], bool]) -> Callable[[Any, str], Any]:
+    """A validator: `convert` the value (number or integer), then check it is in range (`allowed` says which)."""
 
+    def validate(value: Any, param: str) -> Any:
+        value = convert(value, param)
+        if not ok(value):
+            raise _out_of_range(param, allowed)
+        return value
 
-def _penalty(value: Any, param: str) -> float:
-    value = number(value, param)
-    if not -2 <= value <= 2:
-        raise _out_of_range(param, "in [-2, 2]")
-    return value
-
-
-def _repetition_penalty(value: Any, param: str) -> float:
-    value = number(value, param)
-    if not 0 < value <= 2:
-        raise _out_of_range(param, "in (0, 2]")
-    return value
-
-
-def _count(value: Any, param: str) -> int:
-    value = integer(value, param)
-    if value < 0:
-        raise _out_of_range(param, ">= 0")
-    return value
-
-
-def _n(value: Any, param: str) -> int:
-    value = integer(value, param)
-    if value < 1:
-        raise _out_of_range(param, ">= 1")
-    return value
+    return validate
 
 
 def _stop(value: Any, param: str) -> list[str]:
@@ -204,22 +167,22 @@ def _json_schema(value: Any, param: str) -> str:
 
 
 VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
-    "temperature": _temperature,
-    "top_p": _top_p,
+    "temperature": _ranged(number, ">= 0", lambda v: v >= 0),
+    "top_p": _ranged(number, "in (0, 1]", lambda v: 0 < v <= 1),
     "top_k": _top_k,
-    "min_p": _min_p,
-    "frequency_penalty": _penalty,
-    "presence_penalty": _penalty,
-    "repetition_penalty": _repetition_penalty,
-    "max_new_tokens": _count,
-    "min_new_tokens": _count,
+    "min_p": _ranged(number, "in [0, 1]", lambda v: 0 <= v <= 1),
+    "frequency_penalty": _ranged(number, "in [-2, 2]", lambda v: -2 <= v <= 2),
+    "presence_penalty": _ranged(number, "in [-2, 2]", lambda v: -2 <= v <= 2),
+    "repetition_penalty": _ranged(number, "in (0, 2]", lambda v: 0 < v <= 2),
+    "max_new_tokens": _ranged(integer, ">= 0", lambda v: v >= 0),
+    "min_new_tokens": _ranged(integer, ">= 0", lambda v: v >= 0),
     "stop": _stop,
     "stop_token_ids": _token_ids,
     "skip_special_tokens": boolean,
     "spaces_between_special_tokens": boolean,
     "ignore_eos": boolean,
     "no_stop_trim": boolean,
-    "n": _n,
+    "n": _ranged(integer, ">= 1", lambda v: v >= 1),
     "logit_bias": _logit_bias,
     "regex": string,
     "json_schema": _json_schema,
