@@ -108,7 +108,7 @@ class Gateway:
         return self._grpc_dispatcher
 
     def _tokenizer_for(self, model: str | None) -> LoadedTokenizer | None:
-        entry = self.tokenizer_registry().for_model(model)
+        entry = self.tokenizer_registry().get(model) if model else None  # exactly the worker's model's tokenizer
         return entry.tokenizer if entry is not None else None
 
     def _on_tokenizers(self) -> None:

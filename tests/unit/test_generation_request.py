@@ -148,6 +148,15 @@ def test_constraints(tok, body, constraint, value):
         ({"messages": [{"content": "no role"}]}, "messages"),
         ({"tools": {"type": "function"}}, "tools"),
         ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+        # Values the proto's 32-bit fields cannot carry, and sizes the gateway will not hold.
+        ({"max_tokens": 5_000_000_000}, "max_tokens"),
+        ({"max_tokens": 1e300}, "max_tokens"),
+        ({"top_k": 5e9}, "top_k"),
+        ({"stop_token_ids": [5e9]}, "stop_token_ids"),
+        ({"temperature": 1e300}, "temperature"),
+        ({"n": 129}, "n"),
+        ({"stop": ["x" * 20_000]}, "stop"),
+        ({"stop": [f"s{i}" for i in range(33)]}, "stop"),
     ],
 )
 def test_bad_values_are_400s_naming_the_parameter(tok, body, param):

@@ -90,3 +90,13 @@ async def test_a_corrupt_bundle_fails_the_job(tmp_path):
     await tokenizers.wait_idle()
     assert job.status == "failed" and "SHA-256" in job.message
     await tokenizers.close()
+
+
+async def test_an_unexpected_loader_error_fails_the_job_instead_of_leaving_it_running(tmp_path):
+    tokenizers = TokenizerRegistry()
+    directory = write_tiny_tokenizer_dir(tmp_path / "tiny")
+    job = tokenizers.submit("odd", str(directory), chat_template_path="a\0b")  # open() raises ValueError
+    await tokenizers.wait_idle()
+    assert job.status == "failed" and "ValueError" in job.message
+    assert not tokenizers.pending("odd")  # the name can be loaded again
+    await tokenizers.close()

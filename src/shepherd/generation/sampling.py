@@ -78,9 +78,17 @@ SGLANG_NAMES: dict[str, str] = {
 DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 
 
+MAX_N = 128  # choices per request, as OpenAI allows: the engine runs one sub-request per choice
+MAX_STOPS, MAX_STOP_CHARS = 32, 2048  # the gateway holds back every prefix of every stop string
+FLOAT32_MAX = 3.4028234e38  # the proto's floats: anything larger would reach the engine as infinity
+INT32 = 2**31  # the proto's integers are 32 bits wide
+
+
 def number(value: Any, param: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidRequest(f"'{param}' must be a number", "invalid_type", param)
+    if abs(value) > FLOAT32_MAX:
+        raise _out_of_range(param, "a 32-bit float")
     return float(value)
 
 
@@ -89,6 +97,8 @@ def integer(value: Any, param: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"'{param}' must be an integer", "invalid_type", param)
+    if not -INT32 <= value < INT32:
+        raise _out_of_range(param, f"between {-INT32} and {INT32 - 1}")
     return value
 
 
@@ -133,6 +143,8 @@ def _stop(value: Any, param: str) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
         raise InvalidRequest(f"'{param}' must be a non-empty string or an array of them", "invalid_type", param)
+    if len(stops) > MAX_STOPS or sum(map(len, stops)) > MAX_STOP_CHARS:
+        raise _out_of_range(param, f"at most {MAX_STOPS} strings of {MAX_STOP_CHARS} characters in all")
     return list(dict.fromkeys(stops))
 
 
@@ -182,7 +194,7 @@ VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "spaces_between_special_tokens": boolean,
     "ignore_eos": boolean,
     "no_stop_trim": boolean,
-    "n": _ranged(integer, ">= 1", lambda v: v >= 1),
+    "n": _ranged(integer, f"between 1 and {MAX_N}", lambda v: 1 <= v <= MAX_N),
     "logit_bias": _logit_bias,
     "regex": string,
     "json_schema": _json_schema,

@@ -6,6 +6,7 @@ registry (and `tokenizers`) is not loaded until one of these routes needs it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,6 +18,9 @@ from shepherd.http.responses import json_response
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
     from shepherd.tokenizer.registry import TokenizerEntry
+
+
+OFF_LOOP_CHARS = 64 * 1024  # longer prompts are encoded in a worker thread, so the event loop keeps serving
 
 
 def add_tokenizer_routes(app: web.Application, gateway: Gateway) -> None:
@@ -94,15 +98,15 @@ class TokenizerRoutes:
         prompt = body.get("prompt")
         encode = entry.tokenizer.encode
         if isinstance(prompt, str):
-            tokens = encode(prompt)
+            tokens = await asyncio.to_thread(encode, prompt) if len(prompt) > OFF_LOOP_CHARS else encode(prompt)
             return json_response({"tokens": tokens, "count": len(tokens), "char_count": len(prompt)})
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            batches = [encode(p) for p in prompt]
+            batches = [await asyncio.to_thread(encode, p) if len(p) > OFF_LOOP_CHARS else encode(p) for p in prompt]
             return json_response(
                 {"tokens": batches, "count": [len(t) for t in batches], "char_count": [len(p) for p in prompt]}
             )
         raise GatewayError(
-            400, "invalid_request", "'prompt' must be a string or a non-empty array of strings", "prompt"
+            400, "invalid_request", "'prompt' must be a string or a non-empty array of strings", param="prompt"
         )
 
     async def detokenize(self, request: web.Request) -> web.Response:

@@ -69,7 +69,7 @@ class RequestContext:
         self.stream = payload.get("stream") is True
         self.request_id = request_id
         self._routing_text: str | None = None
-        self.generation: Any = None  # gRPC workers: the tokenized GenerationPlan, built once for every attempt
+        self.generation: Any = None  # gRPC workers: (model id, its tokenized GenerationPlan), built once per model
 
     @property
     def routing_text(self) -> str:

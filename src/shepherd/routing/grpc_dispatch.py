@@ -53,6 +53,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _JSON = "application/json"
 _DEFAULT_BOOTSTRAP_PORT = 8998
 _START_FAILED = "start_generation_failed"
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are tokenized in a worker thread
 _MAX_ROOM = 2**31 - 1
 
 
@@ -73,31 +74,36 @@ class GrpcDispatcher:
         self._rng = random.Random()
 
     # --- planning ------------------------------------------------------------------------------------------
-    def plan(self, ctx: RequestContext, worker: Worker) -> GenerationPlan:
-        """The request's GenerateRequest, built (tokenized) once however many attempts it takes."""
-        if ctx.generation is not None:
-            return ctx.generation
+    async def plan(self, ctx: RequestContext, worker: Worker) -> GenerationPlan:
+        """The request's GenerateRequest for `worker`'s model, built (tokenized) once however many attempts it takes."""
+        cached = ctx.generation
+        if cached is not None and cached[0] == worker.model_id:
+            return cached[1]
         from shepherd.generation import build_plan
 
         kind = _KINDS.get(ctx.endpoint)
         if kind is None:
             raise GatewayError(501, "not_implemented", f"{ctx.endpoint.path} is not served by gRPC workers")
         tokenizer = self._tokenizer(worker)
+        args = (kind, ctx.payload, tokenizer, self.request_id(ctx), _defaults(worker))
         try:
-            ctx.generation = build_plan(kind, ctx.payload, tokenizer, self.request_id(ctx), _defaults(worker))
+            # A large prompt is tokenized off the event loop (about 1 ms per 1k tokens here), a small one inline.
+            plan = await asyncio.to_thread(build_plan, *args) if len(ctx.body) > OFF_LOOP_BYTES else build_plan(*args)
         except InvalidRequest as exc:  # chat template failures included
             raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
-        return ctx.generation
+        ctx.generation = (worker.model_id, plan)
+        return plan
 
-    def prepare_routing(self, ctx: RequestContext, candidates: Sequence[Worker]) -> None:
+    async def prepare_routing(self, ctx: RequestContext, candidates: Sequence[Worker]) -> None:
         """Before a policy picks among gRPC workers: tokenize now, and let cache-aware routing match token ids."""
         if ctx.endpoint not in _KINDS:
             return
-        worker = next((w for w in candidates if is_grpc_url(w.base_url)), None)
-        if worker is None:
-            return
+        grpc_workers = [w for w in candidates if is_grpc_url(w.base_url)]
+        if not grpc_workers or len({w.model_id for w in grpc_workers}) > 1:
+            return  # no model named and several served: each has its own tokenizer, so match on the text
+        worker = grpc_workers[0]
         try:
-            plan = self.plan(ctx, worker)
+            plan = await self.plan(ctx, worker)
         except GatewayError:
             return  # the request's error is the gRPC attempt's to report, if a gRPC worker is picked
         ctx.route_by_tokens(plan.prompt_ids)
@@ -124,10 +130,10 @@ class GrpcDispatcher:
     ) -> web.StreamResponse | AttemptFailure:
         if ctx.endpoint is EMBEDDINGS:
             return await self._embed(ctx, worker, last)
-        plan = self.plan(ctx, worker)
-        generate = plan.request
+        plan = await self.plan(ctx, worker)
+        generate = _copy(plan.request)
+        generate.request_id = self.request_id(ctx)  # a fresh id per attempt: a late Abort of the last one misses it
         if worker.dp_rank is not None:
-            generate = _copy(generate)
             generate.data_parallel_rank = worker.dp_rank
         client = self._client(worker)
         with Lease(worker) as lease:
@@ -142,8 +148,9 @@ class GrpcDispatcher:
     ) -> web.StreamResponse | AttemptFailure:
         """The same request, with the prefill's bootstrap address, to both workers at once; the decode side
         answers the client. The prefill's stream is drained in the background and only recorded."""
-        plan = self.plan(ctx, decode)
+        plan = await self.plan(ctx, decode)
         base = _copy(plan.request)
+        base.request_id = self.request_id(ctx)
         params = base.disaggregated_params
         params.bootstrap_host = _host(prefill.base_url)
         params.bootstrap_port = prefill.bootstrap_port or _DEFAULT_BOOTSTRAP_PORT

@@ -72,7 +72,7 @@ class Router:
         metrics = self._metrics
         started = time.perf_counter()
         if self._grpc is not None and self.registry.has_grpc(ctx.model):
-            self._grpc().prepare_routing(ctx, self.registry.candidates(WorkerType.REGULAR, ctx.model))
+            await self._grpc().prepare_routing(ctx, self.registry.candidates(WorkerType.REGULAR, ctx.model))
         for attempt in range(self._max_attempts):
             if attempt:
                 metrics.record_retry(WorkerType.REGULAR, ctx.endpoint)

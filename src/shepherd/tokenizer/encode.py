@@ -14,6 +14,7 @@ would not): `SegmentEncoder` checks it on a probe text once, and encodes whole t
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 
 from tokenizers import Tokenizer
@@ -34,6 +35,7 @@ class SegmentEncoder:
         )
         self._splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # large prompts are encoded in worker threads, small ones on the loop
         self._cache_bytes = 0
         self._max_cache_bytes = max_cache_bytes
         if self._splitter is not None and not self._splitting_is_exact(specials):
@@ -51,19 +53,21 @@ class SegmentEncoder:
         cache = self._cache
         found: list[list[int] | None] = []
         missing: list[int] = []
-        for i, piece in enumerate(pieces):
-            ids = cache.get(piece)
-            if ids is None:
-                missing.append(i)
-            else:
-                cache.move_to_end(piece)
-            found.append(ids)
+        with self._lock:
+            for i, piece in enumerate(pieces):
+                ids = cache.get(piece)
+                if ids is None:
+                    missing.append(i)
+                else:
+                    cache.move_to_end(piece)
+                found.append(ids)
         if missing:
             encodings = self._tokenizer.encode_batch_fast([pieces[i] for i in missing], add_special_tokens=False)
-            for i, encoding in zip(missing, encodings, strict=True):
-                found[i] = ids = encoding.ids
-                if len(pieces[i]) >= CACHED_MIN_CHARS:
-                    self._remember(pieces[i], ids)
+            with self._lock:
+                for i, encoding in zip(missing, encodings, strict=True):
+                    found[i] = ids = encoding.ids
+                    if len(pieces[i]) >= CACHED_MIN_CHARS:
+                        self._remember(pieces[i], ids)
         out: list[int] = []
         for ids in found:
             out.extend(ids)  # type: ignore[arg-type]

@@ -171,6 +171,9 @@ class TokenizerRegistry:
             except TokenizerLoadError as exc:
                 job.message = str(exc)
                 continue
+            except Exception as exc:  # a file no loader expected (bad encoding, odd JSON): the job fails, not hangs
+                job.message = f"Failed to load tokenizer '{job.name}': {type(exc).__name__}: {exc}"
+                continue
             if job.name in self._by_name:  # loaded meanwhile under the same name by another job
                 job.status, job.message = "failed", f"Tokenizer '{job.name}' already exists"
                 return
@@ -201,8 +204,7 @@ class TokenizerRegistry:
         except (LookupError, OSError) as exc:
             reasons.append(f"remotely from a worker: {exc}")
             raise TokenizerLoadError(f"Failed to load tokenizer '{job.name}': {'; '.join(reasons)}") from None
-        workdir = tempfile.mkdtemp(prefix="remote-", dir=self._scratch.name)
-        return await asyncio.to_thread(load_tokenizer_zip, data, digest, workdir, template)
+        return await asyncio.to_thread(load_tokenizer_zip, data, digest, None, template)  # extracted, loaded, deleted
 
     async def _download(self, repo: str) -> Path:
         """Tokenizer files of a hub model into the scratch directory; fails fast when the hub is unreachable."""

@@ -29,6 +29,7 @@ CHANNEL_OPTIONS = (
     ("grpc.enable_retries", 0),
 )
 LOAD_SECTIONS = ("core", "disagg", "queues", "memory")
+MAX_TOKENIZER_BUNDLE = 512 * _MiB  # a GetTokenizer zip larger than this is refused while it streams
 
 # gRPC status -> HTTP status, as SMG maps them.
 _HTTP_STATUS = {
@@ -69,9 +70,14 @@ class SglangClient:
         else:
             self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.SglangSchedulerStub(self._channel)
-        self.metadata: tuple[tuple[str, str], ...] | None = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else None
-        )
+        self.api_key: str | None = None
+        self.metadata: tuple[tuple[str, str], ...] | None = None
+        self.set_api_key(api_key)
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """Send `Authorization: Bearer api_key` on every later call (PATCH /workers can change the key)."""
+        self.api_key = api_key
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     async def health_check(self, timeout: float) -> tuple[bool, str]:
         """(healthy, message). Raises grpc.aio.AioRpcError when the RPC itself fails."""
@@ -96,7 +102,12 @@ class SglangClient:
         parts: list[bytes] = []
         digest = ""
         call = self.stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self.metadata)
+        size = 0
         async for chunk in call:
+            size += len(chunk.data)
+            if size > MAX_TOKENIZER_BUNDLE:
+                call.cancel()
+                raise TokenizerBundleError(f"{self.url} sent a tokenizer bundle over {MAX_TOKENIZER_BUNDLE} bytes")
             parts.append(chunk.data)
             digest = chunk.sha256 or digest
         data = b"".join(parts)
@@ -114,7 +125,7 @@ class SglangClient:
 
     async def abort(self, request_id: str, reason: str, timeout: float = 5.0) -> None:
         """Best effort: the worker may already have finished (or forgotten) the request."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: channel already closed
             await self.stub.Abort(
                 pb.AbortRequest(request_id=request_id, reason=reason), timeout=timeout, metadata=self.metadata
             )

@@ -44,11 +44,14 @@ class GrpcClients:
         self._tls = tls
 
     def get(self, url: str, api_key: str | None = None) -> SglangClient:
+        """The client of `url`, sending `api_key`: the channel is per URL, the key per call (it may change)."""
         client = self._clients.get(url)
         if client is None:
             from shepherd.upstream.grpc_client import SglangClient
 
             client = self._clients[url] = SglangClient(url, api_key, self._tls)
+        elif client.api_key != api_key:
+            client.set_api_key(api_key)
         return client
 
     async def discard(self, url: str) -> None:

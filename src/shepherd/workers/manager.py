@@ -219,7 +219,11 @@ class WorkerManager:
             log.error("%s", job.message)
             self._finished[job.worker_id] = time.monotonic()
             self._expire_jobs()
+            await self._release_channel(spec.url)
             return
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release_channel(spec.url))
+            raise
         for worker in workers:
             if self.registry.by_url(worker.url) is not None:
                 continue
@@ -390,9 +394,17 @@ class WorkerManager:
         while worker.load > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.registry.remove(worker)
-        if is_grpc_url(worker.base_url) and not any(w.base_url == worker.base_url for w in self.registry.all()):
-            await self._grpc.discard(worker.base_url)
         log.info("removed worker %s", worker.url)
+        # Calls still running after the drain timeout keep their channel until they end (or time out).
+        deadline = time.monotonic() + self._config.request_timeout_secs
+        while worker.load > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self._release_channel(worker.base_url)
+
+    async def _release_channel(self, url: str) -> None:
+        """Close the gRPC channel to `url` unless a registered worker still uses it."""
+        if is_grpc_url(url) and not any(w.base_url == url for w in self.registry.all()):
+            await self._grpc.discard(url)
 
     def workers_at(self, url: str) -> list[Worker]:
         """The worker registered at `url`, or every DP rank of that base URL."""
