@@ -7,6 +7,7 @@ Defaults follow SMG 1.13 where the design documents disagree (see docs/configura
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -314,6 +315,13 @@ class GatewayConfig:
         self._validate_discovery()
         self.tls.validate()
         self.auth.validate()
+        if self.api_key is not None and any(
+            hmac.compare_digest(key.key.encode(), self.api_key.encode()) for key in self.auth.control_plane_api_keys
+        ):
+            raise ConfigError(
+                "--api-key must differ from every --control-plane-api-keys key: the data-plane key is sent to "
+                "workers and held by every client, so it must not also change the fleet"
+            )
         return self
 
     def _validate_discovery(self) -> None:

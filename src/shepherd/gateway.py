@@ -231,13 +231,19 @@ class Gateway:
             await self._tokenizers.close()
         await self.grpc_clients.close()
 
+    def _on_sighup(self) -> None:
+        if self.server_tls is not None:
+            self.server_tls.reload()
+        else:
+            log.info("SIGHUP: nothing to reload (no --tls-cert-path)")
+
     async def serve_forever(self) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if self.server_tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.server_tls.reload)
+        # SIGHUP reloads the server certificate; without server TLS it only says so (it must never kill the gateway).
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.start()
         await stop.wait()
         stop.clear()

@@ -14,7 +14,7 @@ import pytest
 from shepherd.http.route_policy import ROUTE_CLASSES, RouteClass
 from shepherd.routing.context import INFERENCE_ENDPOINTS
 from tests.support.gateway import GatewayProcess, start_gateway
-from tests.support.processes import http_request
+from tests.support.processes import http_request, start_sim
 
 API_KEY = "data-plane-key-0123"
 ADMIN_KEY = "admin-key:with:colons-4567"
@@ -230,3 +230,54 @@ def test_api_key_alone_guards_the_whole_control_plane(tmp_path):
         assert gw.get("/workers", headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
         summary = _posture(gw)[0]["message"]
     assert summary == "SECURITY POSTURE: data plane: --api-key; control plane: --api-key; audit: off"
+
+
+def test_public_info_routes_never_pass_a_control_plane_credential_to_a_worker(tmp_path):
+    """The caller's Authorization reaches the worker only when it is the data-plane key, which workers get anyway."""
+    sims = start_sim(tmp_path, 1)
+    try:
+        args = ("--api-key", API_KEY, *KEYS)
+        with start_gateway(tmp_path, sims.urls, *args, ready_workers=0) as gw:
+            gw._auth = {"Authorization": f"Bearer {USER_KEY}"}
+            gw.wait_ready_workers(1)
+            for caller in ("admin key", "user key", "wrong key", "data-plane key"):
+                sims.clear_log(0)
+                status, _ = gw.get("/get_server_info", headers={"Authorization": f"Bearer {CALLERS[caller]}"})
+                assert status == 200, caller
+                (seen,) = [r for r in sims.log(0)["requests"] if r["path"] == "/get_server_info"]
+                forwarded = seen["headers"].get("authorization")
+                assert forwarded == (f"Bearer {API_KEY}" if caller == "data-plane key" else None), caller
+    finally:
+        sims.stop()
+
+
+def test_a_header_that_is_not_utf8_is_a_401_not_a_crash(tmp_path):
+    import socket
+
+    with start_gateway(tmp_path, (), "--api-key", API_KEY, *KEYS, ready_workers=0) as gw:
+        for path in ("/workers", "/v1/models/none"):
+            with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ".encode() + b"\xff\r\n\r\n")
+                status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+            assert status_line.split()[1] in (b"401", b"404"), status_line
+        assert "Traceback" not in gw.process.log_path.read_text()
+
+
+def test_the_data_plane_key_cannot_double_as_an_admin_key(tmp_path):
+    from shepherd.cli import build_parser, config_from_args
+    from shepherd.config import ConfigError
+
+    args = build_parser().parse_args(["launch", "--api-key", ADMIN_KEY, *KEYS])
+    with pytest.raises(ConfigError, match="--api-key must differ"):
+        config_from_args(args)
+
+
+def test_another_sites_page_cannot_change_an_open_gateways_fleet(tmp_path):
+    """Browsers mark a request a foreign page makes `Sec-Fetch-Site: cross-site`: a write is refused, a read is not."""
+    with start_gateway(tmp_path, (), ready_workers=0) as gw:
+        cross_site = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+        status, body = gw.post("/workers", {"url": "http://127.0.0.1:9"}, headers=cross_site)
+        assert status == 403 and body["error"]["code"] == "cross_site_request"
+        assert gw.post("/add_worker?url=http://127.0.0.1:9", headers=cross_site)[0] == 403
+        assert gw.get("/workers", headers=cross_site)[0] == 200
+        assert gw.post("/workers", {"url": "http://127.0.0.1:9"}, headers={"Sec-Fetch-Site": "same-origin"})[0] == 202

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -349,11 +350,19 @@ class AdminRoutes:
         return dict(await asyncio.gather(*(flush(w) for w in engines.values())))
 
     async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
-        """A worker's info passed through. These routes are public, so the client's own credentials go along,
-        never the gateway's or the worker's key (an engine's server info can include its arguments). A worker URL
-        with credentials uses those instead."""
+        """A worker's info passed through. These routes are public, so the gateway's and the worker's own keys never
+        go along (an engine's server info can include its arguments). The client's `Authorization` goes along only
+        when it is the data-plane `--api-key`, which workers receive anyway: a control-plane key or a JWT must never
+        reach a worker. A worker URL with credentials uses those instead."""
         client_auth = request.headers.get("Authorization")
-        headers = {"Authorization": client_auth} if client_auth and not has_userinfo(worker.base_url) else {}
+        expected = f"Bearer {self.gw.config.api_key}" if self.gw.config.api_key else None
+        forward = (
+            client_auth is not None
+            and expected is not None
+            and hmac.compare_digest(client_auth.encode("utf-8", "surrogateescape"), expected.encode())
+            and not has_userinfo(worker.base_url)
+        )
+        headers = {"Authorization": client_auth} if forward else {}
         try:
             async with self.gw.client.session.get(
                 worker.base_url + path, headers=headers, timeout=_FANOUT_TIMEOUT

@@ -81,6 +81,8 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
                 if length is not None and length > max_payload:
                     raise _payload_too_large()
                 match = request.match_info
+                if request.headers.get("Sec-Fetch-Site") == "cross-site" and match.http_exception is None:
+                    _refuse_cross_site_writes(request, route_classes.of(match), origins)
                 if access is not None and match.http_exception is None:
                     route_class = route_classes.of(match)
                     if route_class is RouteClass.DATA_PLANE:
@@ -141,6 +143,14 @@ def make_middleware(config: GatewayConfig, metrics: GatewayMetrics | None = None
         return response
 
     return gateway_middleware
+
+
+def _refuse_cross_site_writes(request: web.Request, route_class: RouteClass, origins: frozenset[str]) -> None:
+    """A web page the operator visits must not change the fleet of a gateway the browser can reach (an open one
+    above all): browsers mark such requests `Sec-Fetch-Site: cross-site`. Origins allowed by CORS are trusted."""
+    if route_class is not RouteClass.ADMIN_WRITE or "*" in origins or request.headers.get("Origin") in origins:
+        return
+    raise GatewayError(403, "cross_site_request", "Control-plane changes are not accepted from another site's page")
 
 
 def add_cors(app: web.Application, config: GatewayConfig) -> None:

@@ -61,7 +61,8 @@ class AccessControl:
         if supplied is None:
             raise _missing()
         scheme, _, token = supplied.partition(" ")
-        candidate = f"{scheme.lower()} {token.strip()}".encode()
+        # surrogateescape: a header that is not UTF-8 is just a wrong key, never an error
+        candidate = f"{scheme.lower()} {token.strip()}".encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(candidate, self._expected_header):  # type: ignore[arg-type]
             raise GatewayError(401, "invalid_api_key", "Invalid API key")
 
@@ -89,7 +90,7 @@ class AccessControl:
         principal = self._keys.lookup(token)
         if principal is not None:
             return principal
-        if self._api_key is not None and hmac.compare_digest(token.encode(), self._api_key):
+        if self._api_key is not None and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._api_key):
             return API_KEY_PRINCIPAL
         if self._jwt is not None and token.count(".") == 2:
             try:

@@ -89,5 +89,7 @@ def _clean(text: str) -> str:
             text = f"{parts.scheme}://{host}{parts.path}"
         except ValueError:
             text = text.partition("://")[0] + "://<unparsable>"
+    elif "@" in text:  # a bare user:password@host:port
+        text = text.rpartition("@")[2]
     text = text[:_MAX_FIELD]
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -28,7 +28,7 @@ REFETCH_BURST = 3
 REFETCH_INTERVAL_S = 10.0
 # The only algorithms accepted, by key type: an HMAC or `none` token never reaches a key.
 _ALG_BY_KTY = {"RSA": "RS256", "EC": "ES256"}
-_REQUIRED_CLAIMS = ["exp", "nbf", "aud", "iss"]
+_REQUIRED_CLAIMS = ["exp", "aud", "iss"]  # nbf is optional (RFC 7519; most IdPs omit it), checked when present
 
 
 class InvalidToken(Exception):

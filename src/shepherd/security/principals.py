@@ -102,4 +102,4 @@ class KeyRing:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
