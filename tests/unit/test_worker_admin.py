@@ -90,6 +90,8 @@ async def test_patch_validates_everything_before_applying_anything(client, gatew
         {"priority": 5, "labels": {"zone": "b"}, "api_key": 7},
         {"cost": 2, "labels": ["zone"]},
         {"priority": True},
+        {"priority": 5, "cost": -1},  # the same rules as POST /workers
+        {"priority": 5, "cost": float("inf")},
     ):
         resp = await client.patch(f"/workers/{worker.id}", json=bad)
         assert resp.status == 400, bad

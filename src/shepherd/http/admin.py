@@ -20,7 +20,7 @@ from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.urls import display_url, has_userinfo
-from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec, is_secret_name
+from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec, is_secret_name, valid_cost
 from shepherd.workers.registry import count_by_type
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType, worker_auth_headers
 
@@ -417,7 +417,10 @@ def _apply_update(worker: Worker, data: dict[str, Any]) -> None:
     if "cost" in data:
         if not isinstance(data["cost"], (int, float)) or isinstance(data["cost"], bool):
             raise GatewayError(400, "invalid_worker_spec", "field 'cost' must be a number", param="cost")
-        cost = float(data["cost"])
+        try:
+            cost = valid_cost(data["cost"])
+        except SpecError as exc:
+            raise GatewayError(400, "invalid_worker_spec", str(exc), param="cost") from None
     if "labels" in data:
         if not isinstance(data["labels"], dict):
             raise GatewayError(400, "invalid_worker_spec", "field 'labels' must be an object", param="labels")
@@ -426,4 +429,8 @@ def _apply_update(worker: Worker, data: dict[str, Any]) -> None:
         api_key = data["api_key"]
         if api_key is not None and not isinstance(api_key, str):
             raise GatewayError(400, "invalid_worker_spec", "field 'api_key' must be a string", param="api_key")
+        if api_key is not None and has_userinfo(worker.base_url):
+            raise GatewayError(
+                400, "invalid_worker_spec", "this worker's credentials are in its URL: no 'api_key'", param="api_key"
+            )
     worker.priority, worker.cost, worker.labels, worker.api_key = priority, cost, labels, api_key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -90,9 +91,16 @@ class WorkerSpec:
         priority = _optional(data, "priority", int)
         spec.priority = spec.priority if priority is None else priority
         cost = _optional(data, "cost", (int, float))
-        spec.cost = 1.0 if cost is None else float(cost)
+        spec.cost = 1.0 if cost is None else valid_cost(cost)
         spec.model_id = _optional(data, "model_id", str) or _optional(data, "model", str)
         return spec
+
+
+def valid_cost(value: float) -> float:
+    """A worker's cost weight: finite and not negative (raises SpecError naming `cost`)."""
+    if not math.isfinite(value) or value < 0:
+        raise SpecError("cost", "field 'cost' must be a finite number >= 0")
+    return float(value)
 
 
 def _optional(data: dict, name: str, kind: type | tuple[type, ...]) -> Any:
