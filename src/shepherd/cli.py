@@ -92,8 +92,15 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-chars-per-token", type=float, default=ca.chars_per_token,
         help="characters of prompt text per KV token, to size each worker's part of the prefix index",
     )  # fmt: skip
-    r.add_argument("--cache-spill-ratio", type=float, default=ca.spill_ratio, help="0 disables spilling hot prefixes")
-    r.add_argument("--cache-spill-margin", type=float, default=ca.spill_margin)
+    r.add_argument(
+        "--cache-queue-tokens", type=float, default=ca.queue_tokens,
+        help="prefill tokens one request in flight on a worker is worth when comparing workers",
+    )  # fmt: skip
+    r.add_argument(
+        "--cache-home-requests", type=float, default=ca.home_requests,
+        help="queued requests a prompt's home may carry more than another worker when the index knows nothing of "
+        "the prompt (keeps replicas' placements alike)",
+    )  # fmt: skip
     r.add_argument("--pd-disaggregation", action="store_true")
     r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
     r.add_argument("--decode", action="append", default=[], metavar="URL")
@@ -282,8 +289,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             block_chars=args.cache_block_chars,
             worker_kv_tokens=args.worker_kv_tokens,
             chars_per_token=args.cache_chars_per_token,
-            spill_ratio=args.cache_spill_ratio,
-            spill_margin=args.cache_spill_margin,
+            queue_tokens=args.cache_queue_tokens,
+            home_requests=args.cache_home_requests,
         ),
         pd_disaggregation=args.pd_disaggregation,
         prefill=_prefill_specs(args.prefill),

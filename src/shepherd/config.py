@@ -64,7 +64,7 @@ class HealthCheckConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheAwareConfig:
-    cache_threshold: float = 0.3
+    cache_threshold: float = 0.3  # SMG's flag, accepted; the cost model needs no match threshold (routing.md)
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
@@ -72,8 +72,8 @@ class CacheAwareConfig:
     block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
     worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
     chars_per_token: float = 4.0  # converts KV tokens to indexed characters; high rather than low (routing.md)
-    spill_ratio: float = 1.15  # a holder above ratio * mean traffic share (+ noise) spills; 0 disables
-    spill_margin: float = 2.0
+    queue_tokens: float = 256.0  # prefill tokens one request in flight on a worker is worth in the cost model
+    home_requests: float = 1.0  # queued requests a prompt's home may carry more, when the index knows nothing of it
 
 
 DISCOVERY_PROVIDERS = ("kubernetes", "file")
@@ -285,8 +285,8 @@ class GatewayConfig:
                 "--max-tree-size and --cache-block-chars must be >= 1, --worker-kv-tokens >= 0, "
                 "--eviction-interval-secs > 0"
             )
-        if ca.spill_margin < 0 or not (ca.spill_ratio == 0 or ca.spill_ratio >= 1.0):
-            raise ConfigError("--cache-spill-ratio must be 0 (off) or >= 1, --cache-spill-margin >= 0")
+        if not ca.queue_tokens >= 0 or not ca.home_requests >= 0:
+            raise ConfigError("--cache-queue-tokens and --cache-home-requests must be >= 0")
         if not ca.chars_per_token > 0:
             raise ConfigError("--cache-chars-per-token must be > 0")
         hc = self.health_check

@@ -16,7 +16,7 @@ def sentence(rng: random.Random, words: int) -> str:
 
 async def test_default_policy_keeps_prefix_groups_together_and_workers_hit_their_cache(sims: SimFleet, tmp_path):
     rng = random.Random(4)
-    systems = [sentence(rng, 400) for _ in range(3)]  # one prefix group per worker of the fleet
+    systems = [sentence(rng, 400) for _ in range(3)]  # three prefix groups on a fleet of three
     order = [(group, question) for group in range(3) for question in range(8)]
     rng.shuffle(order)
     routed: dict[int, set[str]] = {group: set() for group in range(3)}
@@ -32,8 +32,7 @@ async def test_default_policy_keeps_prefix_groups_together_and_workers_hit_their
                 async with session.post(gateway.url + "/generate", json=body) as resp:
                     assert resp.status == 200
                     routed[group].add(resp.headers["x-smg-routed-worker-id"])
-    assert all(len(workers) == 1 for workers in routed.values()), routed
-    assert len(set().union(*routed.values())) == 3  # each group got its own worker
+    assert all(len(workers) == 1 for workers in routed.values()), routed  # each group stays at its home
     logs = [sims.log(i) for i in range(len(sims.urls))]
     prompt_tokens = sum(log["prompt_tokens"] for log in logs)
     cached_tokens = sum(log["cached_tokens"] for log in logs)

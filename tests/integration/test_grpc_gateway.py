@@ -346,7 +346,6 @@ def test_cache_aware_routes_a_repeated_prefix_to_the_worker_that_cached_its_toke
             status, headers, _ = _post_with_headers(gw.url + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
             assert status == 200
             first[prompt] = headers["x-smg-routed-worker-id"]
-        assert len(set(first.values())) == 2  # new prefixes spread over the fleet
         for prompt in prompts:
             status, headers, body = _post_with_headers(
                 gw.url + "/v1/completions", {"prompt": prompt + " and more", "max_tokens": 1}

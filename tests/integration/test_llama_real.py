@@ -26,7 +26,8 @@ from tests.support.processes import ManagedProcess, free_ports, http_request
 
 MODEL = "smollm2"
 GGUF = COMPONENTS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-ENGINE_ARGS = ("--threads", "1", "--threads-batch", "1", "--ctx-size", "2048", "--parallel", "1")
+# Two slots, so two conversations homed on one engine both keep their prompt cache.
+ENGINE_ARGS = ("--threads", "1", "--threads-batch", "1", "--ctx-size", "4096", "--parallel", "2")
 ENGINE_START_SECS = 60.0  # loading 98 MB and a warm-up run on a busy machine
 
 
@@ -172,11 +173,10 @@ def test_cache_aware_sends_a_returning_conversation_to_the_engine_that_holds_it(
     other = [{"role": "system", "content": long_prefix(3)}, {"role": "user", "content": "Which word comes first?"}]
     with start_llama_gateway(tmp_path, engines) as gateway:  # a fresh prefix index: routing starts from scratch
         holder, first = chat(gateway, conversation)
-        other_holder, other_first = chat(gateway, other)  # a new prefix goes to the emptier cache: the other engine
+        other_holder, other_first = chat(gateway, other)  # a new prefix goes to its home engine (either one)
         other_returned, _ = chat(gateway, [*other, *follow_up(other_first)])
         returned, again = chat(gateway, [*conversation, *follow_up(first)])
-    assert other_holder != holder
-    assert (other_returned, returned) == (other_holder, holder)  # not what round-robin or random would do
+    assert (other_returned, returned) == (other_holder, holder)  # round-robin would swap them
     # The engine still held the whole first turn: all of it came from its prompt cache.
     assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 

@@ -413,7 +413,7 @@ def routing_sequence(fleet: SimFleet, count: int) -> list[int]:
 def test_policy_inheritance_follows_the_four_readme_rules(tmp_path, fleets, policies, prefill_sticks, decode_sticks):
     """The same prompt again and again: cache_aware keeps it on one worker, round_robin alternates."""
     prefills, decodes = fleets
-    with start_pd_gateway(tmp_path, prefills, decodes, *policies, "--cache-spill-ratio", "0") as gw:
+    with start_pd_gateway(tmp_path, prefills, decodes, *policies) as gw:
         for i in range(6):
             status, answer = gw.post("/generate", {"text": "same prompt", "rid": f"r{i}"})
             assert status == 200, answer
@@ -474,11 +474,13 @@ def test_load_counts_on_both_workers_from_dispatch(tmp_path, fleets, prefill_pol
                 return sum(loads["prefill"]) == 6 and sum(loads["decode"]) == 6
 
             gw.process.wait_for(all_in_flight, 10, "6 requests in flight on both roles")
-            assert loads == {"prefill": [3, 3], "decode": [3, 3]}
+            # Each prefill gets its share; cache_aware lets a prompt's home run a request or so ahead (routing.md).
+            assert min(loads["prefill"]) >= 2 and loads["decode"] == [3, 3], loads
+            split = sorted(loads["prefill"])
             for i in (0, 1):
                 prefills.ctl(i, hang=False)
             assert [f.result()[0] for f in futures] == [200] * 6
-    assert [prefills.log(i)["counts"]["/generate"] for i in (0, 1)] == [3, 3]
+    assert sorted(prefills.log(i)["counts"]["/generate"] for i in (0, 1)) == split
     assert room_counts(decodes)["verified_rooms"] == 6 and room_counts(decodes)["orphan_rooms"] == 0
 
 

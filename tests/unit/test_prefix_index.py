@@ -1,10 +1,11 @@
+import collections
 import itertools
 import random
 
 import pytest
 
 from shepherd.config import CircuitBreakerConfig
-from shepherd.routing.prefix_index import PAIR_BYTES, BlockLayout, PrefixIndex
+from shepherd.routing.prefix_index import PAIR_BYTES, BlockLayout, PrefixIndex, mix64
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker
 
@@ -88,11 +89,11 @@ def test_worker_capacity_evicts_least_recent_keys_leaf_first():
     assert index.chars == entry.chars
     # The shared system prompt (touched by every request, root last) is still held; the oldest questions are not.
     system_keys, _ = index.layout.keys(system)
-    assert all(index.holds(entry, key) for key in system_keys)
+    assert all(key in entry.lru for key in system_keys)
     oldest_keys, _ = index.layout.keys(prompts[0])
-    assert not index.holds(entry, oldest_keys[-1])
+    assert oldest_keys[-1] not in entry.lru
     newest_keys, _ = index.layout.keys(prompts[-1])
-    assert index.holds(entry, newest_keys[-1])
+    assert newest_keys[-1] in entry.lru
 
 
 def test_budget_is_split_among_workers_and_bounds_the_index_under_a_burst():
@@ -149,40 +150,46 @@ def test_removed_worker_is_purged_incrementally():
     assert index.view((b,)).entries == (entry_b,)
 
 
-def test_traffic_share_decays_with_later_requests():
+def test_traffic_decays_with_later_requests():
     index = PrefixIndex()
     a, b = make_workers(2)
     entry_a, entry_b = index.view((a, b)).entries
     keys, ends = index.layout.keys("x" * 100)
     for _ in range(64):  # one half-life (32 requests per worker, 2 workers)
         index.record(entry_a, keys, ends)
-    share_a = entry_a.share / index.share_unit
+    traffic_a = entry_a.traffic / index.unit
     for _ in range(64):
         index.record(entry_b, keys, ends)
-    assert abs(entry_a.share / index.share_unit - share_a / 2) < 0.01
-    assert entry_b.share > entry_a.share
-    assert abs(index.mean_share() * 2 - (entry_a.share + entry_b.share)) < 1e-6 * index.total_share
+    assert abs(entry_a.traffic / index.unit - traffic_a / 2) < 0.01
+    assert entry_b.traffic > entry_a.traffic
+    assert index.total_traffic == pytest.approx(entry_a.traffic + entry_b.traffic)
 
 
-def test_share_noise_is_the_spread_of_shares_under_random_placement():
+def test_homes_are_the_same_in_every_process_and_spread_evenly():
+    # Separate indexes and Worker objects with the same URLs (two gateway replicas) build the same ring.
+    view_1 = PrefixIndex().view(make_workers(8))
+    view_2 = PrefixIndex().view(tuple(reversed(make_workers(8))))
+    points = [mix64(i) for i in range(8000)]
+    homes_1 = [view_1.home(point).worker.url for point in points]
+    assert homes_1 == [view_2.home(point).worker.url for point in points]
+    counts = collections.Counter(homes_1)
+    assert len(counts) == 8 and max(counts.values()) / 1000 < 1.3 and min(counts.values()) / 1000 > 0.7
+    # A worker leaving moves only its own homes.
+    smaller = PrefixIndex().view(make_workers(8)[1:])
+    moved = sum(a != smaller.home(p).worker.url for a, p in zip(homes_1, points, strict=True) if a != "http://w0")
+    assert moved == 0
+
+
+def test_common_depth_counts_the_keys_every_worker_holds():
     index = PrefixIndex()
-    fleet = make_workers(8)
-    entries = index.view(fleet).entries
-    keys, ends = index.layout.keys("x" * 100)
-    rng = random.Random(7)
-    for _ in range(16):
-        index.record(entries[rng.randrange(8)], keys, ends)
-    # The first requests are nearly plain counts (little decay yet): variance n p (1 - p).
-    assert index.share_noise() / index.share_unit == pytest.approx((16 / 8 * 7 / 8) ** 0.5, rel=0.05)
-    deviations = []
-    for i in range(40_000):
-        index.record(entries[rng.randrange(8)], keys, ends)
-        if i > 4000 and i % 50 == 0:  # past the warm-up, roughly independent samples
-            mean = index.mean_share()
-            deviations += [(entry.share - mean) / index.share_noise() for entry in entries]
-    spread = (sum(d * d for d in deviations) / len(deviations)) ** 0.5
-    assert 0.8 < spread < 1.2
-    assert sum(d > 2.5 for d in deviations) / len(deviations) < 0.02
+    fleet = make_workers(3)
+    view = index.view(fleet)
+    system = text(1, 1000)
+    for i, entry in enumerate(view.entries):
+        index.record(entry, *index.layout.keys(system + text(10 + i, 500)))
+    keys, ends = index.layout.keys(system + text(20, 500))
+    assert ends[index.common_depth(keys, 3) - 1] == 960  # the pages of the system prompt everyone holds
+    assert index.common_depth(keys, 4) == 0
 
 
 def test_rotate_holder_offers_the_least_recently_chosen_holders_first():

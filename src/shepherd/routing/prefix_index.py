@@ -23,23 +23,24 @@ leaves and eviction goes leaf first, like an engine's radix cache. A record that
 evicts at once (bounded work, so bursts are trimmed as they arrive); larger backlogs (a removed worker, a fleet that
 grew) are queued for `maintain(budget)`, which the policy runs in small chunks.
 
-Traffic share. Recording a request also adds it to the worker's exponentially decayed request count (half-life:
-32 requests per worker), the policy's view of how placement is spread when in-flight counts are too small to tell,
-and `share_noise` says how far from the mean a share strays by chance alone.
+Traffic. Recording a request also adds it to the worker's exponentially decayed request count (half-life: 32
+requests per worker): the policy's expected load of a worker is its share of that times the requests in flight.
+
+Homes. `FleetView.home(point)` is the worker a stable 64-bit point belongs to on a consistent-hash ring of the view's
+workers (keyed by their URLs, so every gateway process builds the same ring for the same fleet); the policy hashes
+a prompt's anchor block to a point, which gives every prefix a home that all replicas agree on.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from shepherd.workers.worker import Worker
 
 _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
-_SHARE_HALF_LIFE_PER_WORKER = 32
-_SHARE_RENORMALIZE_AT = 1e18
 _EVICT_SLACK = 64  # inline evictions allowed per record beyond the number of keys it touched
 _MAX_VIEWS = 8
 _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key before giving up on it
@@ -50,6 +51,20 @@ _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key
 # less: they share the key's entry and dict.
 PAIR_BYTES = 512
 _UNBOUNDED = 2**62
+_HALF_LIFE_PER_WORKER = 32  # traffic halves every this many records per worker
+_RENORMALIZE_AT = 1e18
+# Ring points per worker: homes spread within about 1/sqrt(100) = 10% of even, and a fleet of 1,000 builds its ring
+# (once per candidates snapshot, on the first decision) in tens of milliseconds.
+_RING_POINTS_PER_WORKER = 100
+_MASK = 2**64 - 1
+
+
+def mix64(x: int) -> int:
+    """A stable 64-bit mix (splitmix64's finalizer): unlike hash(), the same in every process."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 class BlockLayout:
@@ -90,9 +105,9 @@ class BlockLayout:
 
 
 class WorkerEntry:
-    """What one index believes about one worker: the prefixes it holds (LRU first) and its recent traffic."""
+    """What one index believes about one worker: the prefixes it holds, least recently used first."""
 
-    __slots__ = ("alive", "char_capacity", "chars", "fill", "key_capacity", "lru", "share", "worker")
+    __slots__ = ("alive", "char_capacity", "chars", "key_capacity", "lru", "traffic", "worker")
 
     def __init__(self, worker: Worker, kv_chars: int) -> None:
         self.worker = worker
@@ -100,18 +115,20 @@ class WorkerEntry:
         self.chars = 0
         self.char_capacity = kv_chars if kv_chars > 0 else _UNBOUNDED  # the worker's KV cache in characters
         self.key_capacity = 1  # its share of the memory budget, in keys; set by PrefixIndex._fleet_changed
-        self.fill = 0.0  # how full its estimated cache is: the larger of chars and keys over their capacity
-        self.share = 0.0  # decayed request count, in units of PrefixIndex.share_unit
+        self.traffic = 0.0  # decayed count of requests recorded, in units of PrefixIndex.unit
         self.alive = True
 
     @property
     def over(self) -> bool:
         return self.chars > self.char_capacity or len(self.lru) > self.key_capacity
 
-    def refill(self) -> None:
-        by_chars = self.chars / self.char_capacity
-        by_keys = len(self.lru) / self.key_capacity
-        self.fill = by_chars if by_chars > by_keys else by_keys
+    def matched(self, keys: list[int], ends: list[int], limit: int) -> int:
+        """Characters of the prompt (of these keys and ends) this worker holds, looking at most `limit` keys deep."""
+        lru = self.lru
+        depth = 0
+        while depth < limit and keys[depth] in lru:
+            depth += 1
+        return ends[depth - 1] if depth else 0
 
     def __repr__(self) -> str:
         return f"WorkerEntry({self.worker.url}, chars={self.chars})"
@@ -120,12 +137,31 @@ class WorkerEntry:
 class FleetView:
     """The entries of one candidates snapshot, resolved once per snapshot instead of once per request."""
 
-    __slots__ = ("entries", "members", "source")
+    __slots__ = ("_owners", "_points", "entries", "members", "source")
 
     def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...]) -> None:
         self.source = source
         self.entries = entries
         self.members = frozenset(entries)
+        self._points: list[int] = []
+        self._owners: list[WorkerEntry] = []
+
+    def home(self, point: int) -> WorkerEntry:
+        """The entry owning `point` on the ring: the first of its points at or after it, wrapping around."""
+        if not self._points:
+            self._build_ring()
+        points = self._points
+        i = bisect.bisect_left(points, point)
+        return self._owners[i if i < len(points) else 0]
+
+    def _build_ring(self) -> None:
+        ring = []
+        for entry in self.entries:
+            salt = zlib.crc32(entry.worker.url.encode()) << 20
+            ring.extend((mix64(salt | j), entry) for j in range(_RING_POINTS_PER_WORKER))
+        ring.sort(key=lambda point: point[0])
+        self._points = [point for point, _ in ring]
+        self._owners = [entry for _, entry in ring]
 
 
 class PrefixIndex:
@@ -142,10 +178,9 @@ class PrefixIndex:
         self.chars = 0  # indexed characters over all (key, worker) pairs, removed workers' until purged
         self.pairs = 0  # (key, worker) pairs, removed workers' until purged
         self.fair_share = 1  # keys per worker: its part of the memory budget
-        self.share_unit = 1.0
-        self.total_share = 0.0
-        self.total_share_squares = 0.0  # sum of every recorded request's squared weight, for share_noise
-        self._share_growth = 1.0
+        self.unit = 1.0  # weight of the next record in `traffic`; grows so that older records decay
+        self.total_traffic = 0.0
+        self._growth = 1.0
         self._views: OrderedDict[int, FleetView] = OrderedDict()  # least recently used first
         self._dead: deque[WorkerEntry] = deque()
         self._over: dict[WorkerEntry, None] = {}  # live entries above capacity, trimmed by maintain()
@@ -170,7 +205,7 @@ class PrefixIndex:
         if entry is None:
             return
         entry.alive = False
-        self.total_share -= entry.share
+        self.total_traffic -= entry.traffic
         self._over.pop(entry, None)
         self._dead.append(entry)
         self._views.clear()
@@ -202,10 +237,9 @@ class PrefixIndex:
     def _fleet_changed(self) -> None:
         workers = max(1, len(self.entries))
         self.fair_share = fair_share = max(1, self.budget_bytes // workers // PAIR_BYTES)
-        self._share_growth = 2.0 ** (1.0 / (_SHARE_HALF_LIFE_PER_WORKER * workers))
+        self._growth = 2.0 ** (1.0 / (_HALF_LIFE_PER_WORKER * workers))
         for entry in self.entries.values():
             entry.key_capacity = fair_share
-            entry.refill()
             if entry.over:
                 self._over[entry] = None
 
@@ -246,22 +280,18 @@ class PrefixIndex:
         if owners is not None and owners.pop(entry, False) is None:
             owners[entry] = None
 
-    def holds(self, entry: WorkerEntry, key: int) -> bool:
-        owners = self.holders.get(key)
-        return owners is not None and entry in owners
-
-    def mean_share(self) -> float:
-        return self.total_share / max(1, len(self.entries))
-
-    def share_noise(self) -> float:
-        """The standard deviation of one worker's share if every request had gone to a random worker.
-
-        A worker's share is a sum of weights w_i (one per request), each present with probability p = 1/workers,
-        so its variance is p(1-p) sum(w_i^2): the mean's for the first requests (Poisson-like counts), about half
-        of it once the decay dominates. A share within a few of these of the mean says nothing about imbalance.
-        """
-        p = 1.0 / max(1, len(self.entries))
-        return math.sqrt(p * (1.0 - p) * self.total_share_squares)
+    def common_depth(self, keys: list[int], workers: int) -> int:
+        """How many leading keys at least `workers` workers hold (a prefix everyone holds says nothing about where
+        to go)."""
+        holders = self.holders
+        depth = 0
+        for key in keys:
+            owners = holders.get(key)
+            if owners is None or len(owners) < workers:
+                break
+            depth += 1
+        self.lookups += depth + 1
+        return depth
 
     # --- updates ---------------------------------------------------------------------------------------------
     def record(self, entry: WorkerEntry, keys: list[int], ends: list[int]) -> None:
@@ -286,19 +316,16 @@ class PrefixIndex:
         entry.chars += added
         self.chars += added
         self.pairs += len(lru) - held
-        unit = self.share_unit
-        entry.share += unit
-        self.total_share += unit
-        self.total_share_squares += unit * unit
-        self.share_unit = unit * self._share_growth
-        if self.share_unit > _SHARE_RENORMALIZE_AT:
-            self._renormalize_shares()
+        unit = self.unit
+        entry.traffic += unit
+        self.total_traffic += unit
+        self.unit = unit * self._growth
+        if self.unit > _RENORMALIZE_AT:
+            self._renormalize()
         if entry.over:
             self._trim(entry, len(keys) + _EVICT_SLACK)
             if entry.over:
                 self._over[entry] = None
-        else:
-            entry.refill()
 
     @property
     def pending(self) -> bool:
@@ -331,7 +358,6 @@ class PrefixIndex:
         while (entry.chars > char_capacity or len(lru) > key_capacity) and evicted < limit and lru:
             self._evict_oldest(entry)
             evicted += 1
-        entry.refill()
         return evicted
 
     def _evict_oldest(self, entry: WorkerEntry) -> None:
@@ -345,10 +371,9 @@ class PrefixIndex:
             if not owners:
                 del self.holders[key]
 
-    def _renormalize_shares(self) -> None:
-        unit = self.share_unit
+    def _renormalize(self) -> None:
+        unit = self.unit
         for entry in self.entries.values():
-            entry.share /= unit
-        self.total_share /= unit
-        self.total_share_squares /= unit * unit
-        self.share_unit = 1.0
+            entry.traffic /= unit
+        self.total_traffic /= unit
+        self.unit = 1.0
