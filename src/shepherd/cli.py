@@ -19,6 +19,7 @@ from shepherd.config import (
     CircuitBreakerConfig,
     ConfigError,
     DiscoveryConfig,
+    HttpConfig,
     GatewayConfig,
     HealthCheckConfig,
     PrefillSpec,
@@ -58,6 +59,16 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL")
     g.add_argument("--max-payload-size", type=byte_size, default=d.max_payload_size)
     g.add_argument("--request-timeout-secs", type=duration, default=d.request_timeout_secs)
+    h = d.http
+    g.add_argument("--max-header-bytes", type=byte_size, default=h.max_header_bytes)
+    g.add_argument("--max-header-count", type=int, default=h.max_header_count)
+    g.add_argument("--client-header-timeout-secs", type=duration, default=h.header_timeout_secs)
+    g.add_argument("--client-keepalive-timeout-secs", type=duration, default=h.keepalive_timeout_secs)
+    g.add_argument("--max-pipelined-requests", type=int, default=h.max_pipelined_requests)
+    g.add_argument("--upstream-connect-timeout-secs", type=duration, default=h.upstream_connect_timeout_secs)
+    g.add_argument("--upstream-first-byte-timeout-secs", type=duration, default=None)
+    g.add_argument("--stream-idle-timeout-secs", type=duration, default=h.stream_idle_timeout_secs)
+    g.add_argument("--upstream-idle-timeout-secs", type=duration, default=h.upstream_idle_timeout_secs)
     g.add_argument("--worker-startup-timeout-secs", type=duration, default=d.worker_startup_timeout_secs)
     g.add_argument("--worker-startup-check-interval", type=duration, default=d.worker_startup_check_interval)
     g.add_argument("--shutdown-grace-period-secs", type=duration, default=d.shutdown_grace_period_secs)
@@ -298,6 +309,17 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         dp_aware=args.dp_aware,
         max_payload_size=args.max_payload_size,
         request_timeout_secs=args.request_timeout_secs,
+        http=HttpConfig(
+            max_header_bytes=args.max_header_bytes,
+            max_header_count=args.max_header_count,
+            header_timeout_secs=args.client_header_timeout_secs,
+            keepalive_timeout_secs=args.client_keepalive_timeout_secs,
+            max_pipelined_requests=args.max_pipelined_requests,
+            upstream_connect_timeout_secs=args.upstream_connect_timeout_secs,
+            upstream_first_byte_timeout_secs=args.upstream_first_byte_timeout_secs,
+            stream_idle_timeout_secs=args.stream_idle_timeout_secs,
+            upstream_idle_timeout_secs=args.upstream_idle_timeout_secs,
+        ),
         worker_startup_timeout_secs=args.worker_startup_timeout_secs,
         worker_startup_check_interval=args.worker_startup_check_interval,
         retry=RetryConfig(

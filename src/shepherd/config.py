@@ -63,6 +63,21 @@ class HealthCheckConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Limits and timeouts of the HTTP/1.1 data plane, both sides (docs/configuration.md)."""
+
+    max_header_bytes: int = 65536  # request line + headers; more -> 431
+    max_header_count: int = 128  # more -> 431
+    header_timeout_secs: float = 10.0  # a client that has not sent its whole head by then is closed
+    keepalive_timeout_secs: float = 75.0  # an idle client connection is closed after this
+    max_pipelined_requests: int = 16  # queued behind the one being answered; more pauses reading the socket
+    upstream_connect_timeout_secs: float = 10.0
+    upstream_first_byte_timeout_secs: float | None = None  # None: bounded by --request-timeout-secs only
+    stream_idle_timeout_secs: float = 300.0  # longest gap between two chunks of a worker's stream
+    upstream_idle_timeout_secs: float = 4.0  # pooled worker connections are dropped before uvicorn's 5 s
+
+
+@dataclass(frozen=True, slots=True)
 class CacheAwareConfig:
     cache_threshold: float = 0.3  # SMG's flag, accepted; the cost model needs no match threshold (routing.md)
     balance_abs_threshold: int = 64
@@ -207,6 +222,7 @@ class GatewayConfig:
 
     max_payload_size: int = 512 * 1024 * 1024
     request_timeout_secs: float = 1800.0
+    http: HttpConfig = field(default_factory=HttpConfig)
     worker_startup_timeout_secs: float = 1800.0
     worker_startup_check_interval: float = 30.0
     drain_timeout_secs: float = 5.0
@@ -303,6 +319,13 @@ class GatewayConfig:
             raise ConfigError("--retry-backoff-multiplier must be >= 1 and --retry-jitter-factor in [0, 1]")
         if self.max_payload_size <= 0 or self.request_timeout_secs <= 0:
             raise ConfigError("--max-payload-size and --request-timeout-secs must be > 0")
+        h = self.http
+        if h.max_header_bytes < 1024 or h.max_header_count < 8 or h.max_pipelined_requests < 1:
+            raise ConfigError("--max-header-bytes >= 1024, --max-header-count >= 8, --max-pipelined-requests >= 1")
+        timeouts = (h.header_timeout_secs, h.keepalive_timeout_secs, h.upstream_connect_timeout_secs)
+        timeouts += (h.stream_idle_timeout_secs, h.upstream_idle_timeout_secs, h.upstream_first_byte_timeout_secs or 1)
+        if min(timeouts) <= 0:
+            raise ConfigError("HTTP timeouts must be > 0")
         if self.queue_size < 0 or self.queue_timeout_secs <= 0:
             raise ConfigError("--queue-size must be >= 0 and --queue-timeout-secs > 0")
         if not self.request_id_headers:
