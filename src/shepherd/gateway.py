@@ -9,14 +9,14 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from shepherd.config import GatewayConfig
 from shepherd.discovery import create_discovery
 from shepherd.http.admission import Admission
 from shepherd.http.app import build_app
+from shepherd.http.server import HttpServer
 from shepherd.observability.metrics import GatewayMetrics, MetricsListener
 from shepherd.routing.context import Endpoint
+from shepherd.routing.dispatch import WorkerCall
 from shepherd.routing.pd import PD_ENDPOINTS, PDRouter
 from shepherd.routing.policies import create_policy
 from shepherd.routing.router import Router
@@ -24,6 +24,7 @@ from shepherd.security.posture import log_posture
 from shepherd.tls import ServerTls, grpc_tls, worker_context
 from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
+from shepherd.upstream.pool import UpstreamPool
 from shepherd.workers.health import HealthChecker
 from shepherd.workers.load_monitor import LoadMonitor
 from shepherd.workers.manager import WorkerManager
@@ -43,7 +44,13 @@ class Gateway:
         self.config = config
         self.registry = Registry()
         tls = config.tls
-        self.client = UpstreamClient(ssl_context=worker_context(tls))
+        self.client = UpstreamClient(ssl_context=worker_context(tls))  # probes, discovery, admin fan-out
+        self.pool = UpstreamPool(  # the request path
+            connect_timeout=config.http.upstream_connect_timeout_secs,
+            idle_timeout=config.http.upstream_idle_timeout_secs,
+            ssl_context=worker_context(tls),
+        )
+        worker_call = WorkerCall(self.pool, config, self.registry)
         self.grpc_clients = GrpcClients(grpc_tls(tls))
         self.server_tls = ServerTls(tls.cert_path, tls.key_path) if tls.cert_path and tls.key_path else None
         self.manager = WorkerManager(self.registry, self.client, config, self.grpc_clients)
@@ -66,7 +73,7 @@ class Gateway:
         self.router = Router(
             self.registry,
             create_policy(config.policy, config),
-            self.client,
+            worker_call,
             config,
             metrics=self.metrics,
             grpc=self.grpc_dispatcher,
@@ -76,7 +83,7 @@ class Gateway:
                 self.registry,
                 create_policy(config.prefill_policy or config.policy, config),
                 create_policy(config.decode_policy or config.policy, config),
-                self.client,
+                worker_call,
                 config,
                 metrics=self.metrics,
                 grpc=self.grpc_dispatcher,
@@ -85,7 +92,7 @@ class Gateway:
             else None
         )
         self.shutting_down = False
-        self._runner: web.AppRunner | None = None
+        self._server: HttpServer | None = None
         self.registry.subscribe(on_added=self._on_worker_added)
 
     # --- gRPC workers and their tokenizers (created on first use: HTTP-only gateways never import them) --------
@@ -172,19 +179,9 @@ class Gateway:
     async def start(self) -> None:
         log_posture(self.config)  # before any listener accepts: probes that see the port up can read the summary
         await self._metrics_listener.start()
-        app = build_app(self)
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=self.config.shutdown_grace_period_secs,
-        )
-        await self._runner.setup()
+        self._server = HttpServer(build_app(self), self.config.http, self.config.max_payload_size)
         ssl_context = self.server_tls.context if self.server_tls is not None else None
-        site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True, ssl_context=ssl_context
-        )
-        await site.start()
+        await self._server.start(self.config.host, self.config.port, ssl_context)
         self._load_startup_tokenizer()
         self.manager.add_static()
         if self.discovery is not None:
@@ -223,10 +220,11 @@ class Gateway:
         if self.discovery is not None:
             await self.discovery.stop()
         await self.manager.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.shutdown(self.config.shutdown_grace_period_secs)
         await self._metrics_listener.stop()
         await self.client.close()
+        await self.pool.close()
         if self._tokenizers is not None:
             await self._tokenizers.close()
         await self.grpc_clients.close()

@@ -6,15 +6,14 @@ import asyncio
 import time
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shepherd.config import GatewayConfig, HealthCheckConfig
 from shepherd.gateway import Gateway
-from shepherd.http.app import build_app
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker, WorkerStatus
+from tests.support.app_server import serving_gateway
 from tests.support.processes import free_port, start_sim
 
 SCRAPE_TIMEOUT = 0.5
@@ -89,7 +88,7 @@ async def test_scrape_merges_good_engines_skips_failing_ones_and_keeps_keys_wher
         register(gateway, refused)
         register(gateway, grpc_url + "@0", base_url=grpc_url, api_key="grpc-secret")  # two DP ranks, one sidecar
         register(gateway, grpc_url + "@1", base_url=grpc_url, api_key="grpc-secret")
-        async with TestClient(TestServer(build_app(gateway))) as client:
+        async with serving_gateway(gateway) as client:
             started = time.monotonic()
             resp = await client.get("/engine_metrics")  # public: no key needed even under --api-key
             body = await resp.text()
@@ -133,7 +132,7 @@ async def test_scrape_merges_good_engines_skips_failing_ones_and_keeps_keys_wher
 async def test_no_workers_and_all_failed_are_clear_errors():
     gateway = make_gateway()
     try:
-        async with TestClient(TestServer(build_app(gateway))) as client:
+        async with serving_gateway(gateway) as client:
             resp = await client.get("/engine_metrics")
             assert resp.status == 503
             assert (await resp.json())["error"]["code"] == "no_workers"
@@ -156,7 +155,7 @@ async def test_a_burst_of_calls_scrapes_each_worker_once_and_the_cache_expires(t
             return [sims.log(i)["counts"].get("/metrics", 0) for i in range(2)]
 
         try:
-            async with TestClient(TestServer(build_app(gateway))) as client:
+            async with serving_gateway(gateway) as client:
                 burst = await asyncio.gather(*(client.get("/engine_metrics") for _ in range(20)))
                 bodies = {await resp.text() for resp in burst}
                 assert {resp.status for resp in burst} == {200} and len(bodies) == 1

@@ -6,18 +6,17 @@ import asyncio
 import time
 
 import aiohttp
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 
 from shepherd.config import CircuitBreakerConfig, GatewayConfig
 from shepherd.gateway import Gateway
 from shepherd.http.admission import Admission
-from shepherd.http.app import build_app
 from shepherd.observability.metrics import PRESET_STATUSES, GatewayMetrics, MetricsListener
 from shepherd.routing.context import CHAT, GENERATE
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+from tests.support.app_server import serving_gateway
 from tests.support.metrics import Exposition
 from tests.support.polling import until
 from tests.support.processes import free_port
@@ -175,7 +174,7 @@ def test_duration_buckets_can_be_overridden():
 
 async def test_http_labels_use_route_templates_and_collapse_unknown_paths_and_methods():
     gateway = Gateway(GatewayConfig(host="127.0.0.1", port=0))
-    async with TestClient(TestServer(build_app(gateway))) as client:
+    async with serving_gateway(gateway) as client:
         for path in ("/nowhere/1", "/nowhere/2", "/x?id=3"):
             assert (await client.get(path)).status == 404
         for worker_id in ("abc", "def"):

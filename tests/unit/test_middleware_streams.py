@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-
 from shepherd.config import GatewayConfig
-from shepherd.http.middleware import STREAM_STARTED, make_middleware
+from shepherd.http.messages import Request, StreamResponse
+from shepherd.http.middleware import STREAM_STARTED, make_pipeline
+from shepherd.http.routes import RouteTable
+from tests.support.app_server import serving
 
 
-async def broken_stream(request: web.Request) -> web.StreamResponse:
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+async def broken_stream(request: Request) -> StreamResponse:
+    out = StreamResponse(headers={"Content-Type": "text/event-stream"})
     await out.prepare(request)
     request[STREAM_STARTED] = out
     await out.write(b'data: {"t": 1}\n\n')
@@ -18,9 +18,14 @@ async def broken_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def test_error_after_the_first_byte_ends_the_stream_cleanly():
-    app = web.Application(middlewares=[make_middleware(GatewayConfig())])
-    app.router.add_post("/generate", broken_stream)
-    async with TestClient(TestServer(app)) as client:
+    routes = RouteTable()
+    routes.add_post("/generate", broken_stream)
+    async with serving(make_pipeline(GatewayConfig(), routes)) as client:
         resp = await client.post("/generate", json={"text": "x"})
         assert resp.status == 200
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        # aiohttp raises on a chunked body cut short, so this also checks the terminating chunk was sent
         assert await resp.read() == b'data: {"t": 1}\n\n'  # the chunked body ends properly, no 500 glued on
+        # the next request (on the kept-alive connection) finds nothing of a second response ahead of its own
+        again = await client.post("/generate", json={"text": "x"})
+        assert again.status == 200 and await again.read() == b'data: {"t": 1}\n\n'

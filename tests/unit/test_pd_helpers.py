@@ -7,8 +7,8 @@ import pytest
 
 from shepherd.config import CircuitBreakerConfig
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
+from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.pd import (
-    SideFailure,
     _input_logprobs,
     _pd_error,
     _prepend_logprobs,
@@ -83,13 +83,13 @@ def test_stream_frames_are_merged_by_their_batch_index():
         (dict(side="decode", status=503, body=b'{"error": {"message": "busy"}}'), 503, "decode_unavailable"),
         (dict(side="prefill", status=500, body=b"boom"), 500, "prefill_internal_error"),
         (dict(side="prefill", status=400, body=b"bad"), 400, "prefill_error"),
-        (dict(side="decode", reason="refused"), 502, "decode_unreachable"),
+        (dict(side="decode", transport_error="refused"), 502, "decode_unreachable"),
         (dict(side="prefill", timed_out=True), 504, "prefill_timeout"),
     ],
 )
 def test_client_error_names_the_failed_side(failure, status, code):
     worker = Worker("http://w:1", CircuitBreaker(CircuitBreakerConfig()))
-    error = _pd_error(SideFailure(worker=worker, **failure))
+    error = _pd_error(AttemptFailure(worker=worker, **failure))
     assert (error.status, error.code) == (status, code)
     assert error.message.startswith(f"{failure['side']} worker http://w:1")
     if failure.get("body"):

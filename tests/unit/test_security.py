@@ -7,13 +7,14 @@ import logging
 import re
 
 import pytest
-from aiohttp import web
 
 from shepherd.cli import build_parser, config_from_args
 from shepherd.config import AuthConfig, ConfigError, DiscoveryConfig, GatewayConfig
 from shepherd.gateway import Gateway
-from shepherd.http.app import build_app
+from shepherd.http.app import build_routes
+from shepherd.http.messages import Request, Response
 from shepherd.http.route_policy import check_route_table
+from shepherd.http.routes import RouteTable
 from shepherd.security import jwt_auth
 from shepherd.security.audit import _clean
 from shepherd.security.posture import posture
@@ -109,17 +110,17 @@ def test_key_ring_finds_the_principal_of_a_key():
 
 
 def test_every_route_of_the_app_has_an_access_class():
-    check_route_table(build_app(Gateway(GatewayConfig())).router)  # raises on a route missing from the table
+    check_route_table(build_routes(Gateway(GatewayConfig())))  # raises on a route missing from the table
 
 
 def test_an_unclassified_route_stops_the_start():
-    async def handler(_request: web.Request) -> web.Response:
-        return web.Response()
+    async def handler(_request: Request) -> Response:
+        return Response()
 
-    app = web.Application()
-    app.router.add_put("/workers/{worker_id}", handler)
+    routes = RouteTable()
+    routes.add("PUT", "/workers/{worker_id}", handler)
     with pytest.raises(RuntimeError, match=re.escape("PUT /workers/{worker_id}")):
-        check_route_table(app.router)
+        check_route_table(routes)
 
 
 @pytest.mark.parametrize(

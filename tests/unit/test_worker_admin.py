@@ -6,15 +6,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from shepherd.config import GatewayConfig, HealthCheckConfig
 from shepherd.gateway import Gateway
-from shepherd.http.app import build_app
 from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.manager import WorkerManager, WorkerSpec
 from shepherd.workers.worker import Worker, WorkerStatus
+from tests.support.app_server import AppClient, serving_gateway
 from tests.support.polling import until
 from tests.support.processes import free_port
 
@@ -30,8 +29,8 @@ async def gateway() -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(build_app(gateway))) as test_client:
+async def client(gateway: Gateway) -> AsyncIterator[AppClient]:
+    async with serving_gateway(gateway) as test_client:
         yield test_client
 
 

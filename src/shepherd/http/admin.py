@@ -11,11 +11,12 @@ from urllib.parse import unquote
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from shepherd import __version__
 from shepherd.http.errors import GatewayError
+from shepherd.http.messages import Request, Response, StreamResponse
 from shepherd.http.responses import json_response
+from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
@@ -31,9 +32,9 @@ if TYPE_CHECKING:
 _FANOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
+def add_admin_routes(app: RouteTable, gateway: Gateway) -> None:
     routes = AdminRoutes(gateway)
-    r = app.router
+    r = app
     r.add_get("/health", routes.health)
     r.add_get("/liveness", routes.liveness)
     r.add_get("/readiness", routes.readiness)
@@ -67,10 +68,10 @@ class AdminRoutes:
         self.manager = gateway.manager
 
     # --- probes --------------------------------------------------------------------------------------------
-    async def liveness(self, _request: web.Request) -> web.Response:
-        return web.Response(text="OK")
+    async def liveness(self, _request: Request) -> Response:
+        return Response(text="OK")
 
-    async def health(self, _request: web.Request) -> web.Response:
+    async def health(self, _request: Request) -> Response:
         workers = self.registry.all()
         healthy = sum(1 for w in workers if w.is_ready and self.registry.can_serve(w))
         return json_response(
@@ -81,7 +82,7 @@ class AdminRoutes:
             }
         )
 
-    async def readiness(self, _request: web.Request) -> web.Response:
+    async def readiness(self, _request: Request) -> Response:
         workers = self.registry.all()
         healthy = sum(1 for w in workers if w.is_ready)
         if self.gw.is_ready():
@@ -89,9 +90,9 @@ class AdminRoutes:
         reason = "shutting down" if self.gw.shutting_down else "insufficient healthy workers"
         return json_response({"status": "not ready", "reason": reason}, status=503)
 
-    async def health_generate(self, request: web.Request) -> web.StreamResponse:
+    async def health_generate(self, request: Request) -> StreamResponse:
         roles = (WorkerType.PREFILL, WorkerType.DECODE) if self.gw.config.pd_disaggregation else (WorkerType.REGULAR,)
-        last: web.Response | None = None
+        last: Response | None = None
         for role in roles:
             worker = next(iter(self.registry.candidates(role, None)), None)
             if worker is None:
@@ -107,17 +108,17 @@ class AdminRoutes:
         return last
 
     # --- fleet info ----------------------------------------------------------------------------------------
-    async def config(self, _request: web.Request) -> web.Response:
+    async def config(self, _request: Request) -> Response:
         return json_response(self.gw.config.redacted())
 
-    async def models(self, _request: web.Request) -> web.Response:
+    async def models(self, _request: Request) -> Response:
         models = self.registry.models()
         if not models:
             raise GatewayError(503, "no_models_available", "No models available")
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "shepherd"} for m in models]
         return json_response({"object": "list", "data": data})
 
-    async def proxy_info(self, request: web.Request) -> web.StreamResponse:
+    async def proxy_info(self, request: Request) -> StreamResponse:
         worker = self._first_healthy()
         if worker is None:
             raise GatewayError(503, "no_workers", "No workers are available")
@@ -125,7 +126,7 @@ class AdminRoutes:
             return await self._grpc_info(worker, request.path)
         return await self._proxy_get(request, worker, request.path)
 
-    async def loads(self, _request: web.Request) -> web.Response:
+    async def loads(self, _request: Request) -> Response:
         workers = self.registry.all()
         engine = await self._fan_out("GET", "/get_load", _distinct_bases(workers))
         loads = [
@@ -141,7 +142,7 @@ class AdminRoutes:
             {"timestamp": datetime.now(UTC).isoformat(), "version": f"shepherd-{__version__}", "loads": loads}
         )
 
-    async def flush_cache(self, _request: web.Request) -> web.Response:
+    async def flush_cache(self, _request: Request) -> Response:
         workers = self.registry.all()
         results = await self._fan_out("POST", "/flush_cache", _distinct_bases(workers))
         results.update(await self._grpc_flush(workers))
@@ -156,7 +157,7 @@ class AdminRoutes:
         return json_response(body, status=200 if not failed else 502)
 
     # --- /workers ------------------------------------------------------------------------------------------
-    async def list_workers(self, request: web.Request) -> web.Response:
+    async def list_workers(self, request: Request) -> Response:
         model = request.query.get("model")
         workers = [w for w in self.registry.all() if model is None or w.model_id == model]
         return json_response(
@@ -168,7 +169,7 @@ class AdminRoutes:
             }
         )
 
-    async def add_worker(self, request: web.Request) -> web.Response:
+    async def add_worker(self, request: Request) -> Response:
         try:
             data = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -191,7 +192,7 @@ class AdminRoutes:
             headers={"Location": location},
         )
 
-    async def get_worker(self, request: web.Request) -> web.Response:
+    async def get_worker(self, request: Request) -> Response:
         key = request.match_info["worker_id"]
         health_only = key.endswith("/health") and self._lookup(key) is None
         if health_only:
@@ -216,7 +217,7 @@ class AdminRoutes:
             )
         return json_response(worker.to_json())
 
-    async def delete_worker(self, request: web.Request) -> web.Response:
+    async def delete_worker(self, request: Request) -> Response:
         key = request.match_info["worker_id"]
         worker = self._lookup(key)
         if worker is None:
@@ -237,7 +238,7 @@ class AdminRoutes:
             status=202,
         )
 
-    async def patch_worker(self, request: web.Request) -> web.Response:
+    async def patch_worker(self, request: Request) -> Response:
         key = request.match_info["worker_id"]
         worker = self._lookup(key)
         if worker is None:
@@ -252,30 +253,30 @@ class AdminRoutes:
         return json_response({"status": "accepted", "worker_id": worker.id, "worker": worker.to_json()}, status=202)
 
     # --- legacy SGLang router routes -----------------------------------------------------------------------
-    async def legacy_add_worker(self, request: web.Request) -> web.Response:
+    async def legacy_add_worker(self, request: Request) -> Response:
         url = request.query.get("url", "")
         try:
             spec = WorkerSpec.from_json({"url": url})
         except SpecError as exc:
-            return web.Response(status=400, text=str(exc))
+            return Response(status=400, text=str(exc))
         job = self._submit(spec)
         assert job.task is not None
         await asyncio.shield(job.task)
         shown = display_url(spec.url)
         if job.status == "failed":
-            return web.Response(status=400, text=job.message or f"Failed to add worker: {shown}")
-        return web.Response(text=f"Successfully added worker: {shown}")
+            return Response(status=400, text=job.message or f"Failed to add worker: {shown}")
+        return Response(text=f"Successfully added worker: {shown}")
 
-    async def legacy_remove_worker(self, request: web.Request) -> web.Response:
+    async def legacy_remove_worker(self, request: Request) -> Response:
         url = request.query.get("url", "")
         workers = self.manager.workers_at(url)
         if not workers:
-            return web.Response(status=404, text=f"Worker {display_url(url)} not found")
+            return Response(status=404, text=f"Worker {display_url(url)} not found")
         for worker in workers:
             self.manager.submit_remove(worker)
-        return web.Response(text=f"Successfully removed worker: {display_url(url)}")
+        return Response(text=f"Successfully removed worker: {display_url(url)}")
 
-    async def legacy_list_workers(self, _request: web.Request) -> web.Response:
+    async def legacy_list_workers(self, _request: Request) -> Response:
         return json_response({"urls": [w.url for w in self.registry.all()]})
 
     # --- helpers -------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ class AdminRoutes:
     def _grpc_client(self, worker: Worker) -> SglangClient:
         return self.gw.grpc_clients.get(worker.base_url, worker.api_key or self.gw.config.api_key)
 
-    async def _grpc_info(self, worker: Worker, path: str) -> web.Response:
+    async def _grpc_info(self, worker: Worker, path: str) -> Response:
         """`GetModelInfo` / `GetServerInfo` as SGLang's HTTP server shapes them (server args at the top level),
         secret-named fields left out as for labels."""
         import grpc
@@ -324,7 +325,7 @@ class AdminRoutes:
         public = {k: v for k, v in info.items() if not is_secret_name(k)}
         return json_response(public, headers={"x-smg-routed-worker-id": worker.url})
 
-    async def _grpc_health(self, worker: Worker) -> web.Response:
+    async def _grpc_health(self, worker: Worker) -> Response:
         import grpc
 
         try:
@@ -332,7 +333,7 @@ class AdminRoutes:
         except grpc.aio.AioRpcError as exc:
             healthy, message = False, f"{exc.code().name}: {exc.details()}"
         extra = {"x-smg-routed-worker-id": worker.url}
-        return web.Response(status=200 if healthy else 503, text=message, headers=extra)
+        return Response(status=200 if healthy else 503, text=message, headers=extra)
 
     async def _grpc_flush(self, workers: Iterable[Worker]) -> dict[str, dict[str, Any]]:
         """`FlushCache` on each gRPC engine, concurrently; the same result shape as the HTTP fan-out."""
@@ -349,7 +350,7 @@ class AdminRoutes:
 
         return dict(await asyncio.gather(*(flush(w) for w in engines.values())))
 
-    async def _proxy_get(self, request: web.Request, worker: Worker, path: str) -> web.Response:
+    async def _proxy_get(self, request: Request, worker: Worker, path: str) -> Response:
         """A worker's info passed through. These routes are public, so the gateway's and the worker's own keys never
         go along (an engine's server info can include its arguments). The client's `Authorization` goes along only
         when it is the data-plane `--api-key`, which workers receive anyway: a control-plane key or a JWT must never
@@ -369,7 +370,7 @@ class AdminRoutes:
             ) as resp:
                 body = await resp.read()
                 extra = {"x-smg-routed-worker-id": worker.url}
-                return web.Response(status=resp.status, body=body, headers=relay_response_headers(resp.headers, extra))
+                return Response(status=resp.status, body=body, headers=relay_response_headers(resp.headers, extra))
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise GatewayError(502, "call_upstream_connection_failed", f"{worker.url}{path}: {exc}") from None
 

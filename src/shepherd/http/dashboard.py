@@ -26,8 +26,9 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
+from shepherd.http.messages import Request, Response
+from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import scrape, scrape_targets
 from shepherd.observability.sidecar_address import canonical_address
 from shepherd.workers.breaker import CircuitState
@@ -143,16 +144,16 @@ class Dashboard:
         self._body = b""
         self._lock = asyncio.Lock()
 
-    async def page(self, _request: web.Request) -> web.Response:
+    async def page(self, _request: Request) -> Response:
         """`GET /dashboard`: the page, read from the package once."""
-        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+        return Response(body=self._page, content_type="text/html; charset=utf-8")
 
-    async def data(self, _request: web.Request) -> web.Response:
+    async def data(self, _request: Request) -> Response:
         """`GET /dashboard/data`: every worker's row; fresh at most every `_MIN_REFRESH_SECS`."""
         async with self._lock:  # one scrape serves every page polling meanwhile
             if not self._snapshots or time.monotonic() - self._snapshots[-1].at >= _MIN_REFRESH_SECS:
                 self._body = orjson.dumps(await self._refresh())
-        return web.Response(body=self._body, content_type="application/json", headers={"Cache-Control": "no-store"})
+        return Response(body=self._body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _refresh(self) -> dict[str, Any]:
         workers = self._gw.registry.all()
@@ -217,8 +218,8 @@ def _worker_row(
     }
 
 
-def add_dashboard_routes(app: web.Application, gateway: Gateway) -> None:
+def add_dashboard_routes(app: RouteTable, gateway: Gateway) -> None:
     """`GET /dashboard` and `GET /dashboard/data` (admin-read under auth: http/route_policy.py)."""
     dashboard = Dashboard(gateway)
-    app.router.add_get("/dashboard", dashboard.page)
-    app.router.add_get("/dashboard/data", dashboard.data)
+    app.add_get("/dashboard", dashboard.page)
+    app.add_get("/dashboard/data", dashboard.data)

@@ -7,8 +7,8 @@ errors a worker returned.
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
 
+from shepherd.http.messages import Response
 from shepherd.workers.worker import WorkerType
 
 _TYPE_BY_STATUS = {429: "rate_limit_error"}
@@ -42,11 +42,11 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
     return orjson.dumps({"error": {"message": message, "type": error_type(status), "code": code, "param": param}})
 
 
-def error_response(error: GatewayError) -> web.Response:
+def error_response(error: GatewayError) -> Response:
     headers = {"x-smg-error-code": error.code}
     if error.headers:
         headers.update(error.headers)
-    return web.Response(
+    return Response(
         status=error.status,
         body=error_body(error.status, error.code, error.message, error.param),
         content_type="application/json",

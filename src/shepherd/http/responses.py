@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+
+from shepherd.http.messages import Response
 
 
-def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 import logging
 
-from aiohttp import web
-
+from shepherd.http.messages import Route
+from shepherd.http.routes import RouteTable
 from shepherd.routing.context import INFERENCE_ENDPOINTS
 
 log = logging.getLogger(__name__)
@@ -59,31 +59,21 @@ ROUTE_CLASSES: dict[tuple[str, str], RouteClass] = {
 }
 
 
-def _key(route: web.AbstractRoute) -> tuple[str, str]:
-    method = "GET" if route.method == "HEAD" else route.method
-    return method, route.resource.canonical if route.resource is not None else ""
+def _key(route: Route) -> tuple[str, str]:
+    return route.method, route.template
 
 
-def check_route_table(router: web.UrlDispatcher) -> None:
+def check_route_table(routes: RouteTable) -> None:
     """Refuse to start with a route the table does not class."""
-    missing = sorted({" ".join(_key(r)) for r in router.routes() if _key(r) not in ROUTE_CLASSES})
+    missing = sorted({" ".join(_key(r)) for r in routes.routes() if _key(r) not in ROUTE_CLASSES})
     if missing:
         raise RuntimeError(f"routes without an access class in http/route_policy.py: {', '.join(missing)}")
 
 
-class RouteClasses:
-    """The class of each matched route, looked up once per route object and then cached (one dict lookup)."""
-
-    def __init__(self) -> None:
-        self._by_route: dict[web.AbstractRoute, RouteClass] = {}
-
-    def of(self, match: web.UrlMappingMatchInfo) -> RouteClass:
-        route = match.route
-        found = self._by_route.get(route)
-        if found is None:
-            found = ROUTE_CLASSES.get(_key(route))
-            if found is None:  # unreachable after check_route_table; fail closed all the same
-                log.error("route %s %s has no access class; treating it as admin-write", *_key(route))
-                found = _WRITE
-            self._by_route[route] = found
-        return found
+def route_class(route: Route) -> RouteClass:
+    """The class of a matched route; fails closed (admin-write) for one missing from the table."""
+    found = ROUTE_CLASSES.get(_key(route))
+    if found is None:  # unreachable after check_route_table
+        log.error("route %s %s has no access class; treating it as admin-write", *_key(route))
+        return _WRITE
+    return found

@@ -10,10 +10,11 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from shepherd.http.errors import GatewayError
+from shepherd.http.messages import Request, Response
 from shepherd.http.responses import json_response
+from shepherd.http.routes import RouteTable
 
 if TYPE_CHECKING:
     from shepherd.gateway import Gateway
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 OFF_LOOP_CHARS = 64 * 1024  # longer prompts are encoded in a worker thread, so the event loop keeps serving
 
 
-def add_tokenizer_routes(app: web.Application, gateway: Gateway) -> None:
+def add_tokenizer_routes(app: RouteTable, gateway: Gateway) -> None:
     routes = TokenizerRoutes(gateway)
-    r = app.router
+    r = app
     r.add_post("/v1/tokenizers", routes.register)
     r.add_get("/v1/tokenizers", routes.list)
     r.add_get("/v1/tokenizers/{key:.+}/status", routes.status)
@@ -39,7 +40,7 @@ class TokenizerRoutes:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
-    async def register(self, request: web.Request) -> web.Response:
+    async def register(self, request: Request) -> Response:
         from shepherd.tokenizer.registry import TokenizerExists
 
         body = await _json_object(request)
@@ -57,18 +58,18 @@ class TokenizerRoutes:
             return json_response({"id": exc.existing_id, "status": "failed", "message": str(exc)}, status=409)
         return json_response(job.to_json(), status=202)
 
-    async def list(self, _request: web.Request) -> web.Response:
+    async def list(self, _request: Request) -> Response:
         entries = self.gw.tokenizer_registry().entries() if self.gw.tokenizers_loaded else []
         return json_response({"tokenizers": [e.to_json() for e in entries]})
 
-    async def get(self, request: web.Request) -> web.Response:
+    async def get(self, request: Request) -> Response:
         key = request.match_info["key"]
         entry = self._entry(key)
         if entry is None:
             return _not_found(key, "tokenizer_not_found")
         return json_response(entry.to_json())
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def status(self, request: Request) -> Response:
         key = request.match_info["key"]
         entry = self._entry(key)
         if entry is not None:
@@ -85,14 +86,14 @@ class TokenizerRoutes:
             return _not_found(key, "not_found")
         return json_response(job.to_json())
 
-    async def delete(self, request: web.Request) -> web.Response:
+    async def delete(self, request: Request) -> Response:
         key = request.match_info["key"]
         entry = self.gw.tokenizer_registry().remove(key) if self.gw.tokenizers_loaded else None
         if entry is None:
             return json_response({"success": False, "message": f"Tokenizer '{key}' not found"}, status=404)
         return json_response({"success": True, "message": f"Tokenizer '{entry.name}' removed successfully"})
 
-    async def tokenize(self, request: web.Request) -> web.Response:
+    async def tokenize(self, request: Request) -> Response:
         body = await _json_object(request)
         entry = self._for_model(body.get("model"))
         prompt = body.get("prompt")
@@ -109,7 +110,7 @@ class TokenizerRoutes:
             400, "invalid_request", "'prompt' must be a string or a non-empty array of strings", param="prompt"
         )
 
-    async def detokenize(self, request: web.Request) -> web.Response:
+    async def detokenize(self, request: Request) -> Response:
         body = await _json_object(request)
         entry = self._for_model(body.get("model"))
         tokens = body.get("tokens")
@@ -146,7 +147,7 @@ class TokenizerRoutes:
         return entry
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
@@ -162,5 +163,5 @@ def _token_ids(value: Any, vocab: int) -> bool:
     )
 
 
-def _not_found(key: str, kind: str) -> web.Response:
+def _not_found(key: str, kind: str) -> Response:
     return json_response({"error": {"message": f"Tokenizer '{key}' not found", "type": kind}}, status=404)

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError
+from shepherd.http.messages import Request, Response
 from shepherd.observability.exposition import TEXT_CONTENT_TYPE, merge_expositions
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.observability.sidecar_address import canonical_address, sidecar_metrics_url
@@ -103,7 +103,7 @@ class EngineMetrics:
         # (targets, expiry on the loop clock, the scrape: done when cached, pending while in flight)
         self._last: tuple[tuple[ScrapeTarget, ...], float, asyncio.Task[_Answer]] | None = None
 
-    async def handle(self, _request: web.Request) -> web.Response:
+    async def handle(self, _request: Request) -> Response:
         workers = self._registry.all()
         if not workers:
             raise GatewayError(503, "no_workers", "No available workers: no worker is registered to scrape")
@@ -119,7 +119,7 @@ class EngineMetrics:
         answer = await asyncio.shield(task)  # a caller that leaves does not cancel the others' scrape
         if answer.body is None:
             raise GatewayError(502, "engine_metrics_unavailable", f"Every worker scrape failed ({answer.error})")
-        return web.Response(body=answer.body, headers={"Content-Type": TEXT_CONTENT_TYPE})
+        return Response(body=answer.body, headers={"Content-Type": TEXT_CONTENT_TYPE})
 
     def _scraped(self, task: asyncio.Task[_Answer]) -> None:
         """The cache period counts from the end of the scrape."""

@@ -33,6 +33,7 @@ from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 if TYPE_CHECKING:
     from shepherd.config import GatewayConfig
     from shepherd.http.admission import Admission
+    from shepherd.http.messages import Request
     from shepherd.workers.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -162,15 +163,15 @@ class GatewayMetrics:
     def worker_cells(self, worker: Worker) -> WorkerCells:
         return self._workers.get(worker) or self._detached
 
-    def record_http(self, request: web.Request, status: int, seconds: float) -> None:
+    def record_http(self, request: Request, status: int, seconds: float) -> None:
         method = request.method
         if method not in _METHODS:
             method = "OTHER"
-        resource = request.match_info.route.resource
-        key = (resource, method, status)
+        route = request.route
+        key = (route, method, status)
         cells = self._http.get(key)
         if cells is None:
-            path = resource.canonical if resource is not None else UNMATCHED_ROUTE
+            path = route.template or UNMATCHED_ROUTE
             labels = (method, path, str(status))
             cells = self._http[key] = (self.http_requests.child(*labels), self.http_duration.child(*labels))
         cells[0].value += 1

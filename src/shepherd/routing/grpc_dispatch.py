@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 import grpc
 import orjson
-from aiohttp import web
 
 from shepherd.http.errors import GatewayError, error_body
+from shepherd.http.messages import Request, Response, StreamResponse
 from shepherd.http.middleware import STREAM_STARTED
 from shepherd.routing.attempt import AttemptFailure, is_failure
 from shepherd.routing.context import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, InvalidRequest, RequestContext
@@ -126,8 +126,8 @@ class GrpcDispatcher:
 
     # --- regular workers -----------------------------------------------------------------------------------
     async def attempt(
-        self, request: web.Request, ctx: RequestContext, worker: Worker, last: bool, started: float, policy: Policy
-    ) -> web.StreamResponse | AttemptFailure:
+        self, request: Request, ctx: RequestContext, worker: Worker, last: bool, started: float, policy: Policy
+    ) -> StreamResponse | AttemptFailure:
         if ctx.endpoint is EMBEDDINGS:
             return await self._embed(ctx, worker, last)
         plan = await self.plan(ctx, worker)
@@ -144,8 +144,8 @@ class GrpcDispatcher:
 
     # --- PD pairs ------------------------------------------------------------------------------------------
     async def pd_attempt(
-        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
-    ) -> web.StreamResponse | AttemptFailure:
+        self, request: Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
+    ) -> StreamResponse | AttemptFailure:
         """The same request, with the prefill's bootstrap address, to both workers at once; the decode side
         answers the client. The prefill's stream is drained in the background and only recorded."""
         plan = await self.plan(ctx, decode)
@@ -182,7 +182,7 @@ class GrpcDispatcher:
     # --- one call ------------------------------------------------------------------------------------------
     async def _run(
         self,
-        request: web.Request,
+        request: Request,
         ctx: RequestContext,
         worker: Worker,
         client: SglangClient,
@@ -190,7 +190,7 @@ class GrpcDispatcher:
         plan: GenerationPlan,
         last: bool,
         started: float,
-    ) -> web.StreamResponse | AttemptFailure:
+    ) -> StreamResponse | AttemptFailure:
         call = client.generate(generate, self._timeout)
         finished = False
         try:
@@ -219,7 +219,7 @@ class GrpcDispatcher:
         builder: ResponseBuilder,
         first: pb.GenerateResponse,
         last: bool,
-    ) -> web.StreamResponse | AttemptFailure:
+    ) -> StreamResponse | AttemptFailure:
         message = first
         try:
             while message is not grpc.aio.EOF:
@@ -228,19 +228,19 @@ class GrpcDispatcher:
         except grpc.aio.AioRpcError as exc:
             return self._start_failure(worker, ctx, exc, last)
         worker.breaker.record_success()
-        return web.Response(body=builder.finish(), content_type=_JSON, headers=_routing_headers(worker, ctx))
+        return Response(body=builder.finish(), content_type=_JSON, headers=_routing_headers(worker, ctx))
 
     async def _stream(
         self,
-        request: web.Request,
+        request: Request,
         ctx: RequestContext,
         worker: Worker,
         call: grpc.aio.UnaryStreamCall,
         builder: ResponseBuilder,
         first: pb.GenerateResponse,
         started: float,
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(headers={**_SSE_HEADERS, **_routing_headers(worker, ctx)})
+    ) -> StreamResponse:
+        out = StreamResponse(headers={**_SSE_HEADERS, **_routing_headers(worker, ctx)})
         await out.prepare(request)
         request[STREAM_STARTED] = out
         first_chunk_at = time.perf_counter()
@@ -271,7 +271,7 @@ class GrpcDispatcher:
 
     def _start_failure(
         self, worker: Worker, ctx: RequestContext, exc: grpc.aio.AioRpcError, last: bool
-    ) -> web.Response | AttemptFailure:
+    ) -> Response | AttemptFailure:
         """A call that failed before the client saw anything: a retryable AttemptFailure or the client's error."""
         status = http_status(exc.code())
         if exc.code() is grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
@@ -285,10 +285,10 @@ class GrpcDispatcher:
         headers = {"Content-Type": _JSON, "x-smg-error-code": _START_FAILED}
         if status in RETRYABLE_STATUSES and not last:
             return AttemptFailure(worker, status, body, headers)
-        return web.Response(status=status, body=body, headers={**headers, **_routing_headers(worker, ctx)})
+        return Response(status=status, body=body, headers={**headers, **_routing_headers(worker, ctx)})
 
     # --- embeddings ----------------------------------------------------------------------------------------
-    async def _embed(self, ctx: RequestContext, worker: Worker, last: bool) -> web.Response | AttemptFailure:
+    async def _embed(self, ctx: RequestContext, worker: Worker, last: bool) -> Response | AttemptFailure:
         from shepherd.generation import build_embed_request, embedding_body
 
         tokenizer = self._tokenizer(worker)
@@ -307,7 +307,7 @@ class GrpcDispatcher:
             lease.ok = True
         fmt = ctx.payload.get("encoding_format") or "float"
         body = embedding_body(reply, ctx.model or worker.model_id, fmt)
-        return web.Response(body=body, content_type=_JSON, headers=_routing_headers(worker, ctx))
+        return Response(body=body, content_type=_JSON, headers=_routing_headers(worker, ctx))
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _client(self, worker: Worker) -> SglangClient:

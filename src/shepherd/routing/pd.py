@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError, error_body
+from shepherd.http.messages import Request, Response, StreamResponse
 from shepherd.http.middleware import STREAM_STARTED
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
+from shepherd.routing.dispatch import DispatchLoop, WorkerCall, record_verdict
 from shepherd.routing.policies import Policy
-from shepherd.routing.router import GrpcDispatcherSource, choose_worker, worker_request_headers
-from shepherd.upstream.client import UpstreamClient, relay_response_headers
+from shepherd.routing.router import (
+    GrpcDispatcherSource,
+    choose_worker,
+    relayed_head,
+    routing_headers,
+    worker_response,
+)
 from shepherd.upstream.grpc_pool import is_grpc_url
+from shepherd.upstream.pool import UpstreamError, UpstreamResponse, UpstreamTimeout
 from shepherd.upstream.relay import relay_sse
-from shepherd.upstream.retry import RETRYABLE_STATUSES, Backoff, is_worker_fault
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerType
@@ -49,88 +52,53 @@ _ERROR_KINDS = {500: "internal_error", 502: "bad_gateway", 503: "unavailable", 5
 PrefillLogprobs = dict[int, list[Any]]  # batch item index (0 for a single request) -> input_token_logprobs
 
 
-@dataclass(slots=True)
-class SideFailure:
-    """One side of the pair failed; `side` is "prefill" or "decode"."""
+class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
+    """Each attempt goes to a (prefill, decode) pair; only the side that failed is avoided on the next one."""
 
-    side: str
-    worker: Worker
-    status: int | None = None
-    body: bytes = b""
-    reason: str = ""
-    timed_out: bool = False
-
-    @property
-    def retryable(self) -> bool:
-        return self.status is None or self.status in RETRYABLE_STATUSES
-
-
-class PDRouter:
     def __init__(
         self,
         registry: Registry,
         prefill_policy: Policy,
         decode_policy: Policy,
-        client: UpstreamClient,
+        call: WorkerCall,
         config: GatewayConfig,
         metrics: GatewayMetrics,
         grpc: GrpcDispatcherSource | None = None,
     ) -> None:
+        super().__init__(config, metrics)
         self.registry = registry
         self._grpc = grpc
-        self._metrics = metrics
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
-        self._client = client
-        self._config = config
-        self._max_attempts = config.retry.max_attempts
-        self._backoff = Backoff(config.retry)
-        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_secs)
+        self._call = call
         self._rng = random.Random()
         registry.subscribe(on_removed=prefill_policy.on_worker_removed)
         registry.subscribe(on_removed=decode_policy.on_worker_removed)
 
-    def select_pair(
-        self, ctx: RequestContext, failed_prefills: Sequence[Worker] = (), failed_decodes: Sequence[Worker] = ()
-    ) -> tuple[Worker, Worker]:
+    def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure] = ()) -> tuple[Worker, Worker]:
         """Pick a pair; workers that already failed this request are avoided while their role has others."""
+        failed_prefills = [f.worker for f in failures if f.side == "prefill"]
+        failed_decodes = [f.worker for f in failures if f.side == "decode"]
         prefill = choose_worker(self.registry, WorkerType.PREFILL, self.prefill_policy, ctx, failed_prefills)
         decode = choose_worker(self.registry, WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
         return prefill, decode
 
-    async def dispatch(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        # Only the side that failed is avoided on the next attempt: the other one did nothing wrong.
-        failed: dict[str, list[Worker]] = {"prefill": [], "decode": []}
-        failure: SideFailure | None = None
-        started = time.perf_counter()
-        for attempt in range(self._max_attempts):
-            if failure is not None:
-                self._metrics.record_retry(failure.worker.worker_type, ctx.endpoint)
-                await asyncio.sleep(self._backoff.delay_secs(attempt - 1))
-            try:
-                pair = self.select_pair(ctx, failed["prefill"], failed["decode"])
-            except GatewayError:
-                if failure is None:
-                    raise
-                break
-            attempt_started = time.perf_counter()
-            if self._grpc is not None and any(is_grpc_url(w.base_url) for w in pair):
-                result = await self._grpc_attempt(request, ctx, *pair, attempt == self._max_attempts - 1, started)
-            else:
-                result = await self._attempt(request, ctx, *pair, started)
-            self._record_metrics(pair, result, time.perf_counter() - attempt_started)
-            if not isinstance(result, SideFailure):
-                return result
-            failure = result
-            failed[failure.side].append(failure.worker)
-            if not failure.retryable:
-                break
-        assert failure is not None
+    def select_pair(self, ctx: RequestContext) -> tuple[Worker, Worker]:
+        return self.select(ctx)
+
+    async def attempt(
+        self, request: Request, ctx: RequestContext, pair: tuple[Worker, Worker], last: bool, started: float
+    ) -> StreamResponse | AttemptFailure:
+        if self._grpc is not None and any(is_grpc_url(w.base_url) for w in pair):
+            return await self._grpc_attempt(request, ctx, *pair, last, started)
+        return await self._attempt(request, ctx, *pair, started)
+
+    def give_up(self, failure: AttemptFailure, ctx: RequestContext) -> Response:
         raise _pd_error(failure)
 
     async def _grpc_attempt(
-        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
-    ) -> web.StreamResponse | SideFailure:
+        self, request: Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
+    ) -> StreamResponse | AttemptFailure:
         if not (is_grpc_url(prefill.base_url) and is_grpc_url(decode.base_url)):
             raise GatewayError(
                 500, "mixed_pd_protocols", "A PD pair must be both HTTP or both gRPC workers: register them alike"
@@ -138,18 +106,18 @@ class PDRouter:
         assert self._grpc is not None
         result = await self._grpc().pd_attempt(request, ctx, prefill, decode, last, started)
         if isinstance(result, AttemptFailure):
-            side = "prefill" if result.worker is prefill else "decode"
-            return SideFailure(side, result.worker, result.status, result.body, result.transport_error or "")
+            result.side = "prefill" if result.worker is prefill else "decode"
+            return result
         self.decode_policy.on_request_done(decode, ctx, result.status < 400)
         return result
 
-    def _record_metrics(
-        self, pair: tuple[Worker, Worker], result: web.StreamResponse | SideFailure, seconds: float
+    def record(
+        self, pair: tuple[Worker, Worker], result: Response | StreamResponse | AttemptFailure, seconds: float
     ) -> None:
         """Per-worker request counts and latency for both sides of one attempt."""
         metrics = self._metrics
         for worker in pair:
-            if not isinstance(result, SideFailure):
+            if not isinstance(result, AttemptFailure):
                 status = result.status
             elif result.worker is worker:
                 status = result.status or (504 if result.timed_out else 502)
@@ -158,46 +126,49 @@ class PDRouter:
             metrics.worker_cells(worker).record(status, seconds)
 
     async def _attempt(
-        self, request: web.Request, ctx: RequestContext, prefill: Worker, decode: Worker, started: float
-    ) -> web.StreamResponse | SideFailure:
+        self, request: Request, ctx: RequestContext, prefill: Worker, decode: Worker, started: float
+    ) -> StreamResponse | AttemptFailure:
         fields = self._bootstrap_fields(ctx, prefill)
         prefill_body, decode_body = (ctx.inject(_with_rank(fields, worker)) for worker in (prefill, decode))
         want_logprobs = ctx.payload.get("return_logprob") is True
+        deadline = self._call.deadline()
         with Lease(decode) as decode_lease:  # the prefill's lease lives in its own task, as long as its call
-            prefill_task = self._start_prefill(request, ctx, prefill, prefill_body, want_logprobs)
+            prefill_task = self._start_prefill(request, ctx, prefill, prefill_body, want_logprobs, deadline)
             decode_task = asyncio.ensure_future(self._open_decode(request, ctx, decode, decode_body))
             answered = False
             try:
                 await asyncio.wait((prefill_task, decode_task), return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task.done() and isinstance(prefill_task.result(), SideFailure):
+                if prefill_task.done() and isinstance(prefill_task.result(), AttemptFailure):
                     return self._record(prefill_task.result(), ctx)  # the finally clause aborts the decode
                 opened = await decode_task
-                if isinstance(opened, SideFailure):
+                if isinstance(opened, AttemptFailure):
                     return self._record(opened, ctx)  # the finally clause aborts the prefill
                 upstream = opened
                 decode_ok = True
                 if ctx.stream and not want_logprobs:
                     # Relay decode tokens at once; the prefill's outcome is only recorded.
-                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None, started)
+                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None, started, deadline)
                 else:
                     prefill_result = await prefill_task
-                    if isinstance(prefill_result, SideFailure):
+                    if isinstance(prefill_result, AttemptFailure):
                         return self._record(prefill_result, ctx)
                     if ctx.stream:
-                        response, decode_ok = await self._relay(request, ctx, decode, upstream, prefill_result, started)
+                        response, decode_ok = await self._relay(
+                            request, ctx, decode, upstream, prefill_result, started, deadline
+                        )
                     else:
-                        payload = await upstream.read()
+                        payload = await self._call.read_body(upstream, deadline)
                         response = self._merged_response(ctx, decode, upstream, payload, prefill_result)
                 answered = True
-            except TimeoutError:
-                return self._record(SideFailure("decode", decode, reason="timed out", timed_out=True), ctx)
-            except aiohttp.ClientError as exc:
-                return self._record(SideFailure("decode", decode, reason=str(exc)), ctx)
+            except UpstreamError as exc:
+                failure = AttemptFailure(
+                    decode, transport_error=str(exc), timed_out=isinstance(exc, UpstreamTimeout), side="decode"
+                )
+                return self._record(failure, ctx)
             finally:
                 if not answered:
                     await _abort(prefill_task, decode_task)
             # From here on nothing awaits: a client that leaves once it has its answer cannot cut the bookkeeping.
-            upstream.release()
             if prefill_task.done():
                 self._settle_prefill(prefill, ctx, prefill_task.result())
             else:  # a stream finished before the prefill's own answer was drained: settle it when it is
@@ -209,82 +180,69 @@ class PDRouter:
                 decode_lease.ok = True
                 self.decode_policy.on_request_done(decode, ctx, True)
             else:  # the stream broke after it started: counted against the decode, nothing left to retry
-                self._record(SideFailure("decode", decode, reason="stream interrupted"), ctx)
+                self._record(AttemptFailure(decode, transport_error="stream interrupted", side="decode"), ctx)
             return response
 
     def _settle_prefill(
-        self, prefill: Worker, ctx: RequestContext, result: PrefillLogprobs | SideFailure | None
+        self, prefill: Worker, ctx: RequestContext, result: PrefillLogprobs | AttemptFailure | None
     ) -> None:
         """Record the prefill side of an answered request (a failure there can no longer be retried)."""
-        if isinstance(result, SideFailure):
+        if isinstance(result, AttemptFailure):
             self._record(result, ctx)
         else:
             prefill.breaker.record_success()
             self.prefill_policy.on_request_done(prefill, ctx, True)
 
     async def _open_decode(
-        self, request: web.Request, ctx: RequestContext, decode: Worker, body: bytes
-    ) -> aiohttp.ClientResponse | SideFailure:
+        self, request: Request, ctx: RequestContext, decode: Worker, body: bytes
+    ) -> UpstreamResponse | AttemptFailure:
         """Send to the decode worker and wait for its response head (a failure is read whole)."""
-        headers = worker_request_headers(request, ctx, decode, self._config.api_key)
-        try:
-            upstream = await self._client.session.post(
-                decode.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
-            )
-        except TimeoutError:
-            return SideFailure("decode", decode, reason="timed out", timed_out=True)
-        except aiohttp.ClientError as exc:
-            return SideFailure("decode", decode, reason=str(exc))
-        if upstream.status >= 400:
-            try:
-                payload = await upstream.read()
-            finally:
-                upstream.release()
-            return SideFailure("decode", decode, upstream.status, payload)
-        return upstream
+        opened = await self._call.open(request, ctx, decode, body)
+        if isinstance(opened, AttemptFailure):
+            opened.side = "decode"
+        return opened
 
     def _start_prefill(
-        self, request: web.Request, ctx: RequestContext, prefill: Worker, body: bytes, want_logprobs: bool
-    ) -> asyncio.Task[PrefillLogprobs | SideFailure | None]:
+        self, request: Request, ctx: RequestContext, prefill: Worker, body: bytes, want_logprobs: bool, deadline: float
+    ) -> asyncio.Task[PrefillLogprobs | AttemptFailure | None]:
         """Start the prefill call. Its load counts from now (dispatch) until the call ends, which may be after the
         client already has its stream: the lease is released by the task's completion, however it completes."""
         lease = Lease(prefill)
         lease.__enter__()
-        task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, body, want_logprobs, lease))
+        task = asyncio.ensure_future(self._call_prefill(request, ctx, prefill, body, want_logprobs, lease, deadline))
         task.add_done_callback(lambda _task: lease.__exit__(None, None, None))
         return task
 
     async def _call_prefill(
         self,
-        request: web.Request,
+        request: Request,
         ctx: RequestContext,
         prefill: Worker,
         body: bytes,
         want_logprobs: bool,
         lease: Lease,
-    ) -> PrefillLogprobs | SideFailure | None:
+        deadline: float,
+    ) -> PrefillLogprobs | AttemptFailure | None:
         """Send to the prefill worker and drain its answer; returns its input logprobs when asked for."""
-        headers = worker_request_headers(request, ctx, prefill, self._config.api_key)
+        opened = await self._call.open(request, ctx, prefill, body)
+        if isinstance(opened, AttemptFailure):
+            opened.side = "prefill"
+            return opened
         try:
-            async with self._client.session.post(
-                prefill.upstream_url(ctx.endpoint.upstream_path), data=body, headers=headers, timeout=self._timeout
-            ) as upstream:
-                payload = await upstream.read()
-                if upstream.status >= 400:
-                    return SideFailure("prefill", prefill, upstream.status, payload)
-        except TimeoutError:
-            return SideFailure("prefill", prefill, reason="timed out", timed_out=True)
-        except aiohttp.ClientError as exc:
-            return SideFailure("prefill", prefill, reason=str(exc))
+            payload = await self._call.read_body(opened, deadline)
+        except UpstreamError as exc:
+            timed_out = isinstance(exc, UpstreamTimeout)
+            return AttemptFailure(prefill, transport_error=str(exc), timed_out=timed_out, side="prefill")
+        finally:
+            opened.abort()  # a no-op once the body was read and the connection went back to the pool
         lease.ok = True
         return _input_logprobs(payload) if want_logprobs else None
 
-    def _record(self, failure: SideFailure, ctx: RequestContext) -> SideFailure:
-        worker = failure.worker
-        if failure.status is None or is_worker_fault(failure.status):
-            worker.breaker.record_failure()
+    def _record(self, failure: AttemptFailure, ctx: RequestContext) -> AttemptFailure:
+        """A side failed (after its call returned): the breaker's verdict and the policy's bookkeeping."""
+        record_verdict(failure)
         policy = self.prefill_policy if failure.side == "prefill" else self.decode_policy
-        policy.on_request_done(worker, ctx, False)
+        policy.on_request_done(failure.worker, ctx, False)
         return failure
 
     def _bootstrap_fields(self, ctx: RequestContext, prefill: Worker) -> dict[str, Any]:
@@ -304,27 +262,26 @@ class PDRouter:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: Request,
         ctx: RequestContext,
         decode: Worker,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         prefill_logprobs: PrefillLogprobs | None,
         started: float,
-    ) -> tuple[web.StreamResponse, bool]:
+        deadline: float,
+    ) -> tuple[StreamResponse, bool]:
         """Relay the decode's stream; returns the response and whether the decode finished it."""
-        out = web.StreamResponse(
-            status=upstream.status,
-            headers=relay_response_headers(
-                upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
-            ),
+        out = StreamResponse(
+            status=upstream.status, headers=routing_headers(decode, ctx), raw_headers=relayed_head(upstream.headers)
         )
         try:
             await out.prepare(request)
         except ConnectionResetError:  # the client left before the first byte
+            upstream.abort()
             return out, True
         request[STREAM_STARTED] = out
         rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
-        outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, rewrite)
+        outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, deadline, rewrite)
         self._metrics.record_relay(decode, ctx.endpoint, started, outcome)
         return out, not outcome.broken
 
@@ -332,16 +289,13 @@ class PDRouter:
         self,
         ctx: RequestContext,
         decode: Worker,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         payload: bytes,
         prefill_logprobs: PrefillLogprobs | None,
-    ) -> web.Response:
+    ) -> Response:
         if prefill_logprobs:
             payload = _prepend_logprobs(payload, prefill_logprobs)
-        headers = relay_response_headers(
-            upstream.headers, {"x-smg-routed-worker-id": decode.url, "x-request-id": ctx.request_id}
-        )
-        return web.Response(status=upstream.status, body=payload, headers=headers)
+        return worker_response(decode, ctx, upstream.status, payload, upstream.headers)
 
 
 def _with_rank(fields: dict[str, Any], worker: Worker) -> dict[str, Any]:
@@ -355,8 +309,8 @@ async def _abort(prefill_task: asyncio.Future, decode_task: asyncio.Future) -> N
         if not task.done():
             task.cancel()
     await asyncio.gather(prefill_task, decode_task, return_exceptions=True)
-    if not decode_task.cancelled() and isinstance(decode_task.result(), aiohttp.ClientResponse):
-        decode_task.result().release()
+    if not decode_task.cancelled() and isinstance(decode_task.result(), UpstreamResponse):
+        decode_task.result().abort()
 
 
 def batch_size(ctx: RequestContext) -> int | None:
@@ -445,7 +399,7 @@ def _loads(raw: bytes) -> Any:
         return None
 
 
-def _pd_error(failure: SideFailure) -> GatewayError:
+def _pd_error(failure: AttemptFailure) -> GatewayError:
     """The client's one error: which side failed, which worker, and how (code `<side>_<kind>`)."""
     side, url = failure.side, failure.worker.url
     if failure.status is not None:
@@ -454,7 +408,7 @@ def _pd_error(failure: SideFailure) -> GatewayError:
         return GatewayError(failure.status, f"{side}_{kind}", message)
     if failure.timed_out:
         return GatewayError(504, f"{side}_timeout", f"{side} worker {url} timed out")
-    return GatewayError(502, f"{side}_unreachable", f"{side} worker {url} is unreachable: {failure.reason}")
+    return GatewayError(502, f"{side}_unreachable", f"{side} worker {url} is unreachable: {failure.transport_error}")
 
 
 def _worker_message(body: bytes) -> str:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hmac
 
-from aiohttp import web
-
 from shepherd.config import GatewayConfig
 from shepherd.http.errors import GatewayError
+from shepherd.http.messages import Request
 from shepherd.http.route_policy import RouteClass
 from shepherd.security.jwt_auth import InvalidToken, JwtVerifier, KeysUnavailable
 from shepherd.security.principals import ADMIN, ANONYMOUS, API_KEY_PRINCIPAL, USER, KeyRing, Principal
 
-PRINCIPAL = web.RequestKey("principal", Principal)
+PRINCIPAL = "principal"
 _CHALLENGE = {"www-authenticate": 'Bearer realm="shepherd"'}
 _ALLOWED_ROLES = {RouteClass.ADMIN_READ: (ADMIN, USER), RouteClass.ADMIN_WRITE: (ADMIN,)}
 
@@ -30,7 +29,7 @@ def _missing(what: str = "API key", example: str = "key") -> GatewayError:
     return GatewayError(401, "invalid_api_key", message, headers=_CHALLENGE)
 
 
-def _bearer(request: web.Request) -> str | None:
+def _bearer(request: Request) -> str | None:
     """The token of `Authorization: Bearer <token>` (scheme case-insensitive), else None."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
@@ -55,7 +54,7 @@ class AccessControl:
             return cls(config)
         return None
 
-    def check_data_plane(self, request: web.Request) -> None:
+    def check_data_plane(self, request: Request) -> None:
         """The `--api-key` check, kept synchronous and allocation-light for the inference hot path."""
         supplied = request.headers.get("Authorization")
         if supplied is None:
@@ -66,7 +65,7 @@ class AccessControl:
         if not hmac.compare_digest(candidate, self._expected_header):  # type: ignore[arg-type]
             raise GatewayError(401, "invalid_api_key", "Invalid API key")
 
-    async def check_control_plane(self, request: web.Request, route_class: RouteClass) -> None:
+    async def check_control_plane(self, request: Request, route_class: RouteClass) -> None:
         """Authenticate, then authorize for `route_class`; the principal is left on the request for the audit."""
         principal = await self._authenticate(request)
         request[PRINCIPAL] = principal
@@ -78,7 +77,7 @@ class AccessControl:
                 message = f"Role {principal.role or 'none'} may not {request.method} {request.path} (needs {needed})"
             raise GatewayError(403, "insufficient_role", message)
 
-    async def _authenticate(self, request: web.Request) -> Principal:
+    async def _authenticate(self, request: Request) -> Principal:
         if not self._control_plane_protected:
             if self._expected_header is None:
                 return ANONYMOUS  # nothing configured but the audit

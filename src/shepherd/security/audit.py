@@ -10,8 +10,8 @@ import logging
 from urllib.parse import unquote, urlsplit
 
 import orjson
-from aiohttp import web
 
+from shepherd.http.messages import Request
 from shepherd.http.route_policy import RouteClass
 from shepherd.security.access import PRINCIPAL
 from shepherd.security.principals import ANONYMOUS
@@ -22,11 +22,10 @@ _MAX_FIELD = 256
 _MAX_BODY = 64 * 1024  # registration bodies are small; larger ones are not parsed for a target
 
 
-async def audit(request: web.Request, route_class: RouteClass, status: int, request_id: str) -> None:
+async def audit(request: Request, route_class: RouteClass, status: int, request_id: str) -> None:
     principal = request.get(PRINCIPAL, ANONYMOUS)
     target = _target(request) or await _body_target(request)
     outcome = "denied" if status in (401, 403) else "ok" if status < 400 else "failed"
-    route = request.match_info.route.resource
     fields = {
         "audit": True,
         "principal": _clean(principal.id),
@@ -35,7 +34,7 @@ async def audit(request: web.Request, route_class: RouteClass, status: int, requ
         "role": principal.role,
         "route_class": route_class.value,
         "method": request.method,
-        "route": route.canonical if route is not None else request.path,
+        "route": request.route.template or request.path,
         "target": target,
         "status": status,
         "outcome": outcome,
@@ -55,7 +54,7 @@ async def audit(request: web.Request, route_class: RouteClass, status: int, requ
     )
 
 
-def _target(request: web.Request) -> str | None:
+def _target(request: Request) -> str | None:
     """The worker or tokenizer named in the path (`/workers/{id}`), or a legacy `?url=`."""
     for value in request.match_info.values():
         return _clean(unquote(value))
@@ -63,9 +62,9 @@ def _target(request: web.Request) -> str | None:
     return _clean(url) if url else None
 
 
-async def _body_target(request: web.Request) -> str | None:
+async def _body_target(request: Request) -> str | None:
     """`url` or `name` of a JSON body, only if the handler already read it (a denied request's body is never read)."""
-    if not request.body_exists or request.can_read_body:
+    if not request.body_read:
         return None
     raw = await request.read()  # the handler's cached copy, no I/O
     if len(raw) > _MAX_BODY:

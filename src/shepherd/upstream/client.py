@@ -1,4 +1,7 @@
-"""The pooled HTTP client the gateway uses to reach workers, and header hygiene in both directions."""
+"""The aiohttp client for calls off the request path (probes, registration, discovery, admin fan-out).
+
+The request path itself goes through upstream/pool.py.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ _HOP_BY_HOP = frozenset(
         "host",
     }
 )
-# Client headers worth passing to a worker; everything else (cookies, user agents, ...) stays here.
-_FORWARDED_REQUEST_HEADERS = ("traceparent", "tracestate", "x-smg-routing-key")
 
 
 class UpstreamClient:
@@ -59,32 +60,6 @@ class UpstreamClient:
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def forward_request_headers(
-    client_headers: CIMultiDictProxy[str],
-    request_id: str,
-    worker_api_key: str | None,
-    gateway_api_key: str | None,
-) -> dict[str, str]:
-    """Headers for the upstream request.
-
-    Credentials: the worker's own key when it has one; else the gateway's `--api-key` (the key the README says
-    authenticates the gateway to its workers); else whatever the client sent, unchanged.
-    """
-    headers = {"Content-Type": "application/json", "x-request-id": request_id}
-    key = worker_api_key or gateway_api_key
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    else:
-        client_auth = client_headers.get("Authorization")
-        if client_auth:
-            headers["Authorization"] = client_auth
-    for name in _FORWARDED_REQUEST_HEADERS:
-        value = client_headers.get(name)
-        if value is not None:
-            headers[name] = value
-    return headers
 
 
 def relay_response_headers(upstream: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:

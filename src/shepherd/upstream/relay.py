@@ -1,63 +1,90 @@
-"""Relaying a worker's SSE stream to the client as it arrives, shared by the regular and PD routers."""
+"""Relaying a worker's SSE stream to the client as it arrives, shared by the regular and PD routers.
+
+One client write per upstream read (not per SSE event): a read usually holds several events, and each write is a
+syscall. The client's socket sets the pace: `out.write` waits while it is full, so the worker is not read then
+(its connection's buffer fills and the pool stops reading it), which bounds memory per stream.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-import aiohttp
-from aiohttp import web
+from shepherd.upstream.pool import UpstreamError, UpstreamResponse
 
 _DONE = b"[DONE]"
+
+
+class StreamOut(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self, data: bytes = b"") -> None: ...
 
 
 @dataclass(slots=True)
 class RelayOutcome:
     first_chunk_at: float  # perf_counter() when the first chunk arrived, 0.0 if none did
     events: int  # SSE `data:` events relayed, a final `data: [DONE]` excluded (one per decode step in SGLang)
-    broken: bool  # the worker's side failed before the stream ended
+    broken: bool  # the worker's side failed (or ran past the attempt's deadline) before the stream ended
     client_gone: bool = False  # the client's side closed first: nobody's fault on the worker's side
 
 
 async def relay_sse(
-    upstream: aiohttp.ClientResponse,
-    out: web.StreamResponse,
+    upstream: UpstreamResponse,
+    out: StreamOut,
     interrupted_frame: bytes,
+    deadline: float,
     rewrite_line: Callable[[bytes], bytes] | None = None,
 ) -> RelayOutcome:
-    """Copy `upstream`'s body to the prepared `out` chunk by chunk (line by line with `rewrite_line`), then end it.
+    """Copy `upstream`'s body to the prepared `out` as it arrives (line by line with `rewrite_line`), then end it.
 
-    A worker that breaks the stream midway gets `interrupted_frame` written in place of the rest (and no
-    `[DONE]`), so the client can tell a cut stream from a finished one. A client that goes away ends the relay
-    (`client_gone`); leaving the caller's `async with` then closes the upstream connection.
+    A worker that breaks the stream midway, goes quiet for longer than the stream idle timeout, or runs past
+    `deadline` (time.monotonic) gets `interrupted_frame` written in place of the rest (and no `[DONE]`), so the
+    client can tell a cut stream from a finished one; its connection is closed, not pooled. A client that goes
+    away ends the relay (`client_gone`) and closes the worker's connection too.
     """
     first_chunk_at = 0.0
     events = 0
-    chunk = b""
+    chunk = last = b""
     broken = False
-    chunks = aiter(upstream.content.iter_any() if rewrite_line is None else upstream.content)
+    pending = b""  # an incomplete line, with `rewrite_line`
+    chunks = aiter(upstream)
     try:
         while True:
-            # Reading from the worker is guarded separately: a failed write is the client's doing and must not
-            # be blamed on the worker (aiohttp reports both as ClientError subclasses).
+            # Reading from the worker is guarded separately: a failed write is the client's doing.
             try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, TimeoutError):
+                chunk = await anext(chunks, b"")
+            except (UpstreamError, TimeoutError):
                 broken = True
+                upstream.abort()
                 await out.write(interrupted_frame)
+                break
+            if not chunk:
+                if pending:
+                    await out.write(rewrite_line(pending) if rewrite_line is not None else pending)
                 break
             if not first_chunk_at:
                 first_chunk_at = time.perf_counter()
             if rewrite_line is not None:
-                chunk = rewrite_line(chunk)
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                chunk = b"".join(rewrite_line(line + b"\n") for line in lines)
             events += chunk.count(b"data:")
+            last = chunk
             await out.write(chunk)
+            if time.monotonic() > deadline:
+                broken = True
+                upstream.abort()
+                await out.write(interrupted_frame)
+                break
         await out.write_eof()
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError for a closed client is one too
+    except ConnectionResetError:
+        upstream.abort()
         return RelayOutcome(first_chunk_at, events, broken, client_gone=True)
-    if not broken and _DONE in chunk[-16:]:
-        events -= 1
+    if not broken:
+        upstream.release()
+        if _DONE in last[-16:]:
+            events -= 1
     return RelayOutcome(first_chunk_at, events, broken)

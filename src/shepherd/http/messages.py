@@ -1,0 +1,269 @@
+"""What a route handler sees and returns: `Request`, `Response`, `StreamResponse`.
+
+Shaped like the aiohttp objects the handlers were first written against (so a handler reads naturally), but owned
+by our server (http/server.py): headers stay raw bytes until a handler asks for the multidict, and a relayed
+worker response carries its header block pre-serialized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+if TYPE_CHECKING:
+    from shepherd.http.server import HttpConnection
+
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past --max-payload-size while it was read (a chunked body; a declared length is
+    refused before any of it is read)."""
+
+
+class Route:
+    """A matched route: its template (`/workers/{worker_id}`), the label metrics and the audit log use."""
+
+    __slots__ = ("handler", "method", "template")
+
+    def __init__(self, method: str, template: str, handler: Any) -> None:
+        self.method = method
+        self.template = template
+        self.handler = handler
+
+
+UNMATCHED = Route("", "", None)
+
+
+class Request:
+    """One request on a connection. The body arrives in the background; `read()` waits for all of it."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_conn",
+        "_error",
+        "_headers",
+        "_query",
+        "_state",
+        "_waiter",
+        "body_complete",
+        "body_read",
+        "expect_continue",
+        "extra_headers",
+        "head",
+        "keep_alive",
+        "match_info",
+        "method",
+        "path",
+        "query_string",
+        "raw_headers",
+        "route",
+        "version",
+    )
+
+    def __init__(self, conn: HttpConnection, method: str, target: bytes, raw_headers: list[tuple[bytes, bytes]]):
+        self._conn = conn
+        self.method = method
+        path, _, query = target.partition(b"?")
+        self.path = path.decode("latin-1")
+        self.query_string = query.decode("latin-1")
+        self.raw_headers = raw_headers  # (lower-case name, value) pairs, as received
+        self.version = "1.1"
+        self.keep_alive = True
+        self.expect_continue = False
+        self.head = method == "HEAD"
+        self.route: Route = UNMATCHED
+        self.match_info: dict[str, str] = {}
+        self.extra_headers = b""  # appended to every response head of this request (CORS)
+        self._headers: CIMultiDictProxy[str] | None = None
+        self._query: MultiDictProxy[str] | None = None
+        self._state: dict[Any, Any] | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self.body_complete = False
+        self.body_read = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+
+    # --- headers ---------------------------------------------------------------------------------------------
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header, by lower-case name, without building the multidict (the hot path's way)."""
+        for key, value in self.raw_headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(
+                CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers)
+            )
+        return self._headers
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        if self._query is None:
+            self._query = MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
+        return self._query
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header(b"content-length")
+        return int(value) if value is not None else None
+
+    @property
+    def remote(self) -> str | None:
+        return self._conn.peer
+
+    # --- body ------------------------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self._body.append(data)
+        self._body_size += len(data)
+
+    @property
+    def buffered(self) -> int:
+        return self._body_size
+
+    def finish(self) -> None:
+        self.body_complete = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """The body will not arrive whole (too large, client gone): `read()` raises `exc`."""
+        self._error = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def read(self) -> bytes:
+        """The whole body. Sends `100 Continue` first when the client waits for it (admission has passed by now)."""
+        self.body_read = True
+        if self._error is not None:
+            raise self._error
+        if not self.body_complete:
+            if self.expect_continue:
+                self.expect_continue = False
+                self._conn.send_continue()
+            self._conn.want_body()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        body = self._body
+        if len(body) == 1:
+            return body[0]
+        joined = b"".join(body)
+        self._body = [joined]
+        return joined
+
+    async def json(self) -> Any:
+        return orjson.loads(await self.read())
+
+    @property
+    def can_read_body(self) -> bool:
+        return not self.body_read and (not self.body_complete or bool(self._body_size))
+
+    # --- request-scoped values (aiohttp's request[key]) ------------------------------------------------------
+    def __getitem__(self, key: Any) -> Any:
+        if self._state is None:
+            raise KeyError(key)
+        return self._state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._state is None:
+            self._state = {}
+        self._state[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return default if self._state is None else self._state.get(key, default)
+
+    @property
+    def connection_lost(self) -> bool:
+        return self._conn.closed
+
+
+class Response:
+    """A complete response. `raw_headers` is a pre-serialized header block (`Name: value\\r\\n` lines): how a
+    relayed worker response keeps its headers without a dict per request."""
+
+    __slots__ = ("body", "headers", "raw_headers", "status")
+
+    prepared = False
+
+    def __init__(
+        self,
+        *,
+        status: int = 200,
+        body: bytes | None = None,
+        text: str | None = None,
+        headers: dict[str, str] | CIMultiDict[str] | None = None,
+        content_type: str | None = None,
+        raw_headers: bytes = b"",
+    ) -> None:
+        self.status = status
+        if text is not None:
+            body = text.encode()
+            content_type = content_type or "text/plain"
+            if "charset" not in content_type:
+                content_type += "; charset=utf-8"
+        self.body = body or b""
+        self.headers: dict[str, str] = {k.lower(): v for k, v in headers.items()} if headers else {}
+        if content_type is not None:
+            self.headers["content-type"] = content_type
+        self.raw_headers = raw_headers
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+class StreamResponse:
+    """A response written as it is produced (SSE). `prepare` sends the head; `write` waits while the client's
+    socket is full, which is what stops the relay reading the worker (backpressure)."""
+
+    __slots__ = ("_conn", "_request", "headers", "prepared", "raw_headers", "status")
+
+    def __init__(self, *, status: int = 200, headers: dict[str, str] | None = None, raw_headers: bytes = b"") -> None:
+        self.status = status
+        self.headers: dict[str, str] = {k.lower(): v for k, v in headers.items()} if headers else {}
+        self.raw_headers = raw_headers
+        self.prepared = False
+        self._conn: HttpConnection | None = None
+        self._request: Request | None = None
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("content-type")
+
+    @content_type.setter
+    def content_type(self, value: str) -> None:
+        self.headers["content-type"] = value
+
+    async def prepare(self, request: Request) -> StreamResponse:
+        if not self.prepared:
+            self.prepared = True
+            self._request = request
+            self._conn = request._conn
+            self._conn.start_stream(request, self)
+        return self
+
+    async def write(self, data: bytes) -> None:
+        assert self._conn is not None, "prepare() first"
+        await self._conn.write_stream(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        assert self._conn is not None and self._request is not None, "prepare() first"
+        if data:
+            await self._conn.write_stream(data)
+        self._conn.end_stream(self._request)
