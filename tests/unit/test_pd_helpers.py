@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from shepherd.config import CircuitBreakerConfig
-from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.attempt import AttemptFailure
+from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.pd import (
     _input_logprobs,
     _pd_error,

@@ -100,6 +100,7 @@ class HttpConnection(asyncio.Protocol):
         "_fatal",
         "_head_bytes",
         "_headers",
+        "_last_message",
         "_loop",
         "_parser",
         "_parsing",
@@ -132,6 +133,7 @@ class HttpConnection(asyncio.Protocol):
         self._active: Request | None = None  # the request being answered
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._last_message = False  # a message without keep-alive was parsed: nothing after it is read
         self._fatal: _HttpError | None = None
         self._read_paused = False
         self._write_paused = False
@@ -173,8 +175,8 @@ class HttpConnection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._fatal is not None:
-            return
+        if self._fatal is not None or self._last_message:
+            return  # bytes after a message that ends the connection are never parsed (nor answered)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -192,6 +194,9 @@ class HttpConnection(asyncio.Protocol):
             if self._parsing is not None and self._parsing is not _HEAD_IN_PROGRESS:
                 self._parsing.finish()
         except httptools.HttpParserError as exc:
+            if self._last_message:  # "data after Connection: close": the finished request is answered, no more
+                self._update_reading()
+                return
             self._fail(_HttpError(400, "invalid_http_request", f"Malformed HTTP request: {exc}"))
             return
         if self._parsing is not None and not self._parsing_body():
@@ -254,6 +259,8 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and request is not _HEAD_IN_PROGRESS:
             request.finish()
+            if not request.keep_alive:
+                self._last_message = True
 
     def _parsing_body(self) -> bool:
         return self._parsing is not _HEAD_IN_PROGRESS
@@ -406,7 +413,11 @@ class HttpConnection(asyncio.Protocol):
                 self._fatal = _STOP_READING
                 self._update_reading()
                 return
-            if parsing in self._queue:
+            if parsing is self._active:  # its handler waits for a body that cannot come: answer the error now
+                if self._task is not None:
+                    self._task.cancel()
+                self._active = self._task = None
+            elif parsing in self._queue:
                 self._queue.remove(parsing)
         self._fatal = error
         if self._active is None:

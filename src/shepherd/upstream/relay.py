@@ -83,6 +83,9 @@ async def relay_sse(
     except ConnectionResetError:
         upstream.abort()
         return RelayOutcome(first_chunk_at, events, broken, client_gone=True)
+    except BaseException:  # cancelled with the client's connection: the worker's must not outlive it
+        upstream.abort()
+        raise
     if not broken:
         upstream.release()
         if _DONE in last[-16:]:
