@@ -4,8 +4,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from shepherd.errors import GatewayError
 from shepherd.http.admission import Admission
-from shepherd.http.errors import GatewayError
 from tests.support.polling import until
 
 

@@ -1,13 +1,18 @@
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from shepherd.upstream.client import forward_request_headers, relay_response_headers
+from shepherd.upstream.client import relay_response_headers
+from shepherd.upstream.headers import request_lines, response_lines
 
 
 def proxy(*pairs):
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
-def test_hop_by_hop_and_connection_listed_headers_are_not_relayed():
+def lines(block: bytes) -> list[bytes]:
+    return [line for line in block.split(b"\r\n") if line]
+
+
+def test_hop_by_hop_and_connection_listed_headers_are_not_relayed_by_the_admin_client():
     upstream = proxy(
         ("Content-Type", "application/json"), ("Content-Length", "10"), ("Transfer-Encoding", "chunked"),
         ("Connection", "keep-alive, X-Worker-Hop"), ("X-Worker-Hop", "1"), ("X-Kept", "yes"),
@@ -16,9 +21,22 @@ def test_hop_by_hop_and_connection_listed_headers_are_not_relayed():
     assert dict(relayed) == {"Content-Type": "application/json", "X-Kept": "yes", "x-request-id": "r1"}
 
 
+def test_a_worker_answer_keeps_end_to_end_headers_only():
+    worker = [
+        (b"Content-Type", b"application/json"), (b"Content-Length", b"10"), (b"Transfer-Encoding", b"chunked"),
+        (b"Connection", b"keep-alive, X-Worker-Hop"), (b"X-Worker-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
+        (b"Upgrade", b"h2c"), (b"Proxy-Authenticate", b"Basic"), (b"X-Request-Id", b"theirs"), (b"X-Kept", b"yes"),
+    ]  # fmt: skip
+    assert lines(response_lines(worker)) == [b"Content-Type: application/json", b"X-Kept: yes"]
+
+
 def test_credentials_to_a_worker():
-    client = proxy(("Authorization", "Bearer client"), ("Cookie", "c=1"), ("traceparent", "00-abc"))
-    assert forward_request_headers(client, "r", "worker-key", "gw-key")["Authorization"] == "Bearer worker-key"
-    assert forward_request_headers(client, "r", None, "gw-key")["Authorization"] == "Bearer gw-key"
-    plain = forward_request_headers(client, "r", None, None)
-    assert plain["Authorization"] == "Bearer client" and plain["traceparent"] == "00-abc" and "Cookie" not in plain
+    client = [(b"authorization", b"Bearer client"), (b"cookie", b"c=1"), (b"traceparent", b"00-abc")]
+    keyed = lines(request_lines(client, "r", "worker-key"))
+    assert b"authorization: Bearer worker-key" in keyed and b"authorization: Bearer client" not in keyed
+    plain = lines(request_lines(client, "r", None))
+    assert b"authorization: Bearer client" in plain and b"traceparent: 00-abc" in plain
+    assert not any(line.startswith(b"cookie") for line in plain)
+    assert b"x-request-id: r" in plain
+    url_credentials = lines(request_lines(client, "r", None, forward_client_auth=False))
+    assert not any(line.startswith(b"authorization") for line in url_credentials)

@@ -7,10 +7,10 @@ import pytest
 from yarl import URL
 
 from shepherd.config import GatewayConfig
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request, Response, json_response
 from shepherd.gateway import Gateway
 from shepherd.http.app import build_routes
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response, json_response
 from shepherd.http.middleware import make_pipeline
 from shepherd.http.routes import Handler, RouteTable
 from tests.support.app_server import serving

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 from shepherd.config import GatewayConfig
+from shepherd.exchange import Request
 from shepherd.gateway import Gateway
 from shepherd.http.app import build_routes
-from shepherd.http.messages import Request
 from shepherd.routing.context import CHAT
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker, WorkerStatus

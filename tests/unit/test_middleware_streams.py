@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shepherd.config import GatewayConfig
-from shepherd.http.messages import Request, StreamResponse
+from shepherd.exchange import Request, StreamResponse
 from shepherd.http.middleware import STREAM_STARTED, make_pipeline
 from shepherd.http.routes import RouteTable
 from tests.support.app_server import serving

@@ -10,9 +10,9 @@ import pytest
 
 from shepherd.cli import build_parser, config_from_args
 from shepherd.config import AuthConfig, ConfigError, DiscoveryConfig, GatewayConfig
+from shepherd.exchange import Request, Response
 from shepherd.gateway import Gateway
 from shepherd.http.app import build_routes
-from shepherd.http.messages import Request, Response
 from shepherd.http.route_policy import check_route_table
 from shepherd.http.routes import RouteTable
 from shepherd.security import jwt_auth

@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 
 from shepherd import __version__
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response, StreamResponse
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request, Response, StreamResponse
 from shepherd.http.responses import json_response
 from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import EngineMetrics

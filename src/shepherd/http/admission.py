@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from shepherd.http.errors import GatewayError
+from shepherd.errors import GatewayError
 
 _RETRY_AFTER = {"retry-after": "2"}
 

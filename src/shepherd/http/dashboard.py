@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shepherd.http.messages import Request, Response
+from shepherd.exchange import Request, Response
 from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import scrape, scrape_targets
 from shepherd.observability.sidecar_address import canonical_address

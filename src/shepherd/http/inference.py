@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response, StreamResponse
-from shepherd.http.middleware import REQUEST_ID
+from shepherd.errors import GatewayError
+from shepherd.exchange import REQUEST_ID, Request, Response, StreamResponse
 from shepherd.http.routes import RouteTable
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint, InvalidRequest, RequestContext
 

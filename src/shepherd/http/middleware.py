@@ -8,8 +8,8 @@ import random
 import time
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError, error_response
-from shepherd.http.messages import BodyTooLarge, Request, Response, StreamResponse
+from shepherd.errors import GatewayError, error_response
+from shepherd.exchange import REQUEST_ID, STREAM_STARTED, BodyTooLarge, Request, Response, StreamResponse
 from shepherd.http.route_policy import RouteClass, route_class
 from shepherd.http.routes import RouteTable
 from shepherd.http.server import App
@@ -19,10 +19,6 @@ from shepherd.security.access import AccessControl
 from shepherd.security.audit import audit
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID = "request_id"
-# Set by the routers once a streamed response has started: after that, an error cannot become a new response.
-STREAM_STARTED = "stream_started"
 
 _ID_PREFIX = {endpoint.path: endpoint.id_prefix for endpoint in INFERENCE_ENDPOINTS}
 _CORS_PREFLIGHT = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from shepherd.http.messages import Response
+from shepherd.exchange import Response
 
 
 def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

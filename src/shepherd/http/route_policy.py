@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 
-from shepherd.http.messages import Route
+from shepherd.exchange import Route
 from shepherd.http.routes import RouteTable
 from shepherd.routing.context import INFERENCE_ENDPOINTS
 

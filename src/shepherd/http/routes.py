@@ -8,8 +8,8 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import unquote
 
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response, Route, StreamResponse
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request, Response, Route, StreamResponse
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 

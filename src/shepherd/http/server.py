@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 import httptools
 
 from shepherd.config import HttpConfig
-from shepherd.http.errors import error_body
-from shepherd.http.messages import REASONS, BodyTooLarge, Request, Response, StreamResponse
+from shepherd.errors import error_body
+from shepherd.exchange import REASONS, BodyTooLarge, Request, Response, StreamResponse
 
 log = logging.getLogger(__name__)
 

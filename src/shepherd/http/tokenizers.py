@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request, Response
 from shepherd.http.responses import json_response
 from shepherd.http.routes import RouteTable
 

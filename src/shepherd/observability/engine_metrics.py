@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request, Response
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request, Response
 from shepherd.observability.exposition import TEXT_CONTENT_TYPE, merge_expositions
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.observability.sidecar_address import canonical_address, sidecar_metrics_url

@@ -32,8 +32,8 @@ from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
 if TYPE_CHECKING:
     from shepherd.config import GatewayConfig
+    from shepherd.exchange import Request
     from shepherd.http.admission import Admission
-    from shepherd.http.messages import Request
     from shepherd.workers.registry import Registry
 
 log = logging.getLogger(__name__)

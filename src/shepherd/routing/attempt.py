@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shepherd.http.messages import Response, StreamResponse
+from shepherd.exchange import Response, StreamResponse
 from shepherd.upstream.retry import RETRYABLE_STATUSES
 from shepherd.workers.worker import Worker
 

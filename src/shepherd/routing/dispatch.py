@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from shepherd.http.errors import GatewayError
+from shepherd.errors import GatewayError
 from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import RequestContext
 from shepherd.upstream.headers import request_lines
@@ -24,7 +24,7 @@ from shepherd.workers.worker import Worker
 
 if TYPE_CHECKING:
     from shepherd.config import GatewayConfig
-    from shepherd.http.messages import Request, Response, StreamResponse
+    from shepherd.exchange import Request, Response, StreamResponse
     from shepherd.observability.metrics import GatewayMetrics
     from shepherd.workers.registry import Registry
 

@@ -24,9 +24,8 @@ from urllib.parse import urlsplit
 import grpc
 import orjson
 
-from shepherd.http.errors import GatewayError, error_body
-from shepherd.http.messages import Request, Response, StreamResponse
-from shepherd.http.middleware import STREAM_STARTED
+from shepherd.errors import GatewayError, error_body
+from shepherd.exchange import STREAM_STARTED, Request, Response, StreamResponse
 from shepherd.routing.attempt import AttemptFailure, is_failure
 from shepherd.routing.context import CHAT, COMPLETIONS, EMBEDDINGS, GENERATE, InvalidRequest, RequestContext
 from shepherd.upstream.grpc_client import SglangClient, http_status

@@ -18,9 +18,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError, error_body
-from shepherd.http.messages import Request, Response, StreamResponse
-from shepherd.http.middleware import STREAM_STARTED
+from shepherd.errors import GatewayError, error_body
+from shepherd.exchange import STREAM_STARTED, Request, Response, StreamResponse
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext

@@ -7,9 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
-from shepherd.http.messages import Request, Response, StreamResponse
-from shepherd.http.middleware import STREAM_STARTED
+from shepherd.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
+from shepherd.exchange import STREAM_STARTED, Request, Response, StreamResponse
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure, attempt_status
 from shepherd.routing.context import RequestContext

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hmac
 
 from shepherd.config import GatewayConfig
-from shepherd.http.errors import GatewayError
-from shepherd.http.messages import Request
+from shepherd.errors import GatewayError
+from shepherd.exchange import Request
 from shepherd.http.route_policy import RouteClass
 from shepherd.security.jwt_auth import InvalidToken, JwtVerifier, KeysUnavailable
 from shepherd.security.principals import ADMIN, ANONYMOUS, API_KEY_PRINCIPAL, USER, KeyRing, Principal

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from shepherd.http.messages import Request
+from shepherd.exchange import Request
 from shepherd.http.route_policy import RouteClass
 from shepherd.security.access import PRINCIPAL
 from shepherd.security.principals import ANONYMOUS

@@ -1,24 +1,43 @@
-"""What a route handler sees and returns: `Request`, `Response`, `StreamResponse`.
+"""The request/response model every layer shares: what a handler (or a router) sees and returns.
 
-Shaped like the aiohttp objects the handlers were first written against (so a handler reads naturally), but owned
-by our server (http/server.py): headers stay raw bytes until a handler asks for the multidict, and a relayed
-worker response carries its header block pre-serialized.
+Shaped like the aiohttp objects the handlers were first written against (so a handler reads naturally). The server
+(http/server.py) is behind the `Connection` protocol, so routing depends on this module and not on the HTTP layer.
+Headers stay raw bytes until a handler asks for the multidict, and a relayed worker response carries its header
+block pre-serialized.
 """
 
 from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-if TYPE_CHECKING:
-    from shepherd.http.server import HttpConnection
+
+class Connection(Protocol):
+    """What a request and a streamed response need from the connection they arrived on (http/server.py)."""
+
+    peer: str | None
+    closed: bool
+
+    def send_continue(self) -> None: ...
+
+    def want_body(self) -> None: ...
+
+    def start_stream(self, request: Request, response: StreamResponse) -> None: ...
+
+    async def write_stream(self, data: bytes) -> None: ...
+
+    def end_stream(self, request: Request) -> None: ...
+
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+REQUEST_ID = "request_id"  # request[REQUEST_ID]: the id the pipeline gave the request
+# Set by the routers once a streamed response has started: after that, an error cannot become a new response.
+STREAM_STARTED = "stream_started"
 
 
 class BodyTooLarge(Exception):
@@ -67,7 +86,7 @@ class Request:
         "version",
     )
 
-    def __init__(self, conn: HttpConnection, method: str, target: bytes, raw_headers: list[tuple[bytes, bytes]]):
+    def __init__(self, conn: Connection, method: str, target: bytes, raw_headers: list[tuple[bytes, bytes]]):
         self._conn = conn
         self.method = method
         path, _, query = target.partition(b"?")
@@ -239,7 +258,7 @@ class StreamResponse:
         self.headers: dict[str, str] = {k.lower(): v for k, v in headers.items()} if headers else {}
         self.raw_headers = raw_headers
         self.prepared = False
-        self._conn: HttpConnection | None = None
+        self._conn: Connection | None = None
         self._request: Request | None = None
 
     @property

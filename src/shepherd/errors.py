@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from shepherd.http.messages import Response
+from shepherd.exchange import Response
 from shepherd.workers.worker import WorkerType
 
 _TYPE_BY_STATUS = {429: "rate_limit_error"}
