@@ -31,7 +31,7 @@ class Connection(Protocol):
 
     async def write_stream(self, data: bytes) -> None: ...
 
-    def end_stream(self, request: Request) -> None: ...
+    def end_stream(self, request: Request, data: bytes = b"") -> None: ...
 
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -282,7 +282,6 @@ class StreamResponse:
         await self._conn.write_stream(data)
 
     async def write_eof(self, data: bytes = b"") -> None:
+        """End the response, `data` being its last bytes (sent with the end, in one write)."""
         assert self._conn is not None and self._request is not None, "prepare() first"
-        if data:
-            await self._conn.write_stream(data)
-        self._conn.end_stream(self._request)
+        self._conn.end_stream(self._request, data)

@@ -19,15 +19,20 @@ class Upstream:
         self._chunks, self._error = list(chunks), error
         self.settled: str | None = None
 
-    def __aiter__(self) -> Upstream:
-        return self
-
-    async def __anext__(self) -> bytes:
+    async def next_data(self) -> bytes:
         if self._chunks:
-            return self._chunks.pop(0)
+            piece = self._chunks.pop(0)
+            if not self._chunks and self._error is None:
+                self.release()  # the pool hands back the connection with the last piece
+            return piece
         if self._error is not None:
             raise self._error
-        raise StopAsyncIteration
+        self.release()
+        return b""
+
+    @property
+    def finished(self) -> bool:
+        return self.settled == "released"
 
     def release(self) -> None:
         self.settled = self.settled or "released"
@@ -37,7 +42,7 @@ class Upstream:
 
 
 class Client:
-    """A prepared response whose connection closes after `accept` writes."""
+    """A prepared response whose connection closes after `accept` writes; `write_eof` writes its last data too."""
 
     def __init__(self, accept: int = 100) -> None:
         self.written: list[bytes] = []
@@ -50,6 +55,8 @@ class Client:
         self.written.append(data)
 
     async def write_eof(self, data: bytes = b"") -> None:
+        if data:
+            await self.write(data)
         self.ended = True
 
 

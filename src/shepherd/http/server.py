@@ -108,6 +108,7 @@ class HttpConnection(asyncio.Protocol):
         "_read_paused",
         "_server",
         "_stream_chunked",
+        "_stream_head",
         "_stream_open",
         "_task",
         "_timer",
@@ -140,6 +141,7 @@ class HttpConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._stream_open = False
         self._stream_chunked = False
+        self._stream_head = b""  # a streamed response's head, until its first data goes out
         self._timer: asyncio.TimerHandle | None = None
 
     # --- transport events --------------------------------------------------------------------------------------
@@ -339,6 +341,8 @@ class HttpConnection(asyncio.Protocol):
 
     # --- streamed responses (StreamResponse) -------------------------------------------------------------------
     def start_stream(self, request: Request, response: StreamResponse) -> None:
+        """Begin a streamed response. Its head is held back and goes out with the first data (or the end), so a
+        stream costs as few writes as the worker's reads allow."""
         if self.closed:
             raise ConnectionResetError("client disconnected")
         chunked = request.version != "1.0" and not request.head
@@ -347,30 +351,41 @@ class HttpConnection(asyncio.Protocol):
         self._stream_open = True
         self._stream_chunked = chunked
         framing = b"transfer-encoding: chunked\r\n" if chunked else b""
-        assert self._transport is not None
-        self._transport.write(self._head(request, response.status, response.headers, response.raw_headers, framing))
+        self._stream_head = self._head(request, response.status, response.headers, response.raw_headers, framing)
 
     async def write_stream(self, data: bytes) -> None:
         if self.closed:
             raise ConnectionResetError("client disconnected")
-        if not data or not self._stream_open or (self._active is not None and self._active.head):
+        if not data or not self._stream_open:
             return
-        transport = self._transport
-        assert transport is not None
-        if self._stream_chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            transport.write(data)
+        self._send_stream(data, end=False)
         if self._write_paused:
             self._drain = self._loop.create_future()
             await self._drain
 
-    def end_stream(self, request: Request) -> None:
+    def end_stream(self, request: Request, data: bytes = b"") -> None:
+        """The last data (if any) and the end of the response, in one write."""
         if not self._stream_open:
             return
         self._stream_open = False
-        if self._stream_chunked and not self.closed and self._transport is not None:
-            self._transport.write(b"0\r\n\r\n")
+        if not self.closed:
+            self._send_stream(data, end=True)
+
+    def _send_stream(self, data: bytes, end: bool) -> None:
+        parts = []
+        if self._stream_head:
+            parts.append(self._stream_head)
+            self._stream_head = b""
+        active = self._active
+        if data and not (active is not None and active.head):
+            if self._stream_chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+        if end and self._stream_chunked:
+            parts.append(b"0\r\n\r\n")
+        if parts and self._transport is not None:
+            self._transport.writelines(parts)
 
     # --- body flow ---------------------------------------------------------------------------------------------
     def send_continue(self) -> None:

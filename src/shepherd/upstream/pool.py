@@ -489,6 +489,51 @@ class UpstreamResponse:
             conn._resume_reading()
         return piece
 
+    async def next_data(self) -> bytes:
+        """Everything of the body that has arrived and was not handed out yet, as one piece (so a relay makes one
+        client write per upstream read, however many chunks it held); waits at most `idle_timeout` for some.
+        b"" once the body has ended. The connection is released as soon as the last bytes are handed out, so
+        `finished` tells a caller that this piece was the last one."""
+        conn = self._conn
+        if conn is None:
+            self._after_end()
+            return b""
+        chunks = conn._chunks
+        while not chunks:
+            if conn._complete:
+                self.release()
+                return b""
+            if conn._error is not None:
+                error = conn._error
+                self.abort()
+                raise error
+            loop = conn._loop
+            w = conn._waiter = loop.create_future()
+            timeout = self.idle_timeout
+            handle = None if timeout is None else loop.call_later(timeout, conn._idle_expired, w)
+            try:
+                await w
+            except BaseException:
+                self.abort()
+                raise
+            finally:
+                conn._waiter = None
+                if handle is not None:
+                    handle.cancel()
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        conn._buffered = 0
+        if conn._complete:
+            self.release()
+        elif conn._read_paused:
+            conn._resume_reading()
+        return data
+
+    @property
+    def finished(self) -> bool:
+        """The whole body was received and handed out (the connection went back to the pool)."""
+        return self._state == 1
+
     def release(self) -> None:
         """Done with the response: pool the connection if the response was completely received (keep-alive),
         close it otherwise (e.g. the body was not read to its end). Idempotent."""

@@ -50,20 +50,18 @@ async def relay_sse(
     chunk = last = b""
     broken = False
     pending = b""  # an incomplete line, with `rewrite_line`
-    chunks = aiter(upstream)
     try:
         while True:
             # Reading from the worker is guarded separately: a failed write is the client's doing.
             try:
-                chunk = await anext(chunks, b"")
+                chunk = await upstream.next_data()
             except (UpstreamError, TimeoutError):
                 broken = True
                 upstream.abort()
-                await out.write(interrupted_frame)
+                await out.write_eof(interrupted_frame)
                 break
             if not chunk:
-                if pending:
-                    await out.write(rewrite_line(pending) if rewrite_line is not None else pending)
+                await out.write_eof(rewrite_line(pending) if pending and rewrite_line is not None else pending)
                 break
             if not first_chunk_at:
                 first_chunk_at = time.perf_counter()
@@ -73,13 +71,15 @@ async def relay_sse(
                 chunk = b"".join(rewrite_line(line + b"\n") for line in lines)
             events += chunk.count(b"data:")
             last = chunk
+            if upstream.finished and not pending:  # the last piece: it and the end of the response in one write
+                await out.write_eof(chunk)
+                break
             await out.write(chunk)
             if time.monotonic() > deadline:
                 broken = True
                 upstream.abort()
-                await out.write(interrupted_frame)
+                await out.write_eof(interrupted_frame)
                 break
-        await out.write_eof()
     except ConnectionResetError:
         upstream.abort()
         return RelayOutcome(first_chunk_at, events, broken, client_gone=True)
