@@ -377,6 +377,21 @@ async def test_a_chunked_body_is_dechunked_piece_by_piece(serve, pool):
     assert server.accepts == 1
 
 
+async def test_next_data_hands_out_all_buffered_chunks_as_one_piece_and_the_last_one_finishes(serve, pool):
+    async def whole_stream_in_one_send(peer: Peer) -> None:
+        while await peer.request() is not None:
+            pieces = (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n")
+            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+            await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+
+    server = await serve(whole_stream_in_one_send)
+    origin = pool.origin(server.url)
+    resp = await pool.request(origin, b"POST", b"/s", b"", b"{}")
+    assert await resp.next_data() == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    assert resp.finished and pool.idle_count(origin) == 1  # released with its last piece
+    assert await resp.next_data() == b""
+
+
 async def test_a_content_length_body_split_across_packets_is_read_whole(serve, pool):
     body = bytes(range(256)) * 4096  # 1 MiB
 
