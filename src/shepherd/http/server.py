@@ -190,9 +190,8 @@ class HttpConnection(asyncio.Protocol):
                 self._fail(_HttpError(500, "internal_error", "Internal gateway error"))
             return
         except httptools.HttpParserUpgrade:
-            self._closing = (
-                True  # no protocol upgrades: the request is answered in HTTP/1.1, then the connection closes
-            )
+            # No protocol upgrades: the request is answered in HTTP/1.1, then the connection closes.
+            self._closing = True
             if self._parsing is not None and self._parsing is not _HEAD_IN_PROGRESS:
                 self._parsing.finish()
         except httptools.HttpParserError as exc:
