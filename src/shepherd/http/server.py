@@ -99,6 +99,8 @@ class HttpConnection(asyncio.Protocol):
         "_drain",
         "_fatal",
         "_head_bytes",
+        "_head_reads",
+        "_messages_done",
         "_headers",
         "_last_message",
         "_loop",
@@ -130,6 +132,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._head_reads = 0
+        self._messages_done = 0
         self._queue: deque[Request] = deque()  # parsed heads waiting for their turn
         self._active: Request | None = None  # the request being answered
         self._task: asyncio.Task | None = None
@@ -179,6 +183,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._fatal is not None or self._last_message:
             return  # bytes after a message that ends the connection are never parsed (nor answered)
+        done_before = self._messages_done
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -200,9 +205,12 @@ class HttpConnection(asyncio.Protocol):
                 return
             self._fail(_HttpError(400, "invalid_http_request", f"Malformed HTTP request: {exc}"))
             return
-        if self._parsing is not None and not self._parsing_body():
-            self._head_bytes += len(data)  # a head split over reads is buffered inside llhttp: bound it here
-            if self._head_bytes > self._server.config.max_header_bytes:
+        if self._parsing is _HEAD_IN_PROGRESS:
+            # llhttp buffers an unfinished header line without calling back, so the reads bound the head too: a
+            # read in which no earlier message ended holds nothing but (part of) this head, and counts whole.
+            if self._messages_done == done_before:
+                self._head_reads += len(data)
+            if self._head_reads > self._server.config.max_header_bytes:
                 self._fail(_too_large_head())
             elif self._timer is None:
                 self._arm(self._server.config.header_timeout_secs, self._on_header_timeout)
@@ -213,7 +221,8 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         self._url = b""
         self._headers = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # exact: the target and the complete headers so far
+        self._head_reads = 0
         self._parsing = _HEAD_IN_PROGRESS
 
     def on_url(self, url: bytes) -> None:
@@ -258,6 +267,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self._parsing
         self._parsing = None
+        self._messages_done += 1
         if request is not None and request is not _HEAD_IN_PROGRESS:
             request.finish()
             if not request.keep_alive:
@@ -292,7 +302,9 @@ class HttpConnection(asyncio.Protocol):
                 self._closing = True
                 self.end_stream(request)
             else:
-                self._write(request, Response(status=500, body=error_body(500, "internal_error", "Internal error")))
+                body = error_body(500, "internal_error", "Internal error")
+                headers = {"content-type": "application/json", "x-smg-error-code": "internal_error"}
+                self._write(request, Response(status=500, body=body, headers=headers))
         else:
             if isinstance(response, StreamResponse) and response.prepared:
                 if self._stream_open:
