@@ -205,3 +205,36 @@ def test_rotate_holder_offers_the_least_recently_chosen_holders_first():
     assert index.longest_match(keys, view.members, 2) == (len(keys), [second, third])
     index.rotate_holder(first, keys[0])  # other keys keep their own order
     assert list(index.holders[keys[-1]]) == [second, third, first]
+
+
+def test_every_view_of_an_index_agrees_with_a_ring_of_its_own_workers():
+    # One index sees the fleet grow, shrink and split into candidate subsets (a small one builds its own ring); its
+    # homes are always those of a fresh index that only ever saw the view's workers.
+    fleet = make_workers(60)
+    index = PrefixIndex()
+    index.view(fleet[:10])
+    index.view(fleet)  # grows by more than a quarter: the ring is re-sorted whole
+    index.view(tuple(list(fleet)))  # same workers, another snapshot
+    grown = index.view((*fleet[:-1], Worker("http://late", CircuitBreaker(CircuitBreakerConfig()))))
+    index.remove(fleet[5])
+    points = [mix64(i) for i in range(2000)]
+    for workers in (fleet[6:], fleet[6:8], grown.source[6:]):
+        view, fresh = index.view(workers), PrefixIndex().view(workers)
+        assert [view.home(p).worker for p in points] == [fresh.home(p).worker for p in points]
+
+
+def test_a_growing_fleet_is_checked_against_the_smaller_share_by_maintain():
+    index = PrefixIndex(page_chars=64, budget_bytes=40 * PAIR_BYTES)
+    view = index.view(make_workers(2))  # 20 keys each
+    index.maintain(2)
+    for i in range(20):
+        index.record(view.entries[0], *index.layout.keys(text(i, 64)))
+    assert len(view.entries[0].lru) == 20 and not index.pending
+    bigger = index.view(view.source + make_workers(8)[2:])  # 8 workers: 5 keys each
+    assert bigger.entries[0].key_capacity == index.fair_share == 5
+    assert index.pending  # the check is queued, not done inline
+    index.maintain(3)  # checks 3 of the 8 entries (the newest first), evicts nothing yet
+    assert len(view.entries[0].lru) == 20
+    while index.pending:
+        index.maintain(3)
+    assert len(view.entries[0].lru) == 5

@@ -21,23 +21,27 @@ worker's KV cache size in characters, its indexed characters stay within it, so 
 engine cache would have evicted. A request touches its keys deepest first, so a prompt's root is more recent than its
 leaves and eviction goes leaf first, like an engine's radix cache. A record that pushes its worker over capacity
 evicts at once (bounded work, so bursts are trimmed as they arrive); larger backlogs (a removed worker, a fleet that
-grew) are queued for `maintain(budget)`, which the policy runs in small chunks.
+grew) are queued for `maintain(budget)`, which the policy runs in small chunks. A change of the fleet costs the index
+O(1) Python work per worker that changed, never a pass over the fleet: at 4,000 workers registered one by one, a pass
+per arrival added up to seconds of event-loop time.
 
 Traffic. Recording a request also adds it to the worker's exponentially decayed request count (half-life: 32
 requests per worker): the policy's expected load of a worker is its share of that times the requests in flight.
 
 Homes. `FleetView.home(point)` is the worker a stable 64-bit point belongs to on a consistent-hash ring of the view's
 workers (keyed by their URLs, so every gateway process builds the same ring for the same fleet); the policy hashes
-a prompt's anchor block to a point, which gives every prefix a home that all replicas agree on.
+a prompt's anchor block to a point, which gives every prefix a home that all replicas agree on. The index keeps one
+ring of all its workers, updated as workers come and go (`HashRing`); a view looks its members up on it, and a view
+of a small part of the fleet builds a ring of its own once.
 """
 
 from __future__ import annotations
 
 import bisect
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
+from shepherd.routing.hash_ring import POINTS_PER_WORKER, HashRing
 from shepherd.workers.worker import Worker
 
 _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
@@ -53,9 +57,7 @@ PAIR_BYTES = 512
 _UNBOUNDED = 2**62
 _HALF_LIFE_PER_WORKER = 32  # traffic halves every this many records per worker
 _RENORMALIZE_AT = 1e18
-# Ring points per worker: homes spread within about 1/sqrt(100) = 10% of even, and a fleet of 1,000 builds its ring
-# (once per candidates snapshot, on the first decision) in tens of milliseconds.
-_RING_POINTS_PER_WORKER = 100
+_OWN_RING_FRACTION = 8  # a view of fewer than 1/8 of the index's workers builds its own ring (shorter walks)
 _MASK = 2**64 - 1
 
 
@@ -104,19 +106,34 @@ class BlockLayout:
         return keys, ends
 
 
+class _Share:
+    """Each worker's share of an index's memory budget, in keys: one cell all its entries read, so a change of the
+    fleet's size updates one number instead of every entry."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys = 1
+
+
 class WorkerEntry:
     """What one index believes about one worker: the prefixes it holds, least recently used first."""
 
-    __slots__ = ("alive", "char_capacity", "chars", "key_capacity", "lru", "traffic", "worker")
+    __slots__ = ("_share", "alive", "char_capacity", "chars", "lru", "traffic", "worker")
 
-    def __init__(self, worker: Worker, kv_chars: int) -> None:
+    def __init__(self, worker: Worker, kv_chars: int, share: _Share) -> None:
         self.worker = worker
         self.lru: OrderedDict[int, int] = OrderedDict()  # key -> characters of its block
         self.chars = 0
         self.char_capacity = kv_chars if kv_chars > 0 else _UNBOUNDED  # the worker's KV cache in characters
-        self.key_capacity = 1  # its share of the memory budget, in keys; set by PrefixIndex._fleet_changed
+        self._share = share
         self.traffic = 0.0  # decayed count of requests recorded, in units of PrefixIndex.unit
         self.alive = True
+
+    @property
+    def key_capacity(self) -> int:
+        """Its share of the memory budget, in keys."""
+        return self._share.keys
 
     @property
     def over(self) -> bool:
@@ -137,31 +154,23 @@ class WorkerEntry:
 class FleetView:
     """The entries of one candidates snapshot, resolved once per snapshot instead of once per request."""
 
-    __slots__ = ("_owners", "_points", "entries", "members", "source")
+    __slots__ = ("_ring", "entries", "members", "source")
 
-    def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...]) -> None:
+    def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...], ring: HashRing[WorkerEntry]) -> None:
         self.source = source
         self.entries = entries
         self.members = frozenset(entries)
-        self._points: list[int] = []
-        self._owners: list[WorkerEntry] = []
+        self._ring = ring  # the index's ring of all its workers; replaced by the view's own when it is a small part
 
     def home(self, point: int) -> WorkerEntry:
-        """The entry owning `point` on the ring: the first of its points at or after it, wrapping around."""
-        if not self._points:
-            self._build_ring()
-        points = self._points
-        i = bisect.bisect_left(points, point)
-        return self._owners[i if i < len(points) else 0]
-
-    def _build_ring(self) -> None:
-        ring = []
-        for entry in self.entries:
-            salt = zlib.crc32(entry.worker.url.encode()) << 20
-            ring.extend((mix64(salt | j), entry) for j in range(_RING_POINTS_PER_WORKER))
-        ring.sort(key=lambda point: point[0])
-        self._points = [point for point, _ in ring]
-        self._owners = [entry for _, entry in ring]
+        """The entry owning `point` on the ring of the view's entries: the first of their points at or after it."""
+        ring = self._ring
+        if len(self.entries) * POINTS_PER_WORKER * _OWN_RING_FRACTION < len(ring):
+            ring = self._ring = HashRing()
+            ring.add_many((entry, entry.worker.url) for entry in self.entries)
+        owner = ring.owner(point, self.members)
+        assert owner is not None, "every entry of a view is on its index's ring"
+        return owner
 
 
 class PrefixIndex:
@@ -182,8 +191,11 @@ class PrefixIndex:
         self.total_traffic = 0.0
         self._growth = 1.0
         self._views: OrderedDict[int, FleetView] = OrderedDict()  # least recently used first
+        self._ring: HashRing[WorkerEntry] = HashRing()  # every live entry, by worker URL
+        self._share = _Share()
         self._dead: deque[WorkerEntry] = deque()
         self._over: dict[WorkerEntry, None] = {}  # live entries above capacity, trimmed by maintain()
+        self._unchecked: list[WorkerEntry] = []  # entries to check against a smaller share, by maintain()
         # Cost accounting (plain counters, read by tests and `shepherd bench policy`).
         self.lookups = 0  # holder-map probes and holders looked at
         self.views_built = 0
@@ -208,24 +220,24 @@ class PrefixIndex:
         self.total_traffic -= entry.traffic
         self._over.pop(entry, None)
         self._dead.append(entry)
+        self._ring.remove(entry, worker.url)
         self._views.clear()
         self._fleet_changed()
 
     def _build_view(self, candidates: Sequence[Worker]) -> FleetView:
         if len(self._views) >= _MAX_VIEWS:
             self._views.popitem(last=False)
-        entries = []
-        grew = False
-        for worker in candidates:
-            entry = self.entries.get(worker)
-            if entry is None:
-                kv_chars = self._capacity_of(worker) if self._capacity_of else 0
-                entry = self.entries[worker] = WorkerEntry(worker, kv_chars)
-                grew = True
-            entries.append(entry)
-        if grew:
+        entries = list(map(self.entries.get, candidates))  # C-speed: a snapshot can hold thousands of workers
+        if None in entries:
+            new = []
+            for i, worker in enumerate(candidates):
+                if entries[i] is None:
+                    kv_chars = self._capacity_of(worker) if self._capacity_of else 0
+                    entry = entries[i] = self.entries[worker] = WorkerEntry(worker, kv_chars, self._share)
+                    new.append((entry, worker.url))
+            self._ring.add_many(new)
             self._fleet_changed()
-        view = self._views[id(candidates)] = FleetView(candidates, tuple(entries))
+        view = self._views[id(candidates)] = FleetView(candidates, tuple(entries), self._ring)  # type: ignore[arg-type]
         self.views_built += 1
         return view
 
@@ -236,12 +248,11 @@ class PrefixIndex:
 
     def _fleet_changed(self) -> None:
         workers = max(1, len(self.entries))
-        self.fair_share = fair_share = max(1, self.budget_bytes // workers // PAIR_BYTES)
+        fair_share = max(1, self.budget_bytes // workers // PAIR_BYTES)
+        if fair_share < self.fair_share:
+            self._unchecked = list(self.entries.values())  # which of them are now over is maintain()'s business
+        self.fair_share = self._share.keys = fair_share
         self._growth = 2.0 ** (1.0 / (_HALF_LIFE_PER_WORKER * workers))
-        for entry in self.entries.values():
-            entry.key_capacity = fair_share
-            if entry.over:
-                self._over[entry] = None
 
     # --- lookups ---------------------------------------------------------------------------------------------
     def longest_match(
@@ -330,10 +341,16 @@ class PrefixIndex:
     @property
     def pending(self) -> bool:
         """Whether maintain() has work queued."""
-        return bool(self._dead or self._over)
+        return bool(self._dead or self._over or self._unchecked)
 
     def maintain(self, budget: int) -> int:
-        """Purge removed workers and trim over-capacity ones, evicting at most `budget` keys; returns keys evicted."""
+        """Purge removed workers and trim over-capacity ones, evicting at most `budget` keys (and checking at most
+        `budget` workers against a smaller share); returns keys evicted."""
+        unchecked = self._unchecked
+        for _ in range(min(budget, len(unchecked))):
+            entry = unchecked.pop()
+            if entry.alive and entry.over:
+                self._over[entry] = None
         done = 0
         dead = self._dead
         while done < budget and dead:
