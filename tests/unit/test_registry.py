@@ -6,6 +6,7 @@ from shepherd.workers.health import HealthChecker
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
+from tests.support.polling import until
 
 
 def add_worker(registry, url, model="m", status=WorkerStatus.READY, worker_type=WorkerType.REGULAR):
@@ -99,3 +100,66 @@ def test_a_half_open_worker_leaves_the_candidates_while_its_trials_are_in_flight
     a.breaker.record_success()
     assert a.breaker.state.value == "closed" and a.load == 0
     assert registry.candidates(WorkerType.REGULAR, "m") == (a, b)
+
+
+def test_snapshots_keep_registration_order_as_workers_leave_and_rejoin():
+    registry = Registry()
+    a, b, c, d = (add_worker(registry, f"http://{name}", model) for name, model in zip("abcd", "xyxy", strict=True))
+    registry.set_status(b, WorkerStatus.NOT_READY)
+    registry.set_status(a, WorkerStatus.NOT_READY)
+    assert registry.candidates(WorkerType.REGULAR, None) == (c, d)
+    registry.set_status(b, WorkerStatus.READY)
+    registry.set_routing_hold(c, "pod not ready")
+    assert registry.candidates(WorkerType.REGULAR, None) == (b, d)
+    registry.set_status(a, WorkerStatus.READY)
+    registry.set_routing_hold(c, None)
+    assert registry.candidates(WorkerType.REGULAR, None) == (a, b, c, d)
+    assert registry.candidates(WorkerType.REGULAR, "x") == (a, c)
+    assert registry.candidates(WorkerType.REGULAR, "y") == (b, d)
+    registry.changed()  # re-judging everyone from scratch gives the same snapshots
+    assert registry.candidates(WorkerType.REGULAR, None) == (a, b, c, d)
+    assert registry.candidates(WorkerType.REGULAR, "y") == (b, d)
+
+
+def test_removal_updates_models_and_the_base_url_index():
+    registry = Registry()
+    ranks = []
+    for rank in range(2):
+        breaker = CircuitBreaker(CircuitBreakerConfig())
+        worker = Worker(f"http://a@{rank}", breaker, model_id="m1", base_url="http://a", dp_rank=rank, dp_size=2)
+        worker.status = WorkerStatus.READY
+        registry.add(worker)
+        ranks.append(worker)
+    other = add_worker(registry, "http://b", "m2", status=WorkerStatus.NOT_READY)
+    assert registry.at_base_url("http://a") == ranks and registry.at_base_url("http://b") == [other]
+    assert registry.models() == ["m1", "m2"] and registry.serves(WorkerType.REGULAR, "m2")
+    registry.remove(ranks[0])
+    assert registry.at_base_url("http://a") == [ranks[1]] and registry.models() == ["m1", "m2"]
+    registry.remove(ranks[1])
+    registry.remove(other)
+    assert registry.at_base_url("http://a") == [] and registry.models() == []
+    assert not registry.serves(WorkerType.REGULAR, "m1") and registry.candidates(WorkerType.REGULAR, None) == ()
+
+
+def test_grpc_workers_count_once_their_tokenizer_is_loaded():
+    registry = Registry()
+    worker = add_worker(registry, "grpc://g:1", "m")
+    assert not registry.has_grpc("m") and registry.awaiting_tokenizer("m") and registry.models() == []
+    registry.set_tokenized_models(frozenset({"m"}))
+    assert registry.has_grpc("m") and registry.has_grpc(None) and registry.candidates(WorkerType.REGULAR, "m")
+    registry.set_status(worker, WorkerStatus.NOT_READY)
+    assert not registry.has_grpc("m") and registry.models() == ["m"]
+
+
+async def test_an_open_breaker_rejoins_the_candidates_when_its_timeout_passes():
+    registry = Registry()
+    breaker = CircuitBreaker(
+        CircuitBreakerConfig(failure_threshold=1, timeout_secs=0.05), registry.breaker_listener("u")
+    )
+    worker = Worker("u", breaker, model_id="m")
+    worker.status = WorkerStatus.READY
+    registry.add(worker)
+    breaker.record_failure()
+    assert registry.candidates(WorkerType.REGULAR, "m") == ()
+    await until(lambda: registry.candidates(WorkerType.REGULAR, "m") == (worker,), "the half-open worker")
+    assert breaker.state.value == "half_open"

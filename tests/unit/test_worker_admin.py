@@ -10,8 +10,9 @@ from aiohttp import web
 from shepherd.config import GatewayConfig, HealthCheckConfig
 from shepherd.gateway import Gateway
 from shepherd.urls import display_url, has_userinfo
+from shepherd.workers import manager as manager_module
 from shepherd.workers.breaker import CircuitBreaker
-from shepherd.workers.manager import WorkerManager, WorkerSpec
+from shepherd.workers.manager import DuplicateWorker, WorkerManager, WorkerSpec
 from shepherd.workers.worker import Worker, WorkerStatus
 from tests.support.app_server import AppClient, serving_gateway
 from tests.support.polling import until
@@ -188,3 +189,40 @@ async def test_registration_probes_use_the_health_check_endpoint():
 def test_display_url_masks_credentials(url, shown):
     assert display_url(url) == shown
     assert has_userinfo(url) == (shown != url)
+
+
+async def test_a_url_duplicates_a_registered_or_pending_worker_at_the_same_address(gateway):
+    manager = gateway.manager
+    worker = registered(gateway, "http://127.0.0.1:9")
+    for url in ("http://127.0.0.1:9", "127.0.0.1:9"):  # a bare host:port names whatever answers there
+        with pytest.raises(DuplicateWorker) as raised:
+            manager.submit_add(WorkerSpec(url))
+        assert raised.value.worker_id == worker.id
+    bare, full = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    pending = manager.submit_add(WorkerSpec(bare))
+    manager.submit_add(WorkerSpec(full))
+    for url in (bare, full, full.removeprefix("http://")):
+        with pytest.raises(DuplicateWorker):
+            manager.submit_add(WorkerSpec(url))
+    manager.cancel_job(pending)  # a cancelled registration is forgotten at once
+    again = manager.submit_add(WorkerSpec(bare))
+    await manager.wait_idle()
+    assert again.status == "failed"  # nothing listens there; a failed registration blocks nobody
+    manager.submit_add(WorkerSpec(bare))
+    manager.submit_add(WorkerSpec(full))
+    await manager.wait_idle()
+
+
+async def test_registration_attempts_start_at_a_bounded_rate(gateway, monkeypatch):
+    monkeypatch.setattr(manager_module, "DISCOVERY_RATE", 0.01)  # one attempt per 100 s: waits are recorded, not slept
+    waits: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(manager_module.asyncio, "sleep", fake_sleep)
+    for _ in range(4):
+        await gateway.manager._attempt_turn()
+    assert len(waits) == 3  # the first attempt starts at once, the next ones 100 s apart each
+    for i, wait in enumerate(waits, start=1):
+        assert 100 * i - 1 < wait <= 100 * i

@@ -1,9 +1,10 @@
 """Periodic health probes and the worker state machine they drive.
 
 ready -> not_ready after F consecutive failures; not_ready -> failed at 3F; not_ready/failed/pending -> ready
-after S consecutive successes. Draining workers are not probed. Each tick starts one probe per base URL
-(DP ranks share one) unless the previous probe of that URL is still running, so a slow worker never delays
-the others or piles up probes.
+after S consecutive successes. Draining workers are not probed. Every interval, a sweep starts one probe per base
+URL (DP ranks share one) unless the previous probe of that URL is still running, so a slow worker never delays the
+others or piles up probes. The sweep spreads its probes evenly over the interval: 4,000 workers probed at once would
+take the event loop away from requests for a second or more; spread out, they cost a steady trickle.
 """
 
 from __future__ import annotations
@@ -58,23 +59,33 @@ class HealthChecker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._config.interval_secs
+        started = loop.time()
         while True:
-            await asyncio.sleep(self._config.interval_secs)
-            self.tick()
+            started += interval
+            await asyncio.sleep(max(0.0, started - loop.time()))
+            await self.sweep(interval)
 
-    def tick(self) -> None:
-        """Start one probe per base URL whose previous probe has finished."""
+    async def sweep(self, spread_secs: float) -> None:
+        """Start one probe per base URL whose previous probe has finished, evenly spaced over `spread_secs`."""
         groups: dict[str, list[Worker]] = {}
         for worker in self._registry.all():
             if worker.status is not WorkerStatus.DRAINING:
                 groups.setdefault(worker.base_url, []).append(worker)
+        if not groups:
+            return
         loop = asyncio.get_running_loop()
-        for base_url, workers in groups.items():
-            if base_url in self._in_flight:
-                continue
-            task = loop.create_task(self.probe(base_url, workers))
-            self._in_flight[base_url] = task
-            task.add_done_callback(lambda _t, url=base_url: self._in_flight.pop(url, None))
+        start, spacing = loop.time(), spread_secs / len(groups)
+        for i, (base_url, workers) in enumerate(groups.items()):
+            delay = start + i * spacing - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            current = [w for w in workers if self._registry.get(w.id) is w and w.status is not WorkerStatus.DRAINING]
+            if current and base_url not in self._in_flight:
+                task = loop.create_task(self.probe(base_url, current))
+                self._in_flight[base_url] = task
+                task.add_done_callback(lambda _t, url=base_url: self._in_flight.pop(url, None))
 
     async def probe(self, base_url: str, workers: list[Worker]) -> bool:
         ok = await self._check(base_url, workers[0].api_key or self._gateway_api_key)

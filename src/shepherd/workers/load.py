@@ -35,4 +35,4 @@ class Lease:
         if self._trial is not None:
             worker.breaker.end_trial(self._trial)
         if self.ok:
-            worker.latencies.append(time.monotonic() - self._started)
+            worker.record_latency(time.monotonic() - self._started)

@@ -2,6 +2,11 @@
 
 Adding is a background job: probe the worker until it answers, discover its model and capabilities, then
 register it ready. Removing drains: the worker takes no new requests and leaves once its in-flight ones end.
+
+Jobs start at most DISCOVERY_RATE attempts a second between them, so registering thousands of workers is a steady
+stream of calls that leaves the event loop to requests, not one burst that floods it (4,000 at once held requests up
+for hundreds of milliseconds). A rate rather than a cap on attempts in flight, so that workers whose probes hang
+until they time out cannot hold up the others.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 _LABEL_VALUE_MAX = 256
 FINISHED_JOB_TTL_SECS = 300.0  # a failed registration stays visible at GET /workers/{id} this long
 MAX_FINISHED_JOBS = 1000  # and at most this many of them are kept (the oldest go first)
+DISCOVERY_RATE = 500.0  # registration attempts (a probe, then the worker's info) started per second, at most
 _SECRET_NAME = re.compile(r"api_key|secret|password|credential|keyfile|(^|_)token$", re.IGNORECASE)
 
 
@@ -196,6 +202,8 @@ class WorkerManager:
         self._grpc = grpc_clients or GrpcClients()
         self._config = config
         self.jobs: dict[str, Job] = {}
+        self._jobs_at: dict[str, dict[str, Job]] = {}  # address (URL without scheme) -> its jobs, by worker id
+        self._next_attempt = 0.0  # event-loop time the next registration attempt may start at
         self._finished: OrderedDict[str, float] = OrderedDict()  # failed job id -> when it failed, oldest first
         self.finished_job_ttl_secs = FINISHED_JOB_TTL_SECS
         self.max_finished_jobs = MAX_FINISHED_JOBS
@@ -204,18 +212,34 @@ class WorkerManager:
     # --- adding --------------------------------------------------------------------------------------------
     def submit_add(self, spec: WorkerSpec) -> Job:
         """Queue a registration; raises DuplicateWorker when the URL is registered or being registered."""
-        existing = self.registry.by_url(spec.url) or next(
-            (w for w in self.registry.all() if _same_worker(w.base_url, spec.url)), None
-        )
+        existing = self.registry.by_url(spec.url) or next(iter(self._registered_at(spec.url)), None)
         if existing is not None:
             raise DuplicateWorker(spec.url, existing.id)
-        for job in self.jobs.values():
+        for job in self._jobs_at.get(_address(spec.url), {}).values():
             if _same_worker(job.spec.url, spec.url) and job.status != "failed":
                 raise DuplicateWorker(spec.url, job.worker_id)
         job = Job(worker_id=str(uuid.uuid4()), spec=spec)
         self.jobs[job.worker_id] = job
+        self._jobs_at.setdefault(_address(spec.url), {})[job.worker_id] = job
         job.task = self._spawn(self._register(job))
         return job
+
+    def _registered_at(self, url: str) -> list[Worker]:
+        """Registered workers at `url`; a bare `host:port` names whatever protocol answered there."""
+        if "://" in url:
+            return self.registry.at_base_url(url)
+        return [w for scheme in _URL_SCHEMES for w in self.registry.at_base_url(f"{scheme}://{url}")]
+
+    def _forget_job(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        address = _address(job.spec.url)  # a bare URL that got its scheme keeps its address
+        same = self._jobs_at.get(address)
+        if same is not None:
+            same.pop(job_id, None)
+            if not same:
+                del self._jobs_at[address]
 
     async def _register(self, job: Job) -> None:
         spec = job.spec
@@ -238,7 +262,7 @@ class WorkerManager:
             worker.status = WorkerStatus.READY
             self.registry.add(worker)
             log.info("registered worker %s (model %s, %s)", worker.url, worker.model_id, worker.worker_type.value)
-        self.jobs.pop(job.worker_id, None)
+        self._forget_job(job.worker_id)
 
     async def _discover(self, spec: WorkerSpec) -> dict[str, Any]:
         """Wait until the worker answers its health probe, then read its server and model info.
@@ -249,11 +273,26 @@ class WorkerManager:
         deadline = time.monotonic() + self._config.worker_startup_timeout_secs
         delay = 0.2
         timeout = aiohttp.ClientTimeout(total=self._config.health_check.timeout_secs)
-        while (last := await self._unreachable_reason(spec, timeout)) is not None:
+        while True:
+            await self._attempt_turn()
+            if (last := await self._unreachable_reason(spec, timeout)) is None:
+                return await self._read_info(spec, timeout)
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(last)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._config.worker_startup_check_interval)
+
+    async def _attempt_turn(self) -> None:
+        """Wait for this attempt's turn: attempts start 1 / DISCOVERY_RATE seconds apart."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        turn = max(now, self._next_attempt)
+        self._next_attempt = turn + 1.0 / DISCOVERY_RATE
+        if turn > now:
+            await asyncio.sleep(turn - now)
+
+    async def _read_info(self, spec: WorkerSpec, timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
+        """What a worker that answered says about itself: its server and model info."""
         if is_grpc_url(spec.url):
             return await grpc_worker_info(self._grpc_client(spec), self._config.health_check.timeout_secs)
         server_info = await self._get_json(spec, ("/server_info", "/get_server_info"), timeout)
@@ -374,7 +413,7 @@ class WorkerManager:
     def cancel_job(self, job: Job) -> None:
         if job.task is not None:
             job.task.cancel()
-        self.jobs.pop(job.worker_id, None)
+        self._forget_job(job.worker_id)
         self._finished.pop(job.worker_id, None)
 
     def job(self, key: str) -> Job | None:
@@ -395,7 +434,7 @@ class WorkerManager:
             if failed_at > horizon and len(finished) <= self.max_finished_jobs:
                 break
             del finished[job_id]
-            self.jobs.pop(job_id, None)
+            self._forget_job(job_id)
 
     async def _drain_and_remove(self, worker: Worker) -> None:
         deadline = time.monotonic() + self._config.drain_timeout_secs
@@ -411,7 +450,7 @@ class WorkerManager:
 
     async def _release_channel(self, url: str) -> None:
         """Close the gRPC channel to `url` unless a registered worker still uses it."""
-        if is_grpc_url(url) and not any(w.base_url == url for w in self.registry.all()):
+        if is_grpc_url(url) and not self.registry.at_base_url(url):
             await self._grpc.discard(url)
 
     def workers_at(self, url: str) -> list[Worker]:
@@ -420,7 +459,7 @@ class WorkerManager:
         exact = self.registry.by_url(url)
         if exact is not None:
             return [exact]
-        return [w for w in self.registry.all() if w.base_url == url]
+        return self.registry.at_base_url(url)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def add_static(self) -> None:
@@ -454,6 +493,11 @@ class WorkerManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _address(url: str) -> str:
+    """A URL without its scheme: what a bare `host:port` is compared on."""
+    return url.split("://", 1)[-1]
 
 
 def _same_worker(registered: str, wanted: str) -> bool:

@@ -1,13 +1,18 @@
 """The single source of truth for the fleet.
 
-The data plane reads immutable snapshots (tuples of routable workers per type and model) that are rebuilt
-only when something changes, so picking a worker never scans or locks the whole fleet.
+The data plane reads immutable snapshots (tuples of routable workers per type and model, in registration order)
+that change only when something changes, so picking a worker never scans or locks the whole fleet. A change to one
+worker (added, removed, its status, breaker or routing hold) updates only the two snapshots it belongs to, in C-speed
+tuple operations rather than a Python pass over the fleet: registering 4,000 workers one by one would otherwise cost
+a quadratic 6 s of event-loop time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from shepherd.upstream.grpc_pool import is_grpc_url
@@ -18,6 +23,7 @@ log = logging.getLogger(__name__)
 
 WorkerListener = Callable[[Worker], None]
 BreakerListener = Callable[[str, CircuitState, CircuitState], None]  # (worker url, old, new)
+SnapshotKey = tuple[WorkerType, str | None]
 _ANY_MODEL = None
 
 
@@ -25,15 +31,20 @@ class Registry:
     def __init__(self) -> None:
         self._by_id: dict[str, Worker] = {}
         self._by_url: dict[str, Worker] = {}
-        self._routable: dict[tuple[WorkerType, str | None], tuple[Worker, ...]] = {}
-        self._models: dict[WorkerType, frozenset[str]] = {}
+        self._by_base: dict[str, list[Worker]] = {}  # base URL -> its workers (DP ranks share one)
+        self._order: dict[Worker, int] = {}  # registration sequence: the order of every snapshot
+        self._next_order = 0
+        self._routable: dict[SnapshotKey, tuple[Worker, ...]] = {}
+        self._placed: set[Worker] = set()  # the workers in the snapshots
+        self._served: dict[WorkerType, Counter[str]] = {}  # workers that could serve each model, routable or not
+        self._grpc_routable: Counter[str | None] = Counter()
         self._on_added: list[WorkerListener] = []
         self._on_removed: list[WorkerListener] = []
         self._on_changed: list[WorkerListener] = []
         self._on_breaker: list[BreakerListener] = []
         self._reopen_timer: asyncio.TimerHandle | None = None
+        self._reopen_at = 0.0  # loop time the reopen timer fires at
         self._tokenized_models: frozenset[str] = frozenset()
-        self._grpc_models: frozenset[str | None] = frozenset()  # models with routable gRPC workers (None: any)
 
     # --- subscriptions -------------------------------------------------------------------------------------
     def subscribe(
@@ -59,8 +70,14 @@ class Registry:
             raise ValueError(f"worker {worker.url} is already registered")
         self._by_id[worker.id] = worker
         self._by_url[worker.url] = worker
-        worker.breaker.on_trials = self._on_trials
-        self._rebuild()
+        self._by_base.setdefault(worker.base_url, []).append(worker)
+        self._order[worker] = self._next_order
+        self._next_order += 1
+        if self.can_serve(worker):
+            self._served.setdefault(worker.worker_type, Counter())[worker.model_id] += 1
+        # A half-open worker's trial slots filled up or one freed: it leaves or rejoins the candidates.
+        worker.breaker.on_trials = lambda _breaker: self._update(worker)
+        self._update(worker)
         for listener in self._on_added:
             listener(worker)
 
@@ -68,8 +85,15 @@ class Registry:
         if self._by_id.pop(worker.id, None) is None:
             return
         self._by_url.pop(worker.url, None)
+        siblings = self._by_base[worker.base_url]
+        siblings.remove(worker)
+        if not siblings:
+            del self._by_base[worker.base_url]
         worker.breaker.on_trials = None
-        self._rebuild()
+        self._place(worker, False)
+        del self._order[worker]
+        if self.can_serve(worker):
+            self._served[worker.worker_type][worker.model_id] -= 1
         for listener in self._on_removed:
             listener(worker)
 
@@ -78,6 +102,10 @@ class Registry:
 
     def by_url(self, url: str) -> Worker | None:
         return self._by_url.get(url)
+
+    def at_base_url(self, base_url: str) -> list[Worker]:
+        """The workers whose requests go to `base_url` (several for DP ranks)."""
+        return list(self._by_base.get(base_url, ()))
 
     def all(self) -> list[Worker]:
         return list(self._by_id.values())
@@ -105,11 +133,14 @@ class Registry:
         self.changed(worker)
 
     def changed(self, worker: Worker | None = None) -> None:
-        """Something that affects routability changed (status, breaker, model)."""
-        self._rebuild()
-        if worker is not None:
-            for listener in self._on_changed:
-                listener(worker)
+        """Something that affects a worker's routability changed (status, breaker, hold); None: re-judge them all."""
+        if worker is None:
+            self._rebuild()
+            return
+        if worker.id in self._by_id:
+            self._update(worker)
+        for listener in self._on_changed:
+            listener(worker)
 
     def breaker_listener(self, worker_url: str) -> Callable[[CircuitBreaker, CircuitState, CircuitState], None]:
         """A transition listener for a worker's breaker that keeps the snapshots right."""
@@ -123,10 +154,6 @@ class Registry:
                 self.changed(worker)
 
         return on_transition
-
-    def _on_trials(self, _breaker: CircuitBreaker) -> None:
-        # A half-open worker's trial slots filled up or one freed: it leaves or rejoins the candidates.
-        self._rebuild()
 
     # --- reads for the data plane --------------------------------------------------------------------------
     def candidates(self, worker_type: WorkerType, model: str | None) -> tuple[Worker, ...]:
@@ -142,7 +169,7 @@ class Registry:
 
     def has_grpc(self, model: str | None) -> bool:
         """Whether routable gRPC workers serve `model` (None: any model); cheap, read per request."""
-        return model in self._grpc_models
+        return self._grpc_routable[model] > 0
 
     def can_serve(self, worker: Worker) -> bool:
         """Whether requests can be sent to this worker once it is ready: a gRPC worker needs its tokenizer."""
@@ -158,56 +185,103 @@ class Registry:
 
     def serves(self, worker_type: WorkerType, model: str) -> bool:
         """Whether any registered worker of the type serves `model`, routable or not."""
-        return model in self._models.get(worker_type, frozenset())
+        served = self._served.get(worker_type)
+        return served is not None and served[model] > 0
 
     def models(self) -> list[str]:
         """Models with a worker that could serve them: every HTTP worker's, a gRPC worker's once its tokenizer
         is loaded."""
-        names: set[str] = set()
-        for models in self._models.values():
-            names |= models
-        return sorted(names)
+        return sorted({model for served in self._served.values() for model, count in served.items() if count > 0})
 
     def of_type(self, worker_type: WorkerType) -> list[Worker]:
         return [w for w in self._by_id.values() if w.worker_type is worker_type]
 
-    def _rebuild(self) -> None:
-        routable: dict[tuple[WorkerType, str | None], list[Worker]] = {}
-        models: dict[WorkerType, set[str]] = {}
-        next_reopen: float | None = None
-        grpc_models: set[str | None] = set()
-        for worker in self._by_id.values():
-            if self.can_serve(worker):
-                models.setdefault(worker.worker_type, set()).add(worker.model_id)
-            if worker.status is not WorkerStatus.READY or worker.routing_hold or not self.can_serve(worker):
-                continue  # a gRPC worker takes token ids: without its model's tokenizer, nothing can be sent to it
-            breaker = worker.breaker
-            if not breaker.allows():
-                if breaker.state is CircuitState.OPEN:
-                    wait = breaker.reopen_in()
-                    next_reopen = wait if next_reopen is None else min(next_reopen, wait)
-                continue  # open, or half-open with every trial slot taken (a trial's end rebuilds)
-            routable.setdefault((worker.worker_type, _ANY_MODEL), []).append(worker)
-            routable.setdefault((worker.worker_type, worker.model_id), []).append(worker)
-            if is_grpc_url(worker.base_url):
-                grpc_models.update((_ANY_MODEL, worker.model_id))
-        self._routable = {key: tuple(workers) for key, workers in routable.items()}
-        self._models = {key: frozenset(names) for key, names in models.items()}
-        self._grpc_models = frozenset(grpc_models)
-        self._schedule_reopen(next_reopen)
+    def _routable_now(self, worker: Worker) -> bool:
+        """Ready, not held, servable (a gRPC worker takes token ids: it needs its model's tokenizer) and its breaker
+        allows traffic: closed, or half-open with a trial slot free. An open breaker turns half-open by time alone,
+        so the registry re-judges every worker when the earliest one is due."""
+        if worker.status is not WorkerStatus.READY or worker.routing_hold or not self.can_serve(worker):
+            return False
+        breaker = worker.breaker
+        if breaker.allows():
+            return True
+        if breaker.state is CircuitState.OPEN:
+            self._schedule_reopen(breaker.reopen_in())
+        return False
 
-    def _schedule_reopen(self, delay: float | None) -> None:
-        """Open breakers turn half-open by time alone, so rebuild when the earliest one is due."""
+    def _update(self, worker: Worker) -> None:
+        """Re-judge one worker: it joins or leaves its snapshots."""
+        self._place(worker, self._routable_now(worker))
+
+    def _place(self, worker: Worker, routable: bool) -> None:
+        """Put `worker` into (or take it out of) its type's snapshot and its model's, keeping registration order."""
+        if routable == (worker in self._placed):
+            return
+        grpc = is_grpc_url(worker.base_url)
+        for key in _snapshot_keys(worker):
+            current = self._routable.get(key, ())
+            if routable:
+                order = self._order
+                if not current or order[current[-1]] < order[worker]:  # the common case: the newest worker
+                    self._routable[key] = (*current, worker)
+                else:
+                    at = bisect.bisect(current, order[worker], key=order.__getitem__)
+                    self._routable[key] = (*current[:at], worker, *current[at:])
+            elif len(current) == 1:
+                del self._routable[key]
+            else:
+                at = current.index(worker)
+                self._routable[key] = current[:at] + current[at + 1 :]
+            if grpc:
+                self._grpc_routable[key[1]] += 1 if routable else -1
+        if routable:
+            self._placed.add(worker)
+        else:
+            self._placed.discard(worker)
+
+    def _rebuild(self) -> None:
+        """Re-judge every worker from scratch (a change that concerns them all, or an open breaker's timeout)."""
         if self._reopen_timer is not None:
             self._reopen_timer.cancel()
             self._reopen_timer = None
-        if delay is None:
-            return
+        routable: dict[SnapshotKey, list[Worker]] = {}
+        self._placed = set()
+        self._grpc_routable = Counter()
+        self._served = {}
+        for worker in self._by_id.values():  # registration order
+            if self.can_serve(worker):
+                self._served.setdefault(worker.worker_type, Counter())[worker.model_id] += 1
+            if not self._routable_now(worker):
+                continue
+            self._placed.add(worker)
+            for key in _snapshot_keys(worker):
+                routable.setdefault(key, []).append(worker)
+                if is_grpc_url(worker.base_url):
+                    self._grpc_routable[key[1]] += 1
+        self._routable = {key: tuple(workers) for key, workers in routable.items()}
+
+    def _schedule_reopen(self, delay: float) -> None:
+        """Re-judge every worker once an open breaker may be tried again (unless an earlier re-judging is due)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._reopen_timer = loop.call_later(delay + 0.001, self._rebuild)
+        when = loop.time() + delay + 0.001
+        if self._reopen_timer is not None:
+            if self._reopen_at <= when:
+                return
+            self._reopen_timer.cancel()
+        self._reopen_at = when
+        self._reopen_timer = loop.call_at(when, self._on_reopen)
+
+    def _on_reopen(self) -> None:
+        self._reopen_timer = None
+        self._rebuild()
+
+
+def _snapshot_keys(worker: Worker) -> tuple[SnapshotKey, SnapshotKey]:
+    """The snapshots a routable worker is in: its type's for any model, and its type's for its model."""
+    return (worker.worker_type, _ANY_MODEL), (worker.worker_type, worker.model_id)
 
 
 def count_by_type(workers: Iterable[Worker]) -> dict[str, int]:

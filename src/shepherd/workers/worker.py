@@ -63,6 +63,7 @@ class Worker:
         "latencies",
         "load",
         "model_id",
+        "p99_cache",
         "priority",
         "requests_total",
         "routing_hold",
@@ -114,6 +115,7 @@ class Worker:
         self.load = 0
         self.requests_total = 0
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.p99_cache: float | None = None  # latency_p99_ms() until the next sample
         self.health_successes = 0
         self.health_failures = 0
         self.health_probes = 0
@@ -131,11 +133,18 @@ class Worker:
             url = self.upstream_urls[path] = URL(self.base_url + path)
         return url
 
+    def record_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        self.p99_cache = None
+
     def latency_p99_ms(self) -> float:
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 3)
+        """Sorted once per new sample at most: `GET /workers` over a fleet of idle workers sorts nothing."""
+        if self.p99_cache is None:
+            ordered = sorted(self.latencies)
+            self.p99_cache = (
+                round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 3) if ordered else 0.0
+            )
+        return self.p99_cache
 
     def to_json(self) -> dict[str, Any]:
         healthy = self.status is WorkerStatus.READY
