@@ -67,7 +67,7 @@ class Sequence:
         self.aborted = False
         self.lease: Lease | None = None
         self._engine: Engine | None = None
-        self._listener: asyncio.Queue[Sequence] | None = None
+        self._listener: asyncio.Queue[int] | None = None  # its group's: gets its index (a reference would be a cycle)
 
     @property
     def text(self) -> str:
@@ -83,7 +83,7 @@ class Sequence:
 
     def _notify(self) -> None:
         if self._listener is not None:
-            self._listener.put_nowait(self)
+            self._listener.put_nowait(self.index)
 
 
 class SequenceGroup:
@@ -96,7 +96,7 @@ class SequenceGroup:
 
     def __init__(self, seqs: list[Sequence]) -> None:
         self.seqs = seqs
-        self._queue: asyncio.Queue[Sequence] = asyncio.Queue()
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
         for index, seq in enumerate(seqs):
             seq.index = index
             seq._listener = self._queue
@@ -119,7 +119,7 @@ class SequenceGroup:
         reported = [(0, False)] * len(self.seqs)
         unfinished = len(self.seqs)
         while unfinished:
-            seq = await self._queue.get()
+            seq = self.seqs[await self._queue.get()]
             if seq.aborted:
                 return
             state = (seq.generated, seq.finished)
