@@ -35,7 +35,6 @@ class Connection(Protocol):
 
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-REQUEST_ID = "request_id"  # request[REQUEST_ID]: the id the pipeline gave the request
 # Set by the routers once a streamed response has started: after that, an error cannot become a new response.
 STREAM_STARTED = "stream_started"
 
@@ -46,14 +45,16 @@ class BodyTooLarge(Exception):
 
 
 class Route:
-    """A matched route: its template (`/workers/{worker_id}`), the label metrics and the audit log use."""
+    """A matched route: its template (`/workers/{worker_id}`), the label metrics and the audit log use, and its
+    access class once looked up (http/route_policy.py)."""
 
-    __slots__ = ("handler", "method", "template")
+    __slots__ = ("access", "handler", "method", "template")
 
     def __init__(self, method: str, template: str, handler: Any) -> None:
         self.method = method
         self.template = template
         self.handler = handler
+        self.access: Any = None
 
 
 UNMATCHED = Route("", "", None)
@@ -82,6 +83,7 @@ class Request:
         "path",
         "query_string",
         "raw_headers",
+        "request_id",
         "route",
         "version",
     )
@@ -98,6 +100,7 @@ class Request:
         self.expect_continue = False
         self.head = method == "HEAD"
         self.route: Route = UNMATCHED
+        self.request_id = ""  # set by the pipeline
         self.match_info: dict[str, str] = {}
         self.extra_headers = b""  # appended to every response head of this request (CORS)
         self._headers: CIMultiDictProxy[str] | None = None

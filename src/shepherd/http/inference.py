@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shepherd.errors import GatewayError
-from shepherd.exchange import REQUEST_ID, Request, Response, StreamResponse
+from shepherd.exchange import Request, Response, StreamResponse
 from shepherd.http.routes import RouteTable
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint, InvalidRequest, RequestContext
 
@@ -29,7 +29,7 @@ def _handler(gateway: Gateway, endpoint: Endpoint):
         try:
             body = await request.read()
             try:
-                ctx = RequestContext(endpoint, body, request[REQUEST_ID])
+                ctx = RequestContext(endpoint, body, request.request_id)
             except InvalidRequest as exc:
                 raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
             return await gateway.router_for(endpoint).dispatch(request, ctx)

@@ -9,7 +9,7 @@ import time
 
 from shepherd.config import GatewayConfig
 from shepherd.errors import GatewayError, error_response
-from shepherd.exchange import REQUEST_ID, STREAM_STARTED, BodyTooLarge, Request, Response, StreamResponse
+from shepherd.exchange import STREAM_STARTED, BodyTooLarge, Request, Response, StreamResponse
 from shepherd.http.route_policy import RouteClass, route_class
 from shepherd.http.routes import RouteTable
 from shepherd.http.server import App
@@ -46,6 +46,7 @@ def make_pipeline(config: GatewayConfig, routes: RouteTable, metrics: GatewayMet
     """The function the server calls for every request: request id, CORS, route, access control, the handler,
     the error envelope, metrics, audit. One function instead of a chain keeps the per-request cost to one frame."""
     id_headers = tuple(name.lower().encode("latin-1") for name in config.request_id_headers)
+    id_names = frozenset(id_headers)
     log_requests = log.isEnabledFor(logging.DEBUG)  # decided once: the check is not free per request
     access = AccessControl.for_config(config)  # None: no credential and no audit, nothing to check per request
     audit_enabled = config.auth.audit_enabled
@@ -54,6 +55,11 @@ def make_pipeline(config: GatewayConfig, routes: RouteTable, metrics: GatewayMet
     resolve = routes.resolve
 
     def request_id_of(request: Request) -> str:
+        for name, _ in request.raw_headers:  # one pass for the common case: the client sent none
+            if name in id_names:
+                break
+        else:
+            return new_request_id(request.path)
         for name in id_headers:
             value = request.header(name)
             if value is not None:
@@ -62,8 +68,7 @@ def make_pipeline(config: GatewayConfig, routes: RouteTable, metrics: GatewayMet
 
     async def handle(request: Request) -> Response | StreamResponse:
         started = time.perf_counter()
-        request_id = request_id_of(request)
-        request[REQUEST_ID] = request_id
+        request_id = request.request_id = request_id_of(request)
         control: RouteClass | None = None  # set on control-plane routes, for the audit line
         if origins:
             origin = request.header(b"origin")

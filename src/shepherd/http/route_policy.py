@@ -71,9 +71,13 @@ def check_route_table(routes: RouteTable) -> None:
 
 
 def route_class(route: Route) -> RouteClass:
-    """The class of a matched route; fails closed (admin-write) for one missing from the table."""
-    found = ROUTE_CLASSES.get(_key(route))
-    if found is None:  # unreachable after check_route_table
-        log.error("route %s %s has no access class; treating it as admin-write", *_key(route))
-        return _WRITE
+    """The class of a matched route (looked up once, then kept on the route); fails closed (admin-write) for one
+    missing from the table."""
+    found = route.access
+    if found is None:
+        found = ROUTE_CLASSES.get(_key(route))
+        if found is None:  # unreachable after check_route_table
+            log.error("route %s %s has no access class; treating it as admin-write", *_key(route))
+            found = _WRITE
+        route.access = found
     return found

@@ -100,7 +100,10 @@ class HttpConnection(asyncio.Protocol):
         "_fatal",
         "_head_bytes",
         "_head_reads",
+        "_head_timer",
         "_headers",
+        "_idle_since",
+        "_idle_timer",
         "_last_message",
         "_loop",
         "_messages_done",
@@ -113,7 +116,6 @@ class HttpConnection(asyncio.Protocol):
         "_stream_head",
         "_stream_open",
         "_task",
-        "_timer",
         "_transport",
         "_url",
         "_write_paused",
@@ -146,7 +148,12 @@ class HttpConnection(asyncio.Protocol):
         self._stream_open = False
         self._stream_chunked = False
         self._stream_head = b""  # a streamed response's head, until its first data goes out
-        self._timer: asyncio.TimerHandle | None = None
+        # Two timers, neither re-armed per request: the idle timer stays armed for the connection's life and, when
+        # it fires, closes the connection only if it has been idle long enough (else it re-arms for the rest); the
+        # head timer exists only while a head is unfinished after a read.
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # --- transport events --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,11 +165,12 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else None
         self._server.connections.add(self)
-        self._arm(self._server.config.keepalive_timeout_secs, self._on_idle_timeout)
+        self._idle_since = self._loop.time()
+        self._idle_timer = self._loop.call_later(self._server.config.keepalive_timeout_secs, self._on_idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self._cancel_timers()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client disconnected"))
         for request in (self._parsing, self._active):
@@ -212,13 +220,14 @@ class HttpConnection(asyncio.Protocol):
                 self._head_reads += len(data)
             if self._head_reads > self._server.config.max_header_bytes:
                 self._fail(_too_large_head())
-            elif self._timer is None:
-                self._arm(self._server.config.header_timeout_secs, self._on_header_timeout)
+            elif self._head_timer is None:
+                self._head_timer = self._loop.call_later(
+                    self._server.config.header_timeout_secs, self._on_header_timeout
+                )
         self._update_reading()
 
     # --- parser callbacks --------------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._cancel_timer()
         self._url = b""
         self._headers = []
         self._head_bytes = 0  # exact: the target and the complete headers so far
@@ -241,7 +250,9 @@ class HttpConnection(asyncio.Protocol):
             raise _too_large_head()
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         parser = self._parser
         request = Request(self, parser.get_method().decode("latin-1"), self._url, self._headers)
         request.version = parser.get_http_version()
@@ -288,7 +299,7 @@ class HttpConnection(asyncio.Protocol):
         elif self._closing:
             self._close()
         elif self._parsing is None:
-            self._arm(self._server.config.keepalive_timeout_secs, self._on_idle_timeout)
+            self._idle_since = self._loop.time()
         self._update_reading()
 
     async def _handle(self, request: Request) -> None:
@@ -463,24 +474,27 @@ class HttpConnection(asyncio.Protocol):
             )
         self._close()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self._loop.call_later(delay, callback)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._head_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._head_timer = None
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
+        self._head_timer = None
         if self._parsing is not None and not self._parsing_body():
             self._fail(_HttpError(408, "request_header_timeout", "The request head did not arrive in time"))
 
     def _on_idle_timeout(self) -> None:
-        self._timer = None
+        timeout = self._server.config.keepalive_timeout_secs
         if self._active is None and not self._queue and self._parsing is None:
-            self._close()
+            idle = self._loop.time() - self._idle_since
+            if idle >= timeout:
+                self._idle_timer = None
+                self._close()
+                return
+            timeout -= idle
+        self._idle_timer = self._loop.call_later(timeout, self._on_idle_timeout)
 
     def close_when_idle(self) -> None:
         """Graceful shutdown: close now when nothing is being answered, else after the current response."""
@@ -489,7 +503,7 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        self._cancel_timer()
+        self._cancel_timers()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 

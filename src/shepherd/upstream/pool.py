@@ -136,7 +136,10 @@ class _Connection(asyncio.Protocol):
         "_chunks",
         "_closed",
         "_complete",
+        "_deadline",
         "_error",
+        "_fb_timer",
+        "_fb_when",
         "_framed",
         "_got_bytes",
         "_headers",
@@ -173,6 +176,9 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._chunks: deque[bytes] = deque()
+        self._deadline = 0.0  # the in-flight request's first-byte deadline (loop time)
+        self._fb_timer: asyncio.TimerHandle | None = None
+        self._fb_when = 0.0
         self._reset(False)
 
     def _reset(self, skip_body: bool) -> None:
@@ -216,6 +222,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._cancel_first_byte()
         self._pool._forget(self)
         if not self._active:
             return
@@ -316,6 +323,7 @@ class _Connection(asyncio.Protocol):
     def _shut(self, abort: bool) -> None:
         """Close the transport: `abort` drops it at once, otherwise buffered writes (and TLS close_notify) go out."""
         self._closed = True
+        self._cancel_first_byte()
         t = self.transport
         if t is not None:
             if abort:
@@ -328,10 +336,33 @@ class _Connection(asyncio.Protocol):
         if not self._closed:
             self.transport.resume_reading()
 
+    def _arm_first_byte(self, timeout: float) -> None:
+        """Make sure the first-byte timer fires by this request's deadline. The timer is not cancelled when a head
+        arrives: a timer that fires early re-arms for the current deadline, so a keep-alive connection arms about
+        once per timeout rather than once per request (each arm and cancel costs a visible microsecond)."""
+        loop = self._loop
+        deadline = self._deadline = loop.time() + timeout
+        if self._fb_timer is None or self._fb_when > deadline:
+            if self._fb_timer is not None:
+                self._fb_timer.cancel()
+            self._fb_when = deadline
+            self._fb_timer = loop.call_at(deadline, self._first_byte_expired)
+
     def _first_byte_expired(self) -> None:
-        if self._active and not self._headers_done:
+        self._fb_timer = None
+        if not self._active or self._headers_done or self._closed:
+            return
+        if self._loop.time() >= self._deadline:
             self._fail(UpstreamTimeout("first_byte", f"no response from {self._origin.name} in time"))
             self._shut(abort=True)
+        else:
+            self._fb_when = self._deadline
+            self._fb_timer = self._loop.call_at(self._deadline, self._first_byte_expired)
+
+    def _cancel_first_byte(self) -> None:
+        if self._fb_timer is not None:
+            self._fb_timer.cancel()
+            self._fb_timer = None
 
     def _idle_expired(self, waiter: asyncio.Future[None]) -> None:
         if not waiter.done() and self._active:
@@ -343,7 +374,10 @@ class _Connection(asyncio.Protocol):
         self._reset(skip_body)
         self._active = True
         loop = self._loop
-        handle = None if timeout is None else loop.call_later(timeout, self._first_byte_expired)
+        if timeout is not None:
+            self._arm_first_byte(timeout)
+        else:
+            self._deadline = float("inf")
         try:
             t = self.transport
             if self._closed or t.is_closing():
@@ -366,8 +400,6 @@ class _Connection(asyncio.Protocol):
             raise
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
         if self._error is not None:
             self._shut(abort=True)
             raise self._error
