@@ -52,7 +52,7 @@ from shepherd.workers.worker import Worker
 KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
 RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requests wait for a batch slot
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
-SAMPLES = 8  # larger fleets: best of this many random candidates
+SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random offset)
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
@@ -152,9 +152,11 @@ class CacheAwarePolicy:
         count = len(entries)
         if count <= SCAN_LIMIT:
             pool: Sequence[WorkerEntry] = entries
-        else:
-            rand = self._rng.random
-            pool = [entries[int(rand() * count)] for _ in range(SAMPLES)]
+        else:  # a window at a random offset: every worker is as likely to be in it, and slicing is C-speed
+            start = int(self._rng.random() * count)
+            pool = entries[start : start + SAMPLES]
+            if len(pool) < SAMPLES:
+                pool += entries[: SAMPLES - len(pool)]
         least = pool[0]
         least_load = least.worker.load
         total = 0
