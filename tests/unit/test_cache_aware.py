@@ -335,3 +335,28 @@ async def test_background_eviction_purges_a_removed_worker_without_traffic():
         await asyncio.sleep(0.005)
     assert not index.pending
     assert index.chars == index.entries[fleet[1]].chars
+
+
+def test_reported_cached_tokens_calibrate_the_modelled_capacity_within_bounds():
+    """A worker that reports far less cached than the index expected forgets sooner than modelled: its capacity
+    shrinks (never below a quarter of the configured one); reports of more than expected let it grow back, never
+    above the configured capacity."""
+    p = policy(CacheAwareConfig(worker_kv_tokens=4096))
+    fleet = make_workers(2)
+    system = words(7, 3000)
+    for q in range(4):  # the index now expects the system prompt at the worker it sticks to
+        chosen = p.pick(fleet, c := ctx(system + " " + words(q, 200)))
+    _, entry, expected = c.prediction
+    assert entry.worker is chosen and expected >= 2900
+    base = entry.char_capacity
+    p.on_request_done(chosen, c, True, cached_tokens=10)  # the worker had lost it
+    assert entry.char_capacity == int(base * 0.98)
+    for _ in range(200):
+        p.on_request_done(chosen, c, True, cached_tokens=0)
+    assert entry.char_capacity == base // 4
+    p.on_request_done(chosen, c, True, cached_tokens=expected // 4)  # as expected (4 characters a token)
+    p.on_request_done(chosen, c, True)  # nothing reported
+    assert entry.char_capacity == base // 4
+    for _ in range(200):
+        p.on_request_done(chosen, c, True, cached_tokens=100_000)
+    assert entry.char_capacity == base

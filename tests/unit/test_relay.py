@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from shepherd.upstream.pool import UpstreamClosed, UpstreamTimeout
-from shepherd.upstream.relay import relay_sse
+from shepherd.upstream.relay import relay_sse, reported_cached_tokens
 
 FRAMES = [b'data: {"t": 1}\n\n', b'data: {"t": 2}\n\n', b"data: [DONE]\n\n"]
 FOREVER = float("inf")
@@ -110,3 +110,17 @@ async def test_rewrite_sees_whole_lines_even_when_reads_split_them():
     assert seen == [b'data: {"a": 1}\n', b"\n", b'data: {"b": 2}\n', b"\n", b"data: [DONE]\n", b"\n"]
     assert b"".join(client.written) == b"".join(pieces).replace(b"2", b"22")
     assert outcome.events == 2
+
+
+async def test_the_workers_reported_cached_tokens_come_back_with_the_outcome():
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":900,"prompt_tokens_details":{"cached_tokens": 768}}}\n\n'
+    outcome = await relay_sse(Upstream([FRAMES[0], usage, FRAMES[2]]), Client(), b"cut", FOREVER)
+    assert outcome.cached_tokens == 768
+    assert (await relay_sse(Upstream(FRAMES), Client(), b"cut", FOREVER)).cached_tokens is None
+
+
+def test_reported_cached_tokens_reads_sglang_and_openai_shapes():
+    assert reported_cached_tokens(b'{"text":"x","meta_info":{"prompt_tokens":9,"cached_tokens":5}}') == 5
+    assert reported_cached_tokens(b'{"usage":{"prompt_tokens_details":{"cached_tokens":12}}}') == 12
+    assert reported_cached_tokens(b'{"usage":{"prompt_tokens":12}}') is None
+    assert reported_cached_tokens(b'{"cached_tokens":null}') is None

@@ -43,7 +43,17 @@ class InvalidRequest(ValueError):
 class RequestContext:
     """A parsed inference request. `body` stays the client's bytes unless fields must be injected."""
 
-    __slots__ = ("_routing_text", "body", "endpoint", "generation", "model", "payload", "request_id", "stream")
+    __slots__ = (
+        "_routing_text",
+        "body",
+        "endpoint",
+        "generation",
+        "model",
+        "payload",
+        "prediction",
+        "request_id",
+        "stream",
+    )
 
     def __init__(self, endpoint: Endpoint, body: bytes, request_id: str) -> None:
         try:
@@ -70,6 +80,7 @@ class RequestContext:
         self.request_id = request_id
         self._routing_text: str | None = None
         self.generation: Any = None  # gRPC workers: (model id, its tokenized GenerationPlan), built once per model
+        self.prediction: Any = None  # cache_aware: what its index expected the chosen worker to hold of the prompt
 
     @property
     def routing_text(self) -> str:

@@ -55,6 +55,13 @@ _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key
 # less: they share the key's entry and dict.
 PAIR_BYTES = 512
 _UNBOUNDED = 2**62
+# Capacity calibration from the workers' reported cached_tokens: a report below 3/4 of what the index expected (the
+# worker forgot sooner) shrinks the modelled capacity by this step, one above 4/3 of it grows it back, between a
+# quarter of the configured capacity and the configured capacity itself (growing past it made hot prefixes stick:
+# zipf-prefix's busiest worker went from 1.25 to 1.43 times the mean). Ratios rather than differences, so a steady
+# chars-per-token error does not drift the capacity.
+CALIBRATION_STEP = 0.02
+_CALIBRATION_BAND = (0.75, 4 / 3)
 _HALF_LIFE_PER_WORKER = 32  # traffic halves every this many records per worker
 _RENORMALIZE_AT = 1e18
 _OWN_RING_FRACTION = 8  # a view of fewer than 1/8 of the index's workers builds its own ring (shorter walks)
@@ -119,13 +126,14 @@ class _Share:
 class WorkerEntry:
     """What one index believes about one worker: the prefixes it holds, least recently used first."""
 
-    __slots__ = ("_share", "alive", "char_capacity", "chars", "lru", "traffic", "worker")
+    __slots__ = ("_share", "alive", "base_capacity", "char_capacity", "chars", "lru", "traffic", "worker")
 
     def __init__(self, worker: Worker, kv_chars: int, share: _Share) -> None:
         self.worker = worker
         self.lru: OrderedDict[int, int] = OrderedDict()  # key -> characters of its block
         self.chars = 0
         self.char_capacity = kv_chars if kv_chars > 0 else _UNBOUNDED  # the worker's KV cache in characters
+        self.base_capacity = self.char_capacity  # as configured or reported; char_capacity is calibrated from it
         self._share = share
         self.traffic = 0.0  # decayed count of requests recorded, in units of PrefixIndex.unit
         self.alive = True
@@ -337,6 +345,20 @@ class PrefixIndex:
             self._trim(entry, len(keys) + _EVICT_SLACK)
             if entry.over:
                 self._over[entry] = None
+
+    def calibrate(self, entry: WorkerEntry, expected: int, reported: int) -> None:
+        """Correct `entry`'s modelled capacity from what its worker reported it had cached of a prompt (`reported`)
+        against what this index expected (`expected`), both in characters."""
+        base = entry.base_capacity
+        if base >= _UNBOUNDED or not entry.alive:
+            return
+        low, high = _CALIBRATION_BAND
+        if reported < expected * low:
+            entry.char_capacity = max(base // 4, int(entry.char_capacity * (1 - CALIBRATION_STEP)))
+            if entry.over:
+                self._over[entry] = None
+        elif reported > expected * high + self.layout.page_chars:
+            entry.char_capacity = min(base, int(entry.char_capacity * (1 + CALIBRATION_STEP)))
 
     @property
     def pending(self) -> bool:

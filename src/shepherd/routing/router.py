@@ -17,7 +17,7 @@ from shepherd.routing.policies import Policy
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.headers import response_lines
 from shepherd.upstream.pool import UpstreamError, UpstreamResponse, UpstreamTimeout
-from shepherd.upstream.relay import relay_sse
+from shepherd.upstream.relay import relay_sse, reported_cached_tokens
 from shepherd.workers.load import Lease
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerType
@@ -82,7 +82,7 @@ class Router(DispatchLoop[Worker]):
                 self.policy.on_request_done(worker, ctx, False)
                 return upstream
             if ctx.stream:  # its outcome is known only once the relay ends
-                response, ok = await self._relay_stream(request, ctx, worker, upstream, started, deadline)
+                response, ok, cached = await self._relay_stream(request, ctx, worker, upstream, started, deadline)
             else:
                 try:
                     payload = await call.read_body(upstream, deadline)
@@ -94,8 +94,9 @@ class Router(DispatchLoop[Worker]):
                     )
                 response, ok = worker_response(worker, ctx, upstream.status, payload, upstream.headers), True
                 worker.breaker.record_success()
+                cached = reported_cached_tokens(payload)
             lease.ok = ok
-            self.policy.on_request_done(worker, ctx, ok)
+            self.policy.on_request_done(worker, ctx, ok, cached)
             return response
 
     async def _relay_stream(
@@ -106,8 +107,9 @@ class Router(DispatchLoop[Worker]):
         upstream: UpstreamResponse,
         started: float,
         deadline: float,
-    ) -> tuple[StreamResponse, bool]:
-        """Relay SSE chunks as they arrive; returns the response and whether the worker finished its stream.
+    ) -> tuple[StreamResponse, bool, int | None]:
+        """Relay SSE chunks as they arrive; returns the response, whether the worker finished its stream, and the
+        `cached_tokens` it reported.
 
         After the first byte nothing can be retried. The breaker learns the outcome here: a worker that cuts its
         streams is failing, whatever status its headers said; a client that leaves is nobody's fault.
@@ -119,7 +121,7 @@ class Router(DispatchLoop[Worker]):
             await out.prepare(request)
         except ConnectionResetError:  # the client left before the first byte
             upstream.abort()
-            return out, True
+            return out, True, None
         request[STREAM_STARTED] = out
         outcome = await relay_sse(upstream, out, _STREAM_INTERRUPTED, deadline)
         if outcome.broken:
@@ -133,7 +135,7 @@ class Router(DispatchLoop[Worker]):
         elif not outcome.client_gone:
             worker.breaker.record_success()
         self._metrics.record_relay(worker, ctx.endpoint, started, outcome)
-        return out, not outcome.broken
+        return out, not outcome.broken, outcome.cached_tokens
 
     def give_up(self, failure: AttemptFailure, ctx: RequestContext) -> Response:
         if failure.status is not None:

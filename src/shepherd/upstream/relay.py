@@ -15,6 +15,22 @@ from typing import Protocol
 from shepherd.upstream.pool import UpstreamError, UpstreamResponse
 
 _DONE = b"[DONE]"
+_CACHED = b'"cached_tokens":'
+
+
+def reported_cached_tokens(data: bytes) -> int | None:
+    """The `cached_tokens` a worker reported in a JSON body or SSE data (SGLang's `meta_info.cached_tokens`, the
+    OpenAI `usage.prompt_tokens_details.cached_tokens`): the last one in `data`, None when there is none."""
+    at = data.rfind(_CACHED)
+    if at < 0:
+        return None
+    start = at + len(_CACHED)
+    while data[start : start + 1] == b" ":
+        start += 1
+    end = start
+    while data[end : end + 1].isdigit():
+        end += 1
+    return int(data[start:end]) if end > start else None
 
 
 class StreamOut(Protocol):
@@ -29,6 +45,7 @@ class RelayOutcome:
     events: int  # SSE `data:` events relayed, a final `data: [DONE]` excluded (one per decode step in SGLang)
     broken: bool  # the worker's side failed (or ran past the attempt's deadline) before the stream ended
     client_gone: bool = False  # the client's side closed first: nobody's fault on the worker's side
+    cached_tokens: int | None = None  # what the worker reported it had cached of the prompt, if it did
 
 
 async def relay_sse(
@@ -50,6 +67,7 @@ async def relay_sse(
     chunk = last = b""
     broken = False
     pending = b""  # an incomplete line, with `rewrite_line`
+    cached: int | None = None
     try:
         while True:
             # Reading from the worker is guarded separately: a failed write is the client's doing.
@@ -70,6 +88,8 @@ async def relay_sse(
                 pending = lines.pop()
                 chunk = b"".join(rewrite_line(line + b"\n") for line in lines)
             events += chunk.count(b"data:")
+            if _CACHED in chunk:
+                cached = reported_cached_tokens(chunk)
             last = chunk
             if upstream.finished and not pending:  # the last piece: it and the end of the response in one write
                 await out.write_eof(chunk)
@@ -82,7 +102,7 @@ async def relay_sse(
                 break
     except ConnectionResetError:
         upstream.abort()
-        return RelayOutcome(first_chunk_at, events, broken, client_gone=True)
+        return RelayOutcome(first_chunk_at, events, broken, client_gone=True, cached_tokens=cached)
     except BaseException:  # cancelled with the client's connection: the worker's must not outlive it
         upstream.abort()
         raise
@@ -90,4 +110,4 @@ async def relay_sse(
         upstream.release()
         if _DONE in last[-16:]:
             events -= 1
-    return RelayOutcome(first_chunk_at, events, broken)
+    return RelayOutcome(first_chunk_at, events, broken, cached_tokens=cached)

@@ -16,8 +16,9 @@ class Policy(Protocol):
         """Choose one of `candidates` (never empty) for `ctx`."""
         ...
 
-    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
-        """Called once per attempt after the worker answered (or failed)."""
+    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
+        """Called once per attempt after the worker answered (or failed); `cached_tokens` is how much of the prompt
+        the worker reported it had cached, when it reported it."""
         ...
 
     def on_worker_removed(self, worker: Worker) -> None:
@@ -30,7 +31,7 @@ class StatelessPolicy:
 
     name = "stateless"
 
-    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
+    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
         return None
 
     def on_worker_removed(self, worker: Worker) -> None:

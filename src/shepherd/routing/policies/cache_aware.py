@@ -84,7 +84,11 @@ class CacheAwarePolicy:
         view = index.view(candidates)
         text = ctx.routing_text
         keys, ends = index.layout.keys(text)
-        target = view.entries[0] if len(view.entries) == 1 else self._choose(index, view, text, keys, ends)
+        if len(view.entries) == 1:
+            target = view.entries[0]
+        else:
+            target, expected = self._choose(index, view, text, keys, ends)
+            ctx.prediction = (index, target, expected)
         if keys:
             index.record(target, keys, ends)
         if index.pending:
@@ -93,9 +97,16 @@ class CacheAwarePolicy:
             self._start_timer()
         return target.worker
 
-    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
-        # Failed requests stay recorded: the engine may have cached the prefix anyway, and LRU forgets it if not.
-        return None
+    def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
+        """Learn from the truth: a worker's reported `cached_tokens` calibrates its modelled capacity (too low a
+        report: it forgets sooner than modelled; too high: later). Failed requests stay recorded: the engine may
+        have cached the prefix anyway, and LRU forgets it if not."""
+        prediction = ctx.prediction
+        if cached_tokens is None or prediction is None:
+            return
+        index, entry, expected = prediction
+        if entry.worker is worker:
+            index.calibrate(entry, expected, int(cached_tokens * self._chars_per_token(worker)))
 
     def on_worker_removed(self, worker: Worker) -> None:
         self._running_limits.pop(worker, None)
@@ -118,8 +129,10 @@ class CacheAwarePolicy:
         if not tokens:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
-        per_token = TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
-        return int(tokens * per_token)
+        return int(tokens * self._chars_per_token(worker))
+
+    def _chars_per_token(self, worker: Worker) -> float:
+        return TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
 
     def _running_limit(self, worker: Worker) -> int:
         """How many requests the worker runs at once, as it reported at registration; 0 = unknown."""
@@ -168,11 +181,14 @@ class CacheAwarePolicy:
         self.examined += len(pool)
         return least, total / len(pool)
 
-    def _choose(self, index: PrefixIndex, view: FleetView, text: str, keys: list[int], ends: list[int]) -> WorkerEntry:
+    def _choose(
+        self, index: PrefixIndex, view: FleetView, text: str, keys: list[int], ends: list[int]
+    ) -> tuple[WorkerEntry, int]:
+        """The cheapest candidate, and how much of the prompt the index believes it holds (characters)."""
         entries = view.entries
         least, mean_load = self._least(entries)
         if not keys:
-            return least
+            return least, 0
         length = ends[-1]
         depth, holders = index.longest_match(keys, view.members, HOLDERS_PROBED)
         known = ends[depth - 1] if depth else 0
@@ -215,7 +231,7 @@ class CacheAwarePolicy:
         self.examined += len(candidates)
         if depth and best_matched == known:
             index.rotate_holder(best, keys[depth - 1])
-        return best
+        return best, best_matched
 
     # --- background maintenance ------------------------------------------------------------------------------
     def _start_timer(self) -> None:
