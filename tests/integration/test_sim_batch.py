@@ -50,10 +50,11 @@ async def test_load_and_metrics_reflect_running_and_queued_requests(sim: SimFlee
     async with aiohttp.ClientSession() as session:
         requests = [asyncio.ensure_future(session.post(sim.urls[0] + "/generate", json=body)) for _ in range(4)]
 
-        def saturated() -> bool:
-            return http_request("GET", sim.urls[0] + "/get_load")[1][0]["num_reqs"] == 4
+        def saturated() -> bool:  # all 4 arrived and the engine's next step admitted its batch of 2
+            load = http_request("GET", sim.urls[0] + "/get_load")[1][0]
+            return load["num_reqs"] == 4 and load["num_waiting_reqs"] == 2
 
-        await asyncio.to_thread(wait_until, saturated, 5, "4 requests on the worker")
+        await asyncio.to_thread(wait_until, saturated, 5, "4 requests on the worker, 2 of them waiting")
         load = http_request("GET", sim.urls[0] + "/get_load")[1][0]
         assert load["num_waiting_reqs"] == 2 and load["num_tokens"] > 0
         live = gauges(sim)
