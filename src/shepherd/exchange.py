@@ -136,11 +136,6 @@ class Request:
         return self._query
 
     @property
-    def content_length(self) -> int | None:
-        value = self.header(b"content-length")
-        return int(value) if value is not None else None
-
-    @property
     def remote(self) -> str | None:
         return self._conn.peer
 
@@ -188,10 +183,6 @@ class Request:
     async def json(self) -> Any:
         return orjson.loads(await self.read())
 
-    @property
-    def can_read_body(self) -> bool:
-        return not self.body_read and (not self.body_complete or bool(self._body_size))
-
     # --- request-scoped values (aiohttp's request[key]) ------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
         if self._state is None:
@@ -205,10 +196,6 @@ class Request:
 
     def get(self, key: Any, default: Any = None) -> Any:
         return default if self._state is None else self._state.get(key, default)
-
-    @property
-    def connection_lost(self) -> bool:
-        return self._conn.closed
 
 
 class Response:
@@ -263,14 +250,6 @@ class StreamResponse:
         self.prepared = False
         self._conn: Connection | None = None
         self._request: Request | None = None
-
-    @property
-    def content_type(self) -> str | None:
-        return self.headers.get("content-type")
-
-    @content_type.setter
-    def content_type(self, value: str) -> None:
-        self.headers["content-type"] = value
 
     async def prepare(self, request: Request) -> StreamResponse:
         if not self.prepared:

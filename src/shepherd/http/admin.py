@@ -14,8 +14,7 @@ import orjson
 
 from shepherd import __version__
 from shepherd.errors import GatewayError
-from shepherd.exchange import Request, Response, StreamResponse
-from shepherd.http.responses import json_response
+from shepherd.exchange import Request, Response, StreamResponse, json_response
 from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import EngineMetrics
 from shepherd.upstream.client import relay_response_headers

@@ -284,9 +284,6 @@ class HttpConnection(asyncio.Protocol):
             if not request.keep_alive:
                 self._last_message = True
 
-    def _parsing_body(self) -> bool:
-        return self._parsing is not _HEAD_IN_PROGRESS
-
     # --- handling ----------------------------------------------------------------------------------------------
     def _next(self) -> None:
         """Start the next queued request, or arm the keep-alive timer when there is none."""
@@ -482,7 +479,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_header_timeout(self) -> None:
         self._head_timer = None
-        if self._parsing is not None and not self._parsing_body():
+        if self._parsing is _HEAD_IN_PROGRESS:
             self._fail(_HttpError(408, "request_header_timeout", "The request head did not arrive in time"))
 
     def _on_idle_timeout(self) -> None:

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shepherd.errors import GatewayError
-from shepherd.exchange import Request, Response
-from shepherd.http.responses import json_response
+from shepherd.exchange import Request, Response, json_response
 from shepherd.http.routes import RouteTable
 
 if TYPE_CHECKING:

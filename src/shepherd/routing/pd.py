@@ -82,9 +82,6 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
         decode = choose_worker(self.registry, WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
         return prefill, decode
 
-    def select_pair(self, ctx: RequestContext) -> tuple[Worker, Worker]:
-        return self.select(ctx)
-
     async def attempt(
         self, request: Request, ctx: RequestContext, pair: tuple[Worker, Worker], last: bool, started: float
     ) -> StreamResponse | AttemptFailure:

@@ -7,8 +7,6 @@ from collections import deque
 from enum import StrEnum
 from typing import Any
 
-from yarl import URL
-
 from shepherd.upstream.client import auth_headers
 from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
@@ -69,7 +67,6 @@ class Worker:
         "routing_hold",
         "source",
         "status",
-        "upstream_urls",
         "url",
         "userinfo",
         "worker_type",
@@ -119,19 +116,11 @@ class Worker:
         self.health_successes = 0
         self.health_failures = 0
         self.health_probes = 0
-        self.upstream_urls: dict[str, URL] = {}
         self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
 
     @property
     def is_ready(self) -> bool:
         return self.status is WorkerStatus.READY
-
-    def upstream_url(self, path: str) -> URL:
-        """The parsed URL of `path` on this worker, built once (URL parsing is a visible per-request cost)."""
-        url = self.upstream_urls.get(path)
-        if url is None:
-            url = self.upstream_urls[path] = URL(self.base_url + path)
-        return url
 
     def record_latency(self, seconds: float) -> None:
         self.latencies.append(seconds)
