@@ -492,30 +492,9 @@ class UpstreamResponse:
         if conn is None:
             self._after_end()
             raise StopAsyncIteration
-        chunks = conn._chunks
-        while not chunks:
-            if conn._complete:
-                self.release()
-                raise StopAsyncIteration
-            if conn._error is not None:
-                error = conn._error
-                self.abort()
-                raise error
-            # `_wait`, inlined: this is the per-token path of a stream.
-            loop = conn._loop
-            w = conn._waiter = loop.create_future()
-            timeout = self.idle_timeout
-            handle = None if timeout is None else loop.call_later(timeout, conn._idle_expired, w)
-            try:
-                await w
-            except BaseException:
-                self.abort()
-                raise
-            finally:
-                conn._waiter = None
-                if handle is not None:
-                    handle.cancel()
-        piece = chunks.popleft()
+        if not await self._until_data(conn):
+            raise StopAsyncIteration
+        piece = conn._chunks.popleft()
         conn._buffered -= len(piece)
         if conn._read_paused and conn._buffered <= LOW_WATER:
             conn._resume_reading()
@@ -530,28 +509,9 @@ class UpstreamResponse:
         if conn is None:
             self._after_end()
             return b""
+        if not await self._until_data(conn):
+            return b""
         chunks = conn._chunks
-        while not chunks:
-            if conn._complete:
-                self.release()
-                return b""
-            if conn._error is not None:
-                error = conn._error
-                self.abort()
-                raise error
-            loop = conn._loop
-            w = conn._waiter = loop.create_future()
-            timeout = self.idle_timeout
-            handle = None if timeout is None else loop.call_later(timeout, conn._idle_expired, w)
-            try:
-                await w
-            except BaseException:
-                self.abort()
-                raise
-            finally:
-                conn._waiter = None
-                if handle is not None:
-                    handle.cancel()
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         conn._buffered = 0
@@ -560,6 +520,24 @@ class UpstreamResponse:
         elif conn._read_paused:
             conn._resume_reading()
         return data
+
+    async def _until_data(self, conn: _Connection) -> bool:
+        """Wait until body bytes are buffered (True), or the body ended with none left (False; the connection is
+        released). A failure or a cancellation aborts the connection: its position in the stream is unknown."""
+        while not conn._chunks:
+            if conn._complete:
+                self.release()
+                return False
+            if conn._error is not None:
+                error = conn._error
+                self.abort()
+                raise error
+            try:
+                await self._wait(conn)
+            except BaseException:
+                self.abort()
+                raise
+        return True
 
     @property
     def finished(self) -> bool:
