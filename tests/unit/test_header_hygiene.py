@@ -1,7 +1,6 @@
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from shepherd.upstream.client import relay_response_headers
-from shepherd.upstream.headers import request_lines, response_lines
+from shepherd.upstream.headers import relay_response_headers, request_lines, response_lines
 
 
 def proxy(*pairs):

@@ -17,8 +17,8 @@ from shepherd.errors import GatewayError
 from shepherd.exchange import Request, Response, StreamResponse, json_response
 from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import EngineMetrics
-from shepherd.upstream.client import relay_response_headers
 from shepherd.upstream.grpc_pool import is_grpc_url
+from shepherd.upstream.headers import relay_response_headers
 from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.manager import DuplicateWorker, Job, SpecError, WorkerSpec, is_secret_name, valid_cost
 from shepherd.workers.registry import count_by_type

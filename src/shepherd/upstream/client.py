@@ -8,24 +8,6 @@ from __future__ import annotations
 import ssl
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
-
-# Hop-by-hop and length headers are the proxy's own business; never relayed.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-    }
-)
 
 
 class UpstreamClient:
@@ -60,17 +42,3 @@ class UpstreamClient:
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def relay_response_headers(upstream: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
-    """A worker's response headers minus hop-by-hop ones (also those its `Connection` header names), plus `extra`."""
-    skip = _HOP_BY_HOP
-    connection = upstream.get("Connection")
-    if connection is not None:
-        skip = skip | {token.strip().lower() for token in connection.split(",")}
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name.lower() not in skip:
-            headers.add(name, value)
-    headers.update(extra)
-    return headers

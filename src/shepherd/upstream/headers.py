@@ -1,4 +1,5 @@
-"""Header hygiene on the hot path, as pre-serialized bytes: what goes to a worker, and what of its answer goes back.
+"""Header hygiene in both directions: what goes to a worker, and what of its answer goes back (pre-serialized
+bytes on the hot path; a multidict for the admin routes that proxy a worker).
 
 Only a short allow-list of client headers reaches a worker (cookies, user agents and the like stay here); of a
 worker's answer every header goes back except hop-by-hop ones (also those its `Connection` header names), the
@@ -9,24 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 _FORWARDED = (b"traceparent", b"tracestate", b"x-smg-routing-key")
-_DROPPED = frozenset(
+# Hop-by-hop and length headers are the proxy's own business: never relayed, in either direction.
+HOP_BY_HOP = frozenset(
     {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"host",
-        b"x-request-id",
-        b"x-smg-routed-worker-id",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
     }
 )
+# Of a relayed answer, also the routing headers the gateway sets itself.
+_DROPPED = frozenset(name.encode() for name in HOP_BY_HOP | {"x-request-id", "x-smg-routed-worker-id"})
 
 
 def request_lines(
@@ -58,3 +62,18 @@ def response_lines(worker_headers: list[tuple[bytes, bytes]]) -> bytes:
             dropped = dropped | {token.strip().lower() for token in value.split(b",")}
         lines.append((lower, name, value))
     return b"".join(b"%s: %s\r\n" % (name, value) for lower, name, value in lines if lower not in dropped)
+
+
+def relay_response_headers(upstream: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+    """`response_lines` for an aiohttp answer (admin routes that proxy a worker): its headers minus hop-by-hop ones
+    (also those its `Connection` header names), plus `extra`."""
+    skip = HOP_BY_HOP
+    connection = upstream.get("Connection")
+    if connection is not None:
+        skip = skip | {token.strip().lower() for token in connection.split(",")}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in skip:
+            headers.add(name, value)
+    headers.update(extra)
+    return headers
