@@ -811,3 +811,20 @@ async def test_against_a_real_sim_worker_plain_and_streamed(tmp_path):
             assert pool.open_count == 1 and pool.idle_count(origin) == 1  # both on one keep-alive connection
         finally:
             await pool.close()
+
+
+async def test_a_discarded_origin_closes_its_idle_connections_and_pools_no_more(serve, pool):
+    """A worker that left the fleet: its idle connections close at once, and one still busy is closed when its
+    response ends instead of going back to a pool nobody sweeps."""
+    server = await serve(keep_alive)
+    origin = pool.origin(server.url)
+    busy = await pool.request(origin, b"POST", b"/x", b"", b"{}")  # its body not read yet: not pooled
+    body = await get(pool, origin)  # a second connection, pooled when done
+    assert pool.idle_count(origin) == 1 and pool.open_count == 2
+    pool.discard(server.url)
+    assert pool.idle_count(origin) == 0
+    await until(lambda: server.finished == 1, "the idle connection to close")
+    assert await busy.read() == body
+    assert pool.idle_count(origin) == 0
+    await until(lambda: pool.open_count == 0, "both connections to close")
+    assert pool.origin(server.url) is not origin  # a worker that comes back gets a fresh origin

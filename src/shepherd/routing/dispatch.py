@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from shepherd.errors import GatewayError
 from shepherd.routing.attempt import AttemptFailure
-from shepherd.routing.context import RequestContext
+from shepherd.routing.context import INFERENCE_ENDPOINTS, RequestContext
 from shepherd.upstream.headers import request_lines
-from shepherd.upstream.pool import Origin, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from shepherd.upstream.pool import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from shepherd.upstream.retry import Backoff, is_worker_fault
 from shepherd.urls import display_url
 from shepherd.workers.worker import Worker
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from shepherd.workers.registry import Registry
 
 Target = TypeVar("Target")  # what one attempt goes to: a Worker, or a (prefill, decode) pair
+_TARGETS = {endpoint.upstream_path: endpoint.upstream_path.encode() for endpoint in INFERENCE_ENDPOINTS}
 
 
 class DispatchLoop(Generic[Target]):
@@ -106,7 +107,7 @@ class WorkerCall:
         http = config.http
         self._first_byte = min(http.upstream_first_byte_timeout_secs or self._request_timeout, self._request_timeout)
         self._stream_idle = http.stream_idle_timeout_secs
-        self._targets: dict[tuple[Worker, str], tuple[Origin, bytes]] = {}
+        self._registry = registry
         registry.subscribe(on_removed=self._forget)
 
     def deadline(self) -> float:
@@ -116,7 +117,8 @@ class WorkerCall:
     async def open(
         self, request: Request, ctx: RequestContext, worker: Worker, body: bytes
     ) -> UpstreamResponse | AttemptFailure:
-        origin, target = self._target(worker, ctx.endpoint.upstream_path)
+        origin = self._pool.origin(worker.base_url)
+        target = _TARGETS[ctx.endpoint.upstream_path]
         key = None if worker.userinfo else (worker.api_key or self._gateway_key)
         lines = request_lines(request.raw_headers, ctx.request_id, key, forward_client_auth=not worker.userinfo)
         try:
@@ -153,16 +155,9 @@ class WorkerCall:
         upstream.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _target(self, worker: Worker, path: str) -> tuple[Origin, bytes]:
-        key = (worker, path)
-        found = self._targets.get(key)
-        if found is None:
-            found = self._targets[key] = (self._pool.origin(worker.base_url), path.encode("latin-1"))
-        return found
-
     def _forget(self, worker: Worker) -> None:
-        for key in [k for k in self._targets if k[0] is worker]:
-            del self._targets[key]
+        if not self._registry.at_base_url(worker.base_url):  # DP ranks share their engine's connections
+            self._pool.discard(worker.base_url)
 
     @staticmethod
     def _shown(worker: Worker, ctx: RequestContext) -> str:

@@ -89,7 +89,19 @@ class Origin:
     would be.
     """
 
-    __slots__ = ("_idle", "_line_end", "_line_start", "host", "host_header", "name", "path", "port", "scheme", "tls")
+    __slots__ = (
+        "_discarded",
+        "_idle",
+        "_line_end",
+        "_line_start",
+        "host",
+        "host_header",
+        "name",
+        "path",
+        "port",
+        "scheme",
+        "tls",
+    )
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -122,6 +134,7 @@ class Origin:
         self._line_start = b" " + self.path
         self._line_end = b" HTTP/1.1\r\n" + self.host_header + auth
         self._idle: deque[_Connection] = deque()
+        self._discarded = False  # the pool forgot it (its worker left): connections are closed, not pooled
 
     def __repr__(self) -> str:
         return f"Origin({self.name})"
@@ -607,6 +620,17 @@ class UpstreamPool:
             origin = self._origins[base_url] = Origin(base_url)
         return origin
 
+    def discard(self, base_url: str) -> None:
+        """Forget a worker that left: its idle connections close now, its busy ones when their response ends."""
+        origin = self._origins.pop(base_url, None)
+        if origin is None:
+            return
+        origin._discarded = True
+        while origin._idle:
+            conn = origin._idle.pop()
+            conn._in_pool = False
+            conn._shut(abort=False)
+
     def idle_count(self, origin: Origin) -> int:
         """Idle pooled connections to `origin`."""
         return len(origin._idle)
@@ -722,7 +746,8 @@ class UpstreamPool:
         return conn
 
     def _release(self, conn: _Connection) -> None:
-        if not (conn._complete and conn._keep_alive) or conn._closed or self._closed:
+        origin = conn._origin
+        if not (conn._complete and conn._keep_alive) or conn._closed or self._closed or origin._discarded:
             conn._shut(abort=not conn._complete)
             return
         if conn._chunks:
@@ -732,7 +757,7 @@ class UpstreamPool:
         conn._reused = True
         conn._in_pool = True
         conn._idle_since = conn._loop.time()
-        idle = conn._origin._idle
+        idle = origin._idle
         if len(idle) >= self._max_idle:
             old = idle.popleft()
             old._in_pool = False
