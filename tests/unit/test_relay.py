@@ -114,9 +114,11 @@ async def test_rewrite_sees_whole_lines_even_when_reads_split_them():
 
 async def test_the_workers_reported_cached_tokens_come_back_with_the_outcome():
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":900,"prompt_tokens_details":{"cached_tokens": 768}}}\n\n'
-    outcome = await relay_sse(Upstream([FRAMES[0], usage, FRAMES[2]]), Client(), b"cut", FOREVER)
+    frames = [FRAMES[0], usage, FRAMES[2]]
+    outcome = await relay_sse(Upstream(frames), Client(), b"cut", FOREVER, read_cached_tokens=True)
     assert outcome.cached_tokens == 768
-    assert (await relay_sse(Upstream(FRAMES), Client(), b"cut", FOREVER)).cached_tokens is None
+    assert (await relay_sse(Upstream(FRAMES), Client(), b"cut", FOREVER, read_cached_tokens=True)).cached_tokens is None
+    assert (await relay_sse(Upstream(frames), Client(), b"cut", FOREVER)).cached_tokens is None  # not asked
 
 
 def test_reported_cached_tokens_reads_sglang_and_openai_shapes():

@@ -94,7 +94,7 @@ class Router(DispatchLoop[Worker]):
                     )
                 response, ok = worker_response(worker, ctx, upstream.status, payload, upstream.headers), True
                 worker.breaker.record_success()
-                cached = reported_cached_tokens(payload)
+                cached = reported_cached_tokens(payload) if self.policy.reads_cached_tokens else None
             lease.ok = ok
             self.policy.on_request_done(worker, ctx, ok, cached)
             return response
@@ -123,7 +123,9 @@ class Router(DispatchLoop[Worker]):
             upstream.abort()
             return out, True, None
         request[STREAM_STARTED] = out
-        outcome = await relay_sse(upstream, out, _STREAM_INTERRUPTED, deadline)
+        outcome = await relay_sse(
+            upstream, out, _STREAM_INTERRUPTED, deadline, read_cached_tokens=self.policy.reads_cached_tokens
+        )
         if outcome.broken:
             worker.breaker.record_failure()
             log.warning(

@@ -54,13 +54,15 @@ async def relay_sse(
     interrupted_frame: bytes,
     deadline: float,
     rewrite_line: Callable[[bytes], bytes] | None = None,
+    read_cached_tokens: bool = False,
 ) -> RelayOutcome:
     """Copy `upstream`'s body to the prepared `out` as it arrives (line by line with `rewrite_line`), then end it.
 
     A worker that breaks the stream midway, goes quiet for longer than the stream idle timeout, or runs past
     `deadline` (time.monotonic) gets `interrupted_frame` written in place of the rest (and no `[DONE]`), so the
     client can tell a cut stream from a finished one; its connection is closed, not pooled. A client that goes
-    away ends the relay (`client_gone`) and closes the worker's connection too.
+    away ends the relay (`client_gone`) and closes the worker's connection too. With `read_cached_tokens` the
+    outcome carries the `cached_tokens` the worker reported.
     """
     first_chunk_at = 0.0
     events = 0
@@ -88,7 +90,7 @@ async def relay_sse(
                 pending = lines.pop()
                 chunk = b"".join(rewrite_line(line + b"\n") for line in lines)
             events += chunk.count(b"data:")
-            if _CACHED in chunk:
+            if read_cached_tokens and _CACHED in chunk:
                 cached = reported_cached_tokens(chunk)
             last = chunk
             if upstream.finished and not pending:  # the last piece: it and the end of the response in one write

@@ -11,6 +11,7 @@ from shepherd.workers.worker import Worker
 
 class Policy(Protocol):
     name: str
+    reads_cached_tokens: bool  # whether `on_request_done` uses `cached_tokens` (else the router does not look)
 
     def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         """Choose one of `candidates` (never empty) for `ctx`."""
@@ -30,6 +31,7 @@ class StatelessPolicy:
     """Base for policies that learn nothing from traffic."""
 
     name = "stateless"
+    reads_cached_tokens = False
 
     def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
         return None

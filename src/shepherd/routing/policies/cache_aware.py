@@ -60,6 +60,7 @@ _BACKGROUND_CHUNK = 4096
 
 class CacheAwarePolicy:
     name = "cache_aware"
+    reads_cached_tokens = True
 
     def __init__(self, config: CacheAwareConfig, rng: random.Random | None = None) -> None:
         self._config = config
