@@ -319,7 +319,7 @@ def plain_worker() -> Iterator[RawWorker]:
 
 @pytest.fixture(scope="module")
 def plain_gw(plain_worker: RawWorker, tmp_path_factory) -> Iterator[GatewayProcess]:
-    """Default upstream timeouts (a 4 s pool expiry, no stream idle timeout) and one attempt per request."""
+    """Default upstream timeouts (a 4 s pool expiry, a 300 s stream idle timeout) and one attempt per request."""
     args = ("--disable-retries", *GRACE)
     with start_gateway(tmp_path_factory.mktemp("plain-gw"), [plain_worker.url], *args) as gw:
         yield gw
