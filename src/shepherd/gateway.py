@@ -179,7 +179,9 @@ class Gateway:
     async def start(self) -> None:
         log_posture(self.config)  # before any listener accepts: probes that see the port up can read the summary
         await self._metrics_listener.start()
-        self._server = HttpServer(build_app(self), self.config.http, self.config.max_payload_size)
+        self._server = HttpServer(
+            build_app(self), self.config.http, self.config.max_payload_size, on_rejected=self.metrics.record_rejected
+        )
         ssl_context = self.server_tls.context if self.server_tls is not None else None
         await self._server.start(self.config.host, self.config.port, ssl_context)
         self._load_startup_tokenizer()

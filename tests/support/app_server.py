@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -73,11 +73,14 @@ class AppClient:
 
 @contextlib.asynccontextmanager
 async def serving(
-    app: App, config: HttpConfig | None = None, max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    app: App,
+    config: HttpConfig | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    on_rejected: Callable[[int], None] | None = None,
 ) -> AsyncIterator[AppClient]:
     """Serve `app` on 127.0.0.1 for the duration of the block. On exit the client's connections close first, then
     the server shuts down (idle connections at once, a busy one after its response)."""
-    server = HttpServer(app, config if config is not None else HttpConfig(), max_body_size)
+    server = HttpServer(app, config if config is not None else HttpConfig(), max_body_size, on_rejected)
     await server.start("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession() as session:
@@ -87,6 +90,6 @@ async def serving(
 
 
 def serving_gateway(gateway: Gateway) -> contextlib.AbstractAsyncContextManager[AppClient]:
-    """The gateway's whole main-port app (every route behind the pipeline), with its HTTP limits."""
+    """The gateway's whole main-port app (every route behind the pipeline), with its HTTP limits and metrics."""
     config = gateway.config
-    return serving(build_app(gateway), config.http, config.max_payload_size)
+    return serving(build_app(gateway), config.http, config.max_payload_size, gateway.metrics.record_rejected)

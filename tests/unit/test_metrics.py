@@ -235,3 +235,25 @@ async def test_listener_serves_valid_expositions_under_concurrent_scrapes_and_40
         assert "process_cpu_seconds_total" in exp.text or "python_gc_objects_collected_total" in exp.text
     assert other[0] == 404 and other[2] == ""
     assert main_path[0] == 404
+
+
+async def test_requests_the_http_server_refuses_are_counted_under_unmatched():
+    """Malformed HTTP (400) and too many headers (431) never reach a route; they are counted all the same."""
+    gateway = Gateway(GatewayConfig(host="127.0.0.1", port=0))
+    too_many = b"".join(b"x-h%d: 1\r\n" % i for i in range(gateway.config.http.max_header_count + 1))
+    messages = (
+        b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /liveness HTTP/1.1\r\nHost: t\r\n" + too_many + b"\r\n",
+    )
+    async with serving_gateway(gateway) as client:
+        for message in messages:
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(message)
+            status_line = await reader.readline()
+            writer.close()
+            await writer.wait_closed()
+            assert status_line.split()[1] in (b"400", b"431")
+    exp = scrape(gateway.metrics)
+    assert exp.value("smg_http_requests_total", method="OTHER", path="unmatched", status_code="400") == 1
+    assert exp.value("smg_http_requests_total", method="OTHER", path="unmatched", status_code="431") == 1
+    await gateway.client.close()

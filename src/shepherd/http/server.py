@@ -48,8 +48,15 @@ class _HttpError(Exception):
 class HttpServer:
     """Listens, owns the open connections, and shuts down gracefully."""
 
-    def __init__(self, app: App, config: HttpConfig, max_body_size: int) -> None:
+    def __init__(
+        self,
+        app: App,
+        config: HttpConfig,
+        max_body_size: int,
+        on_rejected: Callable[[int], None] | None = None,
+    ) -> None:
         self.app = app
+        self.on_rejected = on_rejected  # told the status of every request refused before the app saw it
         self.config = config
         self.max_body_size = max_body_size
         self.connections: set[HttpConnection] = set()
@@ -462,6 +469,8 @@ class HttpConnection(asyncio.Protocol):
     def _write_fatal(self) -> None:
         error = self._fatal
         assert error is not None
+        if self._server.on_rejected is not None:
+            self._server.on_rejected(error.status)
         if self._transport is not None and not self.closed:
             body = error_body(error.status, error.code, str(error))
             self._transport.write(

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from shepherd.exchange import UNMATCHED, Request, Route
 from shepherd.observability.cells import Count, CounterFamily, Distribution, HistogramFamily
 from shepherd.observability.exposition import TEXT_CONTENT_TYPE
 from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint
@@ -32,7 +33,6 @@ from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 
 if TYPE_CHECKING:
     from shepherd.config import GatewayConfig
-    from shepherd.exchange import Request
     from shepherd.http.admission import Admission
     from shepherd.workers.registry import Registry
 
@@ -165,9 +165,14 @@ class GatewayMetrics:
 
     def record_http(self, request: Request, status: int, seconds: float) -> None:
         method = request.method
-        if method not in _METHODS:
-            method = "OTHER"
-        route = request.route
+        self._record_http(request.route, method if method in _METHODS else "OTHER", status, seconds)
+
+    def record_rejected(self, status: int) -> None:
+        """A request the HTTP server refused before any route saw it (malformed, head too large or too slow, body
+        declared too large): counted under the unmatched route, method OTHER."""
+        self._record_http(UNMATCHED, "OTHER", status, 0.0)
+
+    def _record_http(self, route: Route, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
         cells = self._http.get(key)
         if cells is None:
