@@ -112,6 +112,11 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help="queued requests a prompt's home may carry more than another worker when the index knows nothing of "
         "the prompt (keeps replicas' placements alike)",
     )  # fmt: skip
+    r.add_argument(
+        "--cache-max-share", type=float, default=ca.max_share,
+        help="no worker takes more than this times the mean share of recent requests while another is under it "
+        "(a hot prefix spills); 0: no cap",
+    )  # fmt: skip
     r.add_argument("--pd-disaggregation", action="store_true")
     r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
     r.add_argument("--decode", action="append", default=[], metavar="URL")
@@ -302,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             chars_per_token=args.cache_chars_per_token,
             queue_tokens=args.cache_queue_tokens,
             home_requests=args.cache_home_requests,
+            max_share=args.cache_max_share,
         ),
         pd_disaggregation=args.pd_disaggregation,
         prefill=_prefill_specs(args.prefill),

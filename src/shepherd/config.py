@@ -89,6 +89,7 @@ class CacheAwareConfig:
     chars_per_token: float = 4.0  # converts KV tokens to indexed characters; high rather than low (routing.md)
     queue_tokens: float = 256.0  # prefill tokens one request in flight on a worker is worth in the cost model
     home_requests: float = 1.0  # queued requests a prompt's home may carry more, when the index knows nothing of it
+    max_share: float = 1.3  # no worker takes more than this times the mean share of recent requests (0: no cap)
 
 
 DISCOVERY_PROVIDERS = ("kubernetes", "file")
@@ -305,6 +306,8 @@ class GatewayConfig:
             raise ConfigError("--cache-queue-tokens and --cache-home-requests must be >= 0")
         if not ca.chars_per_token > 0:
             raise ConfigError("--cache-chars-per-token must be > 0")
+        if not (ca.max_share == 0 or ca.max_share >= 1):
+            raise ConfigError("--cache-max-share must be 0 (no cap) or >= 1")
         hc = self.health_check
         if hc.failure_threshold < 1 or hc.success_threshold < 1:
             raise ConfigError("--health-failure-threshold and --health-success-threshold must be >= 1")

@@ -39,6 +39,9 @@ def ctx(text, model="m"):
     return RequestContext(GENERATE, orjson.dumps({"text": text, "model": model}), "req")
 
 
+NO_SHARE_CAP = CacheAwareConfig(max_share=0)
+
+
 def policy(config=None, seed=0):
     return CacheAwarePolicy(config or CacheAwareConfig(), random.Random(seed))
 
@@ -70,7 +73,8 @@ def seed(p, worker, text):
 def test_a_hot_prefix_spills_only_when_queueing_outweighs_recompute():
     # One request in flight is worth 256 tokens (1,024 characters) of prefill; the prompt is 4,000 cached characters
     # and a 200-character question: moving costs 4,000 more characters of prefill, i.e. about 4 requests of queue.
-    p = policy()
+    # (The share cap is off: with every request on `a`, it would move the prefix as soon as `a` is busy.)
+    p = policy(NO_SHARE_CAP)
     a, b = make_workers(2)
     system = words(40, 4000)
     seed(p, a, system)
@@ -78,16 +82,45 @@ def test_a_hot_prefix_spills_only_when_queueing_outweighs_recompute():
         a.load, b.load = load, 0
         assert p.pick((a, b), ctx(system + " " + words(41 + load, 200))) is expected, load
     # A longer cached prefix is worth a longer queue.
-    p = policy()
+    p = policy(NO_SHARE_CAP)
     history = system + " " + words(50, 4000)
     seed(p, a, history)
     a.load, b.load = 6, 0
     assert p.pick((a, b), ctx(history + " " + words(51, 200))) is a
     # --cache-queue-tokens sets the exchange rate.
-    cheap_queue = policy(dataclasses.replace(CacheAwareConfig(), queue_tokens=64))
+    cheap_queue = policy(dataclasses.replace(NO_SHARE_CAP, queue_tokens=64))
     seed(cheap_queue, a, system)
     a.load, b.load = 8, 0
     assert cheap_queue.pick((a, b), ctx(system + " " + words(52, 200))) is a
+
+
+def test_a_busy_worker_above_the_share_cap_spills_its_hot_prefix():
+    # Queueing alone would keep the hot prefix on `a` (one request ahead costs less than recomputing 4,000
+    # characters); the cap moves it once `a` has served more than 1.3 times the mean share and is busier than average.
+    fleet = make_workers(4)
+    a = fleet[0]
+    hot = words(60, 4000)
+    for capped, expected_spill in ((CacheAwareConfig(), True), (NO_SHARE_CAP, False)):
+        p = policy(capped)
+        seed(p, a, hot)
+        for i in range(8):  # idle: the cap does not apply, the prefix stays put
+            assert p.pick(fleet, ctx(hot + " " + words(61 + i, 200))) is a
+        a.load = 1
+        spilled = p.pick(fleet, ctx(hot + " " + words(70, 200))) is not a
+        a.load = 0
+        assert spilled is expected_spill
+
+
+def test_a_busy_worker_within_its_share_keeps_its_prefix():
+    fleet = make_workers(4)
+    a = fleet[0]
+    p = policy()
+    hot = words(62, 4000)
+    seed(p, a, hot)
+    for i in range(64):  # even traffic: the workers' shares stay near the mean
+        p.pick((fleet[i % 4],), ctx(words(5_000 + i, 300)))
+    a.load = 1
+    assert p.pick(fleet, ctx(hot + " " + words(63, 200))) is a
 
 
 def test_a_miss_never_lands_on_an_overloaded_worker():
@@ -216,6 +249,9 @@ def test_queue_and_home_flags_come_from_the_command_line():
         parse("--cache-home-requests", "-1").validate()
     with pytest.raises(ConfigError):
         parse("--cache-queue-tokens", "-1").validate()
+    assert parse("--cache-max-share", "1.5").cache_aware.max_share == 1.5
+    with pytest.raises(ConfigError):
+        parse("--cache-max-share", "0.5").validate()
 
 
 def test_index_stays_within_its_byte_budget_under_a_burst():
@@ -303,7 +339,9 @@ def test_cost_per_decision_does_not_grow_with_the_fleet():
     prompts = [words(g, 6000) + " " + words(1000 + i, 2000) for i, g in enumerate([i % 32 for i in range(400)])]
     per_decision = {}
     for size in (100, 1000, 5000):
-        p = policy(seed=1)
+        # Without the share cap, placement is the same at every size (the cap spreads 400 requests more thinly over
+        # a larger fleet: more holders to compare, which is placement, not cost per worker).
+        p = policy(NO_SHARE_CAP, seed=1)
         fleet = make_workers(size)
         inflight = collections.deque()
         for prompt in prompts:
