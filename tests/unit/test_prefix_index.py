@@ -52,14 +52,14 @@ def test_longest_match_returns_the_deepest_routable_holders():
     keys, ends = index.layout.keys(prompt)
     index.record(entry_a, keys, ends)
     index.record(entry_b, keys[:10], ends[:10])  # b holds only a shorter prefix
-    depth, holders = index.longest_match(keys, view.members, 8)
+    depth, holders, _ = index.longest_match(keys, view.members, 8, 3)
     assert (depth, holders) == (len(keys), [entry_a])
     # When a is not routable, the match falls back to the deepest prefix b holds.
     view_bc = index.view((b, c))
-    depth, holders = index.longest_match(keys, view_bc.members, 8)
+    depth, holders, _ = index.longest_match(keys, view_bc.members, 8, 2)
     assert (depth, holders) == (10, [entry_b])
     other_keys, _ = index.layout.keys(text(2, 2000))
-    assert index.longest_match(other_keys, view.members, 8) == (0, [])
+    assert index.longest_match(other_keys, view.members, 8, 3) == (0, [], 0)
 
 
 def test_view_is_built_once_per_candidates_snapshot():
@@ -180,7 +180,7 @@ def test_homes_are_the_same_in_every_process_and_spread_evenly():
     assert moved == 0
 
 
-def test_common_depth_counts_the_keys_every_worker_holds():
+def test_longest_match_counts_the_keys_every_worker_holds():
     index = PrefixIndex()
     fleet = make_workers(3)
     view = index.view(fleet)
@@ -188,8 +188,10 @@ def test_common_depth_counts_the_keys_every_worker_holds():
     for i, entry in enumerate(view.entries):
         index.record(entry, *index.layout.keys(system + text(10 + i, 500)))
     keys, ends = index.layout.keys(system + text(20, 500))
-    assert ends[index.common_depth(keys, 3) - 1] == 960  # the pages of the system prompt everyone holds
-    assert index.common_depth(keys, 4) == 0
+    depth, _, common = index.longest_match(keys, view.members, 8, 3)
+    assert ends[common - 1] == 960  # the pages of the system prompt everyone holds
+    assert depth == common  # and none holds more of this prompt
+    assert index.longest_match(keys, view.members, 8, 4)[2] == 0
 
 
 def test_rotate_holder_offers_the_least_recently_chosen_holders_first():
@@ -200,9 +202,9 @@ def test_rotate_holder_offers_the_least_recently_chosen_holders_first():
     for entry in view.entries:
         index.record(entry, keys, ends)
     first, second, third = view.entries
-    assert index.longest_match(keys, view.members, 2) == (len(keys), [first, second])
+    assert index.longest_match(keys, view.members, 2, 3) == (len(keys), [first, second], len(keys))
     index.rotate_holder(first, keys[-1])
-    assert index.longest_match(keys, view.members, 2) == (len(keys), [second, third])
+    assert index.longest_match(keys, view.members, 2, 3) == (len(keys), [second, third], len(keys))
     index.rotate_holder(first, keys[0])  # other keys keep their own order
     assert list(index.holders[keys[-1]]) == [second, third, first]
 

@@ -162,13 +162,14 @@ class WorkerEntry:
 class FleetView:
     """The entries of one candidates snapshot, resolved once per snapshot instead of once per request."""
 
-    __slots__ = ("_ring", "entries", "members", "source")
+    __slots__ = ("_ring", "entries", "homes", "members", "source")
 
     def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...], ring: HashRing[WorkerEntry]) -> None:
         self.source = source
         self.entries = entries
         self.members = frozenset(entries)
         self._ring = ring  # the index's ring of all its workers; replaced by the view's own when it is a small part
+        self.homes: dict[int, WorkerEntry] = {}  # the policy's memo of anchor key -> home (bounded by it)
 
     def home(self, point: int) -> WorkerEntry:
         """The entry owning `point` on the ring of the view's entries: the first of their points at or after it."""
@@ -264,15 +265,20 @@ class PrefixIndex:
 
     # --- lookups ---------------------------------------------------------------------------------------------
     def longest_match(
-        self, keys: list[int], members: frozenset[WorkerEntry], limit: int
-    ) -> tuple[int, list[WorkerEntry]]:
-        """(depth, holders): the most keys of `keys` that some member holds, and up to `limit` such members."""
+        self, keys: list[int], members: frozenset[WorkerEntry], limit: int, everyone: int
+    ) -> tuple[int, list[WorkerEntry], int]:
+        """(depth, holders, common): the most keys of `keys` that some member holds, up to `limit` such members,
+        and how many leading keys at least `everyone` workers hold (a prefix everyone holds says nothing about
+        where to go)."""
         holders = self.holders
-        depth = 0
+        depth = common = 0
         for key in keys:
-            if key not in holders:
+            owners = holders.get(key)
+            if owners is None:
                 break
             depth += 1
+            if common + 1 == depth and len(owners) >= everyone:
+                common = depth
         probes = depth + 1
         scan = limit * _HOLDER_SCAN_FACTOR
         found: list[WorkerEntry] = []
@@ -291,26 +297,13 @@ class PrefixIndex:
                 break
             depth -= 1  # the deepest holders are gone or not routable right now: settle for a shorter match
         self.lookups += probes
-        return depth, found
+        return depth, found, common
 
     def rotate_holder(self, entry: WorkerEntry, key: int) -> None:
         """Move `entry` behind the other holders of `key`, so longest_match offers the least recently chosen first."""
         owners = self.holders.get(key)
         if owners is not None and owners.pop(entry, False) is None:
             owners[entry] = None
-
-    def common_depth(self, keys: list[int], workers: int) -> int:
-        """How many leading keys at least `workers` workers hold (a prefix everyone holds says nothing about where
-        to go)."""
-        holders = self.holders
-        depth = 0
-        for key in keys:
-            owners = holders.get(key)
-            if owners is None or len(owners) < workers:
-                break
-            depth += 1
-        self.lookups += depth + 1
-        return depth
 
     # --- updates ---------------------------------------------------------------------------------------------
     def record(self, entry: WorkerEntry, keys: list[int], ends: list[int]) -> None:

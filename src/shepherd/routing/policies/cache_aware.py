@@ -58,6 +58,7 @@ RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requ
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random offset)
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
+HOMES_REMEMBERED = 65536  # anchors whose home a fleet view remembers (then it starts over)
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
 
@@ -159,11 +160,20 @@ class CacheAwarePolicy:
     # --- decision --------------------------------------------------------------------------------------------
     @staticmethod
     def home(view: FleetView, text: str, keys: list[int], ends: list[int], common: int) -> WorkerEntry:
-        """The prompt's home: its anchor block (the first one not every candidate holds) hashed onto the ring."""
+        """The prompt's home: its anchor block (the first one not every candidate holds) hashed onto the ring.
+
+        Remembered per view by the anchor's key (the same prefix always has the same home on the same fleet)."""
         anchor = min(common, len(keys) - 1)
-        start = ends[anchor - 1] if anchor else 0
-        block = text[start : ends[anchor]].encode("utf-8", "surrogatepass")
-        return view.home(mix64(zlib.crc32(block) << 24 | anchor))
+        homes = view.homes
+        home = homes.get(keys[anchor])
+        if home is None:
+            start = ends[anchor - 1] if anchor else 0
+            block = text[start : ends[anchor]].encode("utf-8", "surrogatepass")
+            home = view.home(mix64(zlib.crc32(block) << 24 | anchor))
+            if len(homes) >= HOMES_REMEMBERED:
+                homes.clear()
+            homes[keys[anchor]] = home
+        return home
 
     def _traffic_cap(self, index: PrefixIndex, workers: int) -> float:
         """The recent traffic above which a busy worker is not chosen: --cache-max-share times the mean, and more
@@ -203,9 +213,8 @@ class CacheAwarePolicy:
         if not keys:
             return least, 0
         length = ends[-1]
-        depth, holders = index.longest_match(keys, view.members, HOLDERS_PROBED)
+        depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
         known = ends[depth - 1] if depth else 0
-        common = index.common_depth(keys, len(entries))
         home = self.home(view, text, keys, ends, common)
         # What this replica has not seen of the prompt may be at its home, but only when it knows nothing specific
         # about the prompt (no holder beyond what every worker holds): a known holder is better evidence.
@@ -217,6 +226,7 @@ class CacheAwarePolicy:
         least_limit = self._running_limit(least.worker)
         least_has_room = not least_limit or least_load < least_limit
         abs_threshold, rel_threshold, queue_chars = self._abs, self._rel, self._queue_chars
+        limits = self._running_limits
 
         candidates = [least] if home is least else [least, home]
         candidates += [entry for entry in holders if entry is not least and entry is not home]
@@ -230,7 +240,9 @@ class CacheAwarePolicy:
                 if entry.traffic > traffic_cap and load > mean_load:
                     continue  # busier than average and above --cache-max-share of recent requests: spill
                 if least_has_room:
-                    limit = self._running_limit(entry.worker)
+                    limit = limits.get(entry.worker)
+                    if limit is None:
+                        limit = self._running_limit(entry.worker)
                     if limit and load >= limit:
                         continue  # a full batch: the request would wait for a slot, not just queue
             expected = entry.traffic * per_traffic
