@@ -197,7 +197,7 @@ def document(ours: dict, smg: dict | None, sglang_router: dict | None = None, **
     gateways.update({name: f for name, f in ((SMG, smg), (SGLANG_ROUTER, sglang_router)) if f is not None})
     result = {"description": "d", "requests": 10, "load": "10 req/s open loop", "kv_tokens": 100, "gateways": gateways,
               "bounds": {"infinite_cache": 0.9, "fleet_capacity": 0.8, "fleet_capacity_tokens": 100,
-                         "prefix_set_tokens": 125, "distinct_tokens": 150}}  # fmt: skip
+                         "pooled_lru": 0.7, "prefix_set_tokens": 125, "distinct_tokens": 150}}  # fmt: skip
     results = {"shared-prefix": result}
     settings = {"pd": False, "workers": 8, "kv_tokens": 100, "rate": 10.0, "concurrency": None}
     return {
@@ -241,7 +241,8 @@ def test_replica_scaling_is_the_hit_rate_over_one_replicas() -> None:
 def test_render_prints_figures_bounds_and_the_goal() -> None:
     smg, sglang_router = gateway_figures(0.8, 60.0, 1.0, SMG), gateway_figures(0.85, 45.0, 1.0, SGLANG_ROUTER)
     text = render(document(gateway_figures(0.9, 40.0, 1.2), smg, sglang_router))
-    assert "0.900 with an infinite cache" in text and "0.800 with the fleet's 100 tokens (prefix set 125" in text
+    assert "0.900 with an infinite cache" in text and "0.800 with the fleet's 100 tokens" in text
+    assert "(one LRU cache of them: 0.700; prefix set 125" in text
     assert SHEPHERD in text and "1.12x" in text and "0.67x" in text and "yes" in text and "1.06x" in text
     assert "10 req/s open loop" in text and "of bound" in text
 

@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from shepherd.bench.cache_bounds import capacity_hit_rate, infinite_cache_hit_rate, reused_prefix_tokens
+from shepherd.bench.cache_bounds import (
+    capacity_hit_rate,
+    infinite_cache_hit_rate,
+    pooled_lru_hit_rate,
+    reused_prefix_tokens,
+)
 from shepherd.bench.workloads import multi_turn, shared_prefix
 from shepherd.sim.kv_cache import PrefixCache
 
@@ -29,6 +34,17 @@ def test_answers_are_cached_for_the_next_turn() -> None:
     answer = tokens(500, 16)
     second = first + answer + tokens(900, 16)
     assert infinite_cache_hit_rate([(first, answer), (second, [])], PAGE) == pytest.approx(48 / (32 + 64))
+
+
+def test_pooled_lru_thrashes_on_a_cycle_larger_than_it_where_belady_keeps_part() -> None:
+    # Three 2-page prefixes (plus a fresh last page each) visited in a cycle, in a cache of 4 pages: LRU always
+    # evicts the prefix that comes next; the optimal cache keeps two of them for good (2/3 of the turns hit 2 of
+    # their 3 pages, less the first visits).
+    prefixes = [tokens(1000 * i, 32) for i in range(3)]
+    turns = [(prefixes[i % 3] + tokens(10_000 + i, 16), []) for i in range(30)]
+    assert pooled_lru_hit_rate(turns, PAGE, 4 * PAGE) == 0.0
+    assert capacity_hit_rate(turns, PAGE, 4 * PAGE) == pytest.approx(0.4)
+    assert pooled_lru_hit_rate(turns, PAGE, 64 * PAGE) == pytest.approx(infinite_cache_hit_rate(turns, PAGE))
 
 
 def test_prefix_set_counts_each_reused_page_once() -> None:

@@ -16,6 +16,10 @@ leaves the pages of its prompt and answer behind.
   workers at any moment are a set of at most that many pages, filled only by requests, so no router can hit more
   often; replicas of a prefix on several workers, pages pinned by running requests and LRU eviction only lower what
   is reachable. It assumes the nominal arrival order.
+- `pooled_lru_hit_rate`: one LRU cache of the fleet's total capacity (the simulator's own cache), fed every turn in
+  nominal order. Not a bound: separate caches can beat it (a prefix that would thrash a pooled cache can be kept on
+  some workers and not others). It is the reference for what LRU engines keep when no capacity is spent twice: one
+  copy of every prefix, the system prompt included, which a balanced fleet must instead hold on every worker.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ Turn = tuple[list[int], list[int]]  # (prompt token ids, answer token ids)
 
 def infinite_cache_hit_rate(turns: Iterable[Turn], page_size: int) -> float:
     """Fraction of prompt tokens that repeat a page-aligned prefix of an earlier prompt or answer."""
-    cache = PrefixCache(capacity_tokens=1 << 62, page_size=page_size)
+    return pooled_lru_hit_rate(turns, page_size, 1 << 62)
+
+
+def pooled_lru_hit_rate(turns: Iterable[Turn], page_size: int, capacity_tokens: int) -> float:
+    """Hit rate of one least-recently-used cache of `capacity_tokens` fed every turn in order."""
+    cache = PrefixCache(capacity_tokens=capacity_tokens, page_size=page_size)
     prompt_tokens = cached_tokens = 0
     for prompt, answer in turns:
         lease = cache.acquire(prompt)

@@ -69,6 +69,7 @@ from shepherd.bench.cache_bounds import (
     capacity_hit_rate,
     distinct_prompt_tokens,
     infinite_cache_hit_rate,
+    pooled_lru_hit_rate,
     reused_prefix_tokens,
 )
 from shepherd.bench.conversation_load import WorkloadRun, run_workload
@@ -251,6 +252,7 @@ def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
         "infinite_cache": infinite_cache_hit_rate(turns, settings.page_size),
         "fleet_capacity": capacity_hit_rate(turns, settings.page_size, capacity),
         "fleet_capacity_tokens": capacity,
+        "pooled_lru": pooled_lru_hit_rate(turns, settings.page_size, capacity),
         "prefix_set_tokens": reused_prefix_tokens(turns, settings.page_size),
         "distinct_tokens": distinct_prompt_tokens(turns, settings.page_size),
         "prompt_tokens": sum(len(prompt) for prompt, _ in turns),
@@ -491,7 +493,8 @@ def run_routing(
             progress(
                 f"{name}: {workload.description}; {workload.requests} requests, {load};"
                 f" hit-rate bounds {limits['infinite_cache']:.3f} (infinite cache),"
-                f" {limits['fleet_capacity']:.3f} (the fleet's capacity); prefix set"
+                f" {limits['fleet_capacity']:.3f} (the fleet's capacity), one LRU cache of that capacity"
+                f" {limits['pooled_lru']:.3f}; prefix set"
                 f" {limits['prefix_set_tokens']:,} tokens, distinct {limits['distinct_tokens']:,}"
                 f" ({limits['distinct_tokens'] / limits['fleet_capacity_tokens']:.1f}x the fleet's"
                 f" {limits['fleet_capacity_tokens']:,})"
@@ -615,7 +618,8 @@ def render(document: dict[str, Any]) -> str:
             f" {result['kv_tokens']:,} KV tokens, {result['load']}\n"
             f"hit-rate bounds: {limits['infinite_cache']:.3f} with an infinite cache,"
             f" {limits['fleet_capacity']:.3f} with the fleet's {limits['fleet_capacity_tokens']:,} tokens"
-            f" (prefix set {limits['prefix_set_tokens']:,} tokens, distinct {limits['distinct_tokens']:,});"
+            f" (one LRU cache of them: {limits['pooled_lru']:.3f}; prefix set {limits['prefix_set_tokens']:,} tokens,"
+            f" distinct {limits['distinct_tokens']:,});"
             f" of bound = hit rate / the fleet-capacity bound; times in ms; share = busiest worker's requests / mean"
         )
         parts.append(render_table(headers, rows, title))
