@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -80,7 +81,7 @@ class Splitter:
 
 
 @dataclass(slots=True)
-class _Answer:
+class Answer:
     status: int
     ttft: float = math.nan
     text: str = ""
@@ -89,7 +90,7 @@ class _Answer:
     error: str | None = None
 
 
-def read_event(data: bytes, answer: _Answer, parts: list[str], started: float) -> None:
+def read_event(data: bytes, answer: Answer, parts: list[str], started: float) -> None:
     """Apply one SSE payload to `answer`: generated text (and TTFT on the first), usage, or an error event."""
     if data == b"[DONE]":
         return
@@ -116,9 +117,9 @@ def read_event(data: bytes, answer: _Answer, parts: list[str], started: float) -
         answer.cached_tokens = int((details or {}).get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, started: float) -> _Answer:
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, started: float) -> Answer:
     async with session.post(url, data=body, headers=_HEADERS) as response:
-        answer = _Answer(response.status)
+        answer = Answer(response.status)
         if response.status != 200:
             await response.read()
             return answer
@@ -131,6 +132,9 @@ async def _send(session: aiohttp.ClientSession, url: str, body: bytes, started: 
         return answer
 
 
+Send = Callable[[dict[str, Any], float], Awaitable["Answer"]]  # (chat body, when it was due) -> its answer
+
+
 async def run_workload(
     base_urls: Sequence[str],
     workload: Workload,
@@ -141,12 +145,42 @@ async def run_workload(
 ) -> WorkloadRun:
     """Send every turn of `workload` to the replicas at `base_urls` (`/v1/chat/completions`, split round robin);
     exactly one of concurrency and rate, or neither for a timed workload."""
+    check_load(workload, concurrency, rate)
+    split = Splitter([url.rstrip("/") + "/v1/chat/completions" for url in base_urls])
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_secs)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",), auto_decompress=False
+    ) as session:
+
+        async def send(body: dict[str, Any], started: float) -> Answer:
+            try:
+                return await _send(session, split(), orjson.dumps(body), started)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                return Answer(0, error=f"{type(exc).__name__}: {exc}")
+
+        return await drive(workload, model, send, concurrency, rate)
+
+
+def check_load(workload: Workload, concurrency: int | None, rate: float | None) -> None:
     if workload.timed != (concurrency is None and rate is None) or (concurrency is not None and rate is not None):
         raise ValueError(
             "give exactly one of concurrency (closed loop) and rate (open loop), none for a timed workload"
         )
+
+
+async def drive(
+    workload: Workload,
+    model: str,
+    send: Send,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> WorkloadRun:
+    """Issue every turn of `workload` through `send` on the workload's schedule (the module docstring); `clock` is
+    the one `send` times answers with."""
+    check_load(workload, concurrency, rate)
     run = WorkloadRun()
-    split = Splitter([url.rstrip("/") + "/v1/chat/completions" for url in base_urls])
     conversations = workload.conversations
     answers: list[list[str]] = [[] for _ in conversations]
     ready: asyncio.Queue[int | None] = asyncio.Queue()
@@ -163,87 +197,78 @@ async def run_workload(
             for _ in range(drivers):
                 ready.put_nowait(None)
 
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=timeout_secs)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",), auto_decompress=False
-    ) as session:
+    async def one(index: int, started: float) -> bool:
+        """Send the next turn of conversation `index`; whether it was answered (its later turns are skipped if
+        not)."""
+        conversation = conversations[index]
+        turn = len(answers[index])
+        body = chat_body(model, conversation, turn, answers[index], workload.answer_tokens(index))
+        answer = await send(body, started)
+        status = STREAM_ERROR if answer.error and answer.status == 200 else answer.status
+        if answer.error and len(run.load.errors) < _ERROR_SAMPLES and answer.error not in run.load.errors:
+            run.load.errors.append(answer.error)
+        run.load.record(clock() - started, answer.ttft, status, len(answer.text))
+        run.prompt_tokens += answer.prompt_tokens
+        run.cached_tokens += answer.cached_tokens
+        if status != 200:
+            run.skipped += len(conversation.turns) - turn - 1
+            return False
+        answers[index].append(answer.text)
+        return True
 
-        async def one(index: int, started: float) -> bool:
-            """Send the next turn of conversation `index`; whether it was answered (its later turns are skipped if
-            not)."""
+    async def queued(index: int, started: float) -> None:
+        """`one` for a queued conversation: back to the queue if it goes on, its skipped turns accounted for."""
+        left = len(conversations[index].turns) - len(answers[index]) - 1
+        if await one(index, started):
+            if left:
+                ready.put_nowait(index)
+        elif left:
+            issued(left)
+
+    cpu0 = time.process_time()
+    t0 = clock()
+    if workload.timed:
+
+        async def timed(index: int) -> None:
             conversation = conversations[index]
-            turn = len(answers[index])
-            body = orjson.dumps(chat_body(model, conversation, turn, answers[index], workload.answer_tokens(index)))
-            try:
-                answer = await _send(session, split(), body, started)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                answer = _Answer(0, error=f"{type(exc).__name__}: {exc}")
-            status = STREAM_ERROR if answer.error and answer.status == 200 else answer.status
-            if answer.error and len(run.load.errors) < _ERROR_SAMPLES and answer.error not in run.load.errors:
-                run.load.errors.append(answer.error)
-            run.load.record(time.perf_counter() - started, answer.ttft, status, len(answer.text))
-            run.prompt_tokens += answer.prompt_tokens
-            run.cached_tokens += answer.cached_tokens
-            if status != 200:
-                run.skipped += len(conversation.turns) - turn - 1
-                return False
-            answers[index].append(answer.text)
-            return True
-
-        async def queued(index: int, started: float) -> None:
-            """`one` for a queued conversation: back to the queue if it goes on, its skipped turns accounted for."""
-            left = len(conversations[index].turns) - len(answers[index]) - 1
-            if await one(index, started):
-                if left:
-                    ready.put_nowait(index)
-            elif left:
-                issued(left)
-
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        if workload.timed:
-
-            async def timed(index: int) -> None:
-                conversation = conversations[index]
-                due = t0 + conversation.start
-                for turn in range(len(conversation.turns)):
-                    delay = due - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    started = max(due, time.perf_counter())
-                    if not await one(index, started):
-                        return
-                    due = started + conversation.think_after(turn)
-
-            await asyncio.gather(*(timed(index) for index in range(len(conversations))))
-        elif concurrency is not None:
-
-            async def client() -> None:
-                while (index := await ready.get()) is not None:
-                    issued(1)
-                    await queued(index, time.perf_counter())
-
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-        else:
-            interval = 1.0 / rate  # type: ignore[operator]
-            tasks: list[asyncio.Task[None]] = []
-            scheduled = t0
-            while True:
-                delay = scheduled - time.perf_counter()
+            due = t0 + conversation.start
+            for turn in range(len(conversation.turns)):
+                delay = due - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if ready.empty():  # every conversation awaits an answer: the schedule slips by the wait
-                    index = await ready.get()
-                    scheduled = max(scheduled, time.perf_counter())
-                else:
-                    index = ready.get_nowait()
-                if index is None:
-                    break
+                started = max(due, clock())
+                if not await one(index, started):
+                    return
+                due = started + conversation.think_after(turn)
+
+        await asyncio.gather(*(timed(index) for index in range(len(conversations))))
+    elif concurrency is not None:
+
+        async def client() -> None:
+            while (index := await ready.get()) is not None:
                 issued(1)
-                tasks.append(asyncio.ensure_future(queued(index, scheduled)))
-                scheduled += interval
-            await asyncio.gather(*tasks)
-        run.load.elapsed = time.perf_counter() - t0
-        run.load.client_cpu = time.process_time() - cpu0
+                await queued(index, clock())
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    else:
+        interval = 1.0 / rate  # type: ignore[operator]
+        tasks: list[asyncio.Task[None]] = []
+        scheduled = t0
+        while True:
+            delay = scheduled - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if ready.empty():  # every conversation awaits an answer: the schedule slips by the wait
+                index = await ready.get()
+                scheduled = max(scheduled, clock())
+            else:
+                index = ready.get_nowait()
+            if index is None:
+                break
+            issued(1)
+            tasks.append(asyncio.ensure_future(queued(index, scheduled)))
+            scheduled += interval
+        await asyncio.gather(*tasks)
+    run.load.elapsed = clock() - t0
+    run.load.client_cpu = time.process_time() - cpu0
     return run

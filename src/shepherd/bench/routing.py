@@ -149,6 +149,7 @@ class Settings:
     trace_kv_tokens: int = TRACE_KV_FACTOR * 8192
     seed: int = 0
     replicas: tuple[int, ...] = (1,)
+    virtual: bool = False  # in virtual time, in-process (`virtual_time`): Shepherd's gateways only
     timeout_secs: float = 60.0
     startup_timeout: float = 60.0
 
@@ -482,6 +483,11 @@ def run_routing(
     """Every workload through every gateway, on one fleet per KV size; the JSON document of the run."""
     results: dict[str, Any] = {}
     runs = gateway_runs(gateways, settings.replicas)
+    if settings.virtual:
+        skipped = [run.name for run in runs if not is_shepherd(run.gateway)]
+        runs = [run for run in runs if is_shepherd(run.gateway)]
+        if skipped:
+            progress(f"virtual time runs Shepherd's gateways only; not measured: {', '.join(skipped)}")
     fleet: Fleet | None = None
     fleet_kv = 0
     try:
@@ -499,6 +505,10 @@ def run_routing(
                 f" ({limits['distinct_tokens'] / limits['fleet_capacity_tokens']:.1f}x the fleet's"
                 f" {limits['fleet_capacity_tokens']:,})"
             )
+            if settings.virtual:
+                results[name] = _result(workload, load, run_settings, limits, _measure_virtual(runs, workload,
+                                        run_settings, progress))  # fmt: skip
+                continue
             if fleet is None or fleet_kv != run_settings.kv_tokens:
                 if fleet is not None:
                     fleet.stop()
@@ -510,8 +520,7 @@ def run_routing(
                 started = time.monotonic()
                 measured[run.name] = figures_ = measure(run, fleet, workload, run_settings)
                 progress(f"  {run.name:<28} {_progress_line(figures_)}  ({time.monotonic() - started:.0f}s)")
-            results[name] = {"description": workload.description, "requests": workload.requests, "load": load,
-                             "kv_tokens": run_settings.kv_tokens, "bounds": limits, "gateways": measured}  # fmt: skip
+            results[name] = _result(workload, load, run_settings, limits, measured)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -526,6 +535,32 @@ def run_routing(
         "goal": goal(results),
         "replica_scaling": replica_scaling(results),
     }
+
+
+def _result(
+    workload: wl.Workload, load: str, settings: Settings, limits: dict[str, Any], measured: dict[str, Any]
+) -> dict[str, Any]:
+    return {"description": workload.description, "requests": workload.requests, "load": load,
+            "kv_tokens": settings.kv_tokens, "bounds": limits, "gateways": measured}  # fmt: skip
+
+
+def is_shepherd(gateway: GatewayTemplate) -> bool:
+    """Whether the template starts Shepherd's gateway (which virtual time can run in-process)."""
+    return "shepherd.cli launch" in gateway.template or gateway.template.lstrip().startswith("shepherd launch")
+
+
+def _measure_virtual(
+    runs: Sequence[GatewayRun], workload: wl.Workload, settings: Settings, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    from shepherd.bench.virtual_time import run_virtual
+
+    measured: dict[str, Any] = {}
+    for run in runs:
+        started = time.monotonic()
+        figures_ = run_virtual(run.gateway, run.replicas, workload, settings)
+        measured[run.name] = {**figures_, "gateway": run.gateway.name, "replicas": run.replicas}
+        progress(f"  {run.name:<28} {_progress_line(figures_)}  ({time.monotonic() - started:.1f}s, virtual time)")
+    return measured
 
 
 def _progress_line(f: dict[str, Any]) -> str:
@@ -692,6 +727,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " (e.g. --replicas 2 4; default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--virtual", action="store_true",
+        help="run in virtual time, in one process, in seconds: Shepherd's gateways only, no network, no peers"
+        " (for tuning on many workloads and seeds; see docs/benchmarks.md)",
+    )  # fmt: skip
+    g.add_argument(
         "--gateway", action="append", default=[], metavar="NAME=TEMPLATE",
         help="another gateway (repeatable; a default of the same name is replaced); placeholders {port} {prom_port}"
         " {worker_urls} {host} {python}",
@@ -807,6 +847,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("worker counts, processes, KV tokens, page size, running requests and replicas must be >= 1")
     if (args.rate is not None and not args.rate > 0) or (args.concurrency is not None and args.concurrency < 1):
         raise ValueError("--rate must be > 0 and --concurrency >= 1")
+    if args.virtual and (args.pd or args.sim_args):
+        raise ValueError("--virtual runs the regular fleet's latency model: no --pd, no --sim-args")
     if args.workloads is not None:
         workloads = tuple(dict.fromkeys(args.workloads))
     else:
@@ -851,6 +893,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         trace_kv_tokens=trace_kv_tokens,
         seed=args.seed,
         replicas=tuple(sorted({1, *args.replicas})),
+        virtual=args.virtual,
         timeout_secs=args.timeout_secs,
         startup_timeout=args.startup_timeout,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from shepherd.sim.kv_cache import Lease, PrefixCache
@@ -143,7 +143,9 @@ class Engine:
         stats: WorkerStats,
         max_running: int,
         latency: LatencyModel | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # the event loop's clock when it is not the wall's (`shepherd bench routing --virtual`)
         self.cache = cache
         self.stats = stats
         self.max_running = max_running
@@ -166,6 +168,7 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         seq._engine = self
+        seq.created = self.clock()
         if self.latency is None:
             self._complete_immediately(seq)
             return
@@ -199,7 +202,7 @@ class Engine:
         seq.generated = seq.max_new_tokens
         self.stats.on_tokens(seq.generated)
         self.cache.release(lease, seq.prompt_ids + seq.completion.token_ids)
-        now = time.monotonic()
+        now = self.clock()
         seq.first_token_at = seq.last_token_at = now
         self._finish(seq, now)
 
@@ -248,7 +251,7 @@ class Engine:
                     if seq.prefill_left == 0:
                         prefilled.append(seq)
             await asyncio.sleep(latency.step_seconds(len(decoding), prefill_tokens))
-            now = time.monotonic()
+            now = self.clock()
             emitted = 0
             for seq in decoding:
                 if not seq.aborted:
