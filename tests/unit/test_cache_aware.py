@@ -199,6 +199,25 @@ def test_two_replicas_send_a_new_prefix_to_the_same_worker():
         assert one.url == two.url
 
 
+def test_a_replica_that_sees_others_cache_sends_an_unknown_prompt_home_despite_its_queue():
+    fleet = make_workers(4)
+    prompt = words(30, 3000) + " " + words(31, 200)
+    home = policy().pick(fleet, ctx(prompt))  # all idle: a new prompt goes to its home
+    others = [w for w in fleet if w is not home]
+    home.load = 3  # three requests ahead: more than the one queued request a home is presumed to be worth
+    assert policy().pick(fleet, ctx(prompt)) is not home
+    # Answers report whole prompts cached that this gateway never sent anywhere: another replica did.
+    p = policy()
+    for i in range(16):
+        request = ctx(words(2000 + i, 2000))
+        worker = p.pick(others, request)
+        p.on_request_done(worker, request, True, cached_tokens=500)
+    assert p.index_for("m").foreign > 0.02
+    assert p.pick(fleet, ctx(prompt)) is home
+    home.load = 100  # the hard limits still apply
+    assert p.pick(fleet, ctx(prompt)) is not home
+
+
 def test_requests_without_a_model_use_the_index_of_the_model_they_are_routed_to():
     p = policy()
     a, b = make_workers(2)

@@ -62,6 +62,7 @@ _UNBOUNDED = 2**62
 # chars-per-token error does not drift the capacity.
 CALIBRATION_STEP = 0.02
 _CALIBRATION_BAND = (0.75, 4 / 3)
+_FOREIGN_WINDOW = 64  # reports the `foreign` average spans (an exponential moving average)
 _HALF_LIFE_PER_WORKER = 32  # traffic halves every this many records per worker
 _RENORMALIZE_AT = 1e18
 _OWN_RING_FRACTION = 8  # a view of fewer than 1/8 of the index's workers builds its own ring (shorter walks)
@@ -198,6 +199,7 @@ class PrefixIndex:
         self.fair_share = 1  # keys per worker: its part of the memory budget
         self.unit = 1.0  # weight of the next record in `traffic`; grows so that older records decay
         self.total_traffic = 0.0
+        self.foreign = 0.0  # share of recent reports showing more cache than this index placed there (`calibrate`)
         self._growth = 1.0
         self._views: OrderedDict[int, FleetView] = OrderedDict()  # least recently used first
         self._ring: HashRing[WorkerEntry] = HashRing()  # every live entry, by worker URL
@@ -341,11 +343,14 @@ class PrefixIndex:
 
     def calibrate(self, entry: WorkerEntry, expected: int, reported: int) -> None:
         """Correct `entry`'s modelled capacity from what its worker reported it had cached of a prompt (`reported`)
-        against what this index expected (`expected`), both in characters."""
+        against what this index expected (`expected`), both in characters; and keep `foreign`, the share of recent
+        reports showing more than this index placed there (another gateway replica routes to the same workers)."""
+        low, high = _CALIBRATION_BAND
+        unexplained = reported > expected * high + self.layout.page_chars
+        self.foreign += ((1.0 if unexplained else 0.0) - self.foreign) / _FOREIGN_WINDOW
         base = entry.base_capacity
         if base >= _UNBOUNDED or not entry.alive:
             return
-        low, high = _CALIBRATION_BAND
         if reported < expected * low:
             entry.char_capacity = max(base // 4, int(entry.char_capacity * (1 - CALIBRATION_STEP)))
             if entry.over:

@@ -22,7 +22,9 @@ go), hashed onto a consistent-hash ring of the candidates' URLs. Prompts that sh
 holds share the anchor and the home: a prefix group's requests, a conversation's turns. When the index knows nothing
 of a prompt beyond what everyone holds, it may have gone to another gateway replica, which (following the same rule)
 sent it home: the home is presumed to hold up to --cache-home-requests queued requests' worth of it, so a new prefix
-goes home unless the home is busier than that, and every replica agrees.
+goes home unless the home is busier than that, and every replica agrees. A gateway that has evidence it is not alone
+(more than 2% of recent answers report cached prefixes beyond what it placed on that worker) presumes the home holds
+the whole prompt: the other replicas sent it there, and only the hard limits below send it elsewhere.
 
 Candidates: the least loaded worker (exactly over up to 32 candidates, else the best of 8 random ones), the home and
 the deepest holders of the prompt (up to 8). Three hard limits keep a request off an overloaded worker whatever its
@@ -58,6 +60,7 @@ RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requ
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random offset)
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
+REPLICA_EVIDENCE = 0.02  # share of answers reporting cache this gateway did not place: others route here too
 HOMES_REMEMBERED = 65536  # anchors whose home a fleet view remembers (then it starts over)
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
@@ -218,7 +221,8 @@ class CacheAwarePolicy:
         home = self.home(view, text, keys, ends, common)
         # What this replica has not seen of the prompt may be at its home, but only when it knows nothing specific
         # about the prompt (no holder beyond what every worker holds): a known holder is better evidence.
-        presumed = known + min(length - known, self._home_chars) if depth <= common else 0
+        home_chars = length if index.foreign > REPLICA_EVIDENCE else self._home_chars
+        presumed = known + min(length - known, home_chars) if depth <= common else 0
         # A worker's expected load: its share of recent traffic times the fleet's requests in flight.
         per_traffic = mean_load * len(entries) / index.total_traffic if index.total_traffic else 0.0
         traffic_cap = self._traffic_cap(index, len(entries))
