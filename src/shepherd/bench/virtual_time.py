@@ -2,7 +2,8 @@
 
 A real run spends most of its minutes waiting: on the simulated engines' step timers, on the workload's schedule.
 Here everything runs on one event loop whose clock jumps to the next timer instead of sleeping (`VirtualClockLoop`),
-so a workload of 1,280 requests takes about two seconds of CPU and gives the same figures every time.
+so a workload of 1,280 requests takes about two seconds of CPU, and a policy that draws nothing at random gives the
+same figures every time.
 
 What runs is real: each Shepherd gateway's policy built from its own command line (`--policy`, the `--cache-*`
 flags) by the gateway's own parser, `RequestContext` parsed from the same chat bodies, and the simulator's `Engine`
@@ -12,8 +13,9 @@ the gateway's HTTP work: a request reaches its engine at the instant it is route
 policy reads is exact. Each of N replicas is a policy with its own `Worker` objects (its own in-flight counts) and
 sees every N-th request, as behind the benchmark's splitter.
 
-It is for tuning on many workloads and seeds; peers (SMG, sglang-router) need the real run. Figures agree with the
-real benchmark's to within its run-to-run noise on the default workloads (docs/benchmarks.md, "Virtual time").
+It is for tuning on many workloads and seeds; peers (SMG, sglang-router) need the real run. One gateway's figures
+agree with the real benchmark's to within its run-to-run noise; replicas agree less closely, because in a real run
+each replica sees the others' requests reach the workers a little later (docs/benchmarks.md, "Virtual time").
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class CacheAwarePolicy:
         self._rel = config.balance_rel_threshold
         self._queue_chars = config.queue_tokens * config.chars_per_token
         self._home_chars = config.home_requests * self._queue_chars
-        self._max_share = config.max_share or float("inf")
+        self._max_share = config.max_share  # 0: no cap
         self._indexes: dict[str | None, PrefixIndex] = {}
         self._running_limits: dict[Worker, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -181,6 +181,8 @@ class CacheAwarePolicy:
     def _traffic_cap(self, index: PrefixIndex, workers: int) -> float:
         """The recent traffic above which a busy worker is not chosen: --cache-max-share times the mean, and more
         than chance explains (the mean plus two standard deviations of a Poisson count), in the index's units."""
+        if not self._max_share:
+            return math.inf
         unit = index.unit
         mean = index.total_traffic / workers / unit  # in requests
         return max(self._max_share * mean, mean + 2 * math.sqrt(mean)) * unit
