@@ -114,8 +114,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     r.add_argument(
         "--cache-max-share", type=float, default=ca.max_share,
-        help="no worker takes more than this times the mean share of recent requests while another is under it "
-        "(a hot prefix spills); 0: no cap",
+        help="a worker busier than the mean with more than this times the mean share of recent requests is not "
+        "chosen unless it is the least loaded (a hot prefix spills); 0: no cap",
     )  # fmt: skip
     r.add_argument("--pd-disaggregation", action="store_true")
     r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
