@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import openai
+import orjson
 import pytest
 
+from shepherd.config import GatewayConfig
+from shepherd.exchange import Response
+from shepherd.http.admission import Admission
+from shepherd.observability.metrics import GatewayMetrics
+from shepherd.routing.context import COMPLETIONS, RequestContext
+from shepherd.routing.grpc_dispatch import GrpcDispatcher
+from shepherd.routing.policies.cache_aware import CacheAwarePolicy
+from shepherd.sim.bpe import build
+from shepherd.tokenizer.loader import load_tokenizer
+from shepherd.upstream.grpc_pool import GrpcClients
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import Worker
 from tests.support.gateway import start_gateway
 from tests.support.processes import http_request, start_sim
 from tests.support.tiny_tokenizer import write_tiny_tokenizer_dir
@@ -349,6 +364,34 @@ def test_cache_aware_routes_a_repeated_prefix_to_the_worker_that_cached_its_toke
             )
             assert headers["x-smg-routed-worker-id"] == first[prompt]
             assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_the_engines_cached_tokens_reach_the_policy(tmp_path, fleet):
+    # In process, to see the policy's index: two cache-aware gateways in turn (fresh policies) send one prompt. The
+    # second finds it cached on the worker both send it to (its home), which it never placed there itself.
+    build().write_dir(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    config = GatewayConfig()
+    clients = GrpcClients()
+    metrics = GatewayMetrics(Registry(), Admission(1, 1, 1))
+    dispatcher = GrpcDispatcher(lambda _model: tokenizer, clients, config, metrics)
+    workers = tuple(Worker(url, CircuitBreaker(config.circuit_breaker), model_id="sim-model") for url in fleet.urls)
+    body = orjson.dumps({"model": "sim-model", "prompt": " ".join(f"w{j}" for j in range(400)), "max_tokens": 1})
+
+    async def send(policy: CacheAwarePolicy) -> float:
+        ctx = RequestContext(COMPLETIONS, body, "cached-tokens")
+        await dispatcher.prepare_routing(ctx, workers)
+        worker = policy.pick(workers, ctx)
+        # Not streamed: the attempt never touches the client's connection, so there is no request object.
+        result = await dispatcher.attempt(None, ctx, worker, True, time.monotonic(), policy)  # type: ignore[arg-type]
+        assert isinstance(result, Response) and result.status == 200
+        return policy.index_for("sim-model").foreign
+
+    try:
+        assert await send(CacheAwarePolicy(config.cache_aware)) == 0  # a cold worker: nothing cached, as expected
+        assert await send(CacheAwarePolicy(config.cache_aware)) > 0  # more cached than this gateway placed there
+    finally:
+        await clients.close()
 
 
 @pytest.mark.parametrize("policy", ["random", "power_of_two"])

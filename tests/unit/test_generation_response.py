@@ -306,3 +306,15 @@ def test_embedding_body():
     }
     packed = orjson.loads(embedding_body(response, "tiny", "base64"))["data"][0]["embedding"]
     assert struct.unpack("<2f", base64.b64decode(packed)) == (0.5, -1.0)
+
+
+def test_the_engines_cached_tokens_are_kept_for_the_router(tok):
+    plan = plan_for(tok, "chat", n=2)
+    builder = plan.new_response("tiny", 1700000000)
+    assert builder.cached_tokens == 0  # nothing reported yet
+    ids = tok.encode("Hi there")
+    builder.feed(complete(ids, len(ids), index=0))
+    second = complete(ids, len(ids), index=1)
+    second.complete.cached_tokens = 7
+    builder.feed(second)
+    assert builder.cached_tokens == 7  # the most over the choices, as `usage` reports it

@@ -136,6 +136,11 @@ class ResponseBuilder(ABC):
             return self._advance(choice, complete.output_ids, logprobs, final=True)
         return b""
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine reported it found cached (the most over the choices, as `usage` reports)."""
+        return max((choice.cached_tokens for choice in self._choices.values()), default=0)
+
     def finish(self) -> bytes:
         """After the gRPC stream ended: the remaining SSE frames and [DONE], or the whole JSON body."""
         for index in range(self.plan.n):

@@ -135,10 +135,12 @@ class GrpcDispatcher:
         if worker.dp_rank is not None:
             generate.data_parallel_rank = worker.dp_rank
         client = self._client(worker)
+        builder = plan.new_response(ctx.model or worker.model_id, int(time.time()))
         with Lease(worker) as lease:
-            result = await self._run(request, ctx, worker, client, generate, plan, last, started)
+            result = await self._run(request, ctx, worker, client, generate, builder, last, started)
             lease.ok = not is_failure(result)
-            policy.on_request_done(worker, ctx, lease.ok)
+            cached = builder.cached_tokens if lease.ok and policy.reads_cached_tokens else None
+            policy.on_request_done(worker, ctx, lease.ok, cached)
             return result
 
     # --- PD pairs ------------------------------------------------------------------------------------------
@@ -163,7 +165,8 @@ class GrpcDispatcher:
             prefill_call = prefill_client.generate(prefill_req, self._timeout)
             drained = asyncio.ensure_future(_drain(prefill_call))
             try:
-                result = await self._run(request, ctx, decode, decode_client, decode_req, plan, last, started)
+                builder = plan.new_response(ctx.model or decode.model_id, int(time.time()))
+                result = await self._run(request, ctx, decode, decode_client, decode_req, builder, last, started)
                 prefill_error = await drained if not is_failure(result) else None
             finally:
                 if not drained.done():
@@ -186,7 +189,7 @@ class GrpcDispatcher:
         worker: Worker,
         client: SglangClient,
         generate: pb.GenerateRequest,
-        plan: GenerationPlan,
+        builder: ResponseBuilder,
         last: bool,
         started: float,
     ) -> StreamResponse | AttemptFailure:
@@ -198,8 +201,7 @@ class GrpcDispatcher:
             except grpc.aio.AioRpcError as exc:
                 finished = True
                 return self._start_failure(worker, ctx, exc, last)
-            builder = plan.new_response(ctx.model or worker.model_id, int(time.time()))
-            if plan.stream:
+            if builder.plan.stream:
                 response = await self._stream(request, ctx, worker, call, builder, first, started)
             else:
                 response = await self._collect(worker, ctx, call, builder, first, last)
