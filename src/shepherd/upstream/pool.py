@@ -662,27 +662,17 @@ class UpstreamPool:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        if len(body) <= _JOIN_LIMIT:
-            data = b"%s%s%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                method,
-                origin._line_start,
-                target,
-                origin._line_end,
-                headers,
-                len(body),
-                body,
-            )
-            tail = None
-        else:
-            data = b"%s%s%s%s%sContent-Length: %d\r\n\r\n" % (
-                method,
-                origin._line_start,
-                target,
-                origin._line_end,
-                headers,
-                len(body),
-            )
-            tail = body
+        joined = len(body) <= _JOIN_LIMIT  # a small body goes out in the head's write, a large one after it
+        data = b"%s%s%s%s%sContent-Length: %d\r\n\r\n%s" % (
+            method,
+            origin._line_start,
+            target,
+            origin._line_end,
+            headers,
+            len(body),
+            body if joined else b"",
+        )
+        tail = None if joined else body
         skip_body = method == b"HEAD"
         conn = self._take_idle(origin, loop)
         if conn is not None:
