@@ -132,7 +132,7 @@ async def _send(session: aiohttp.ClientSession, url: str, body: bytes, started: 
         return answer
 
 
-Send = Callable[[dict[str, Any], float], Awaitable["Answer"]]  # (chat body, when it was due) -> its answer
+Send = Callable[[dict[str, Any], float], Awaitable[Answer]]  # (chat body, when it was due) -> its answer
 
 
 async def run_workload(

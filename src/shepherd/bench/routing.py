@@ -505,11 +505,7 @@ def run_routing(
                 f" ({limits['distinct_tokens'] / limits['fleet_capacity_tokens']:.1f}x the fleet's"
                 f" {limits['fleet_capacity_tokens']:,})"
             )
-            if settings.virtual:
-                results[name] = _result(workload, load, run_settings, limits, _measure_virtual(runs, workload,
-                                        run_settings, progress))  # fmt: skip
-                continue
-            if fleet is None or fleet_kv != run_settings.kv_tokens:
+            if not settings.virtual and (fleet is None or fleet_kv != run_settings.kv_tokens):
                 if fleet is not None:
                     fleet.stop()
                     fleet = None
@@ -518,9 +514,14 @@ def run_routing(
             measured: dict[str, Any] = {}
             for run in runs:
                 started = time.monotonic()
-                measured[run.name] = figures_ = measure(run, fleet, workload, run_settings)
-                progress(f"  {run.name:<28} {_progress_line(figures_)}  ({time.monotonic() - started:.0f}s)")
-            results[name] = _result(workload, load, run_settings, limits, measured)
+                if fleet is None:  # virtual time: no fleet is ever started
+                    measured[run.name] = figures_ = measure_virtual(run, workload, run_settings)
+                else:
+                    measured[run.name] = figures_ = measure(run, fleet, workload, run_settings)
+                took = f"{time.monotonic() - started:.0f}s" + (", virtual time" if settings.virtual else "")
+                progress(f"  {run.name:<28} {_progress_line(figures_)}  ({took})")
+            results[name] = {"description": workload.description, "requests": workload.requests, "load": load,
+                             "kv_tokens": run_settings.kv_tokens, "bounds": limits, "gateways": measured}  # fmt: skip
     finally:
         if fleet is not None:
             fleet.stop()
@@ -537,30 +538,17 @@ def run_routing(
     }
 
 
-def _result(
-    workload: wl.Workload, load: str, settings: Settings, limits: dict[str, Any], measured: dict[str, Any]
-) -> dict[str, Any]:
-    return {"description": workload.description, "requests": workload.requests, "load": load,
-            "kv_tokens": settings.kv_tokens, "bounds": limits, "gateways": measured}  # fmt: skip
-
-
 def is_shepherd(gateway: GatewayTemplate) -> bool:
     """Whether the template starts Shepherd's gateway (which virtual time can run in-process)."""
     return "shepherd.cli launch" in gateway.template or gateway.template.lstrip().startswith("shepherd launch")
 
 
-def _measure_virtual(
-    runs: Sequence[GatewayRun], workload: wl.Workload, settings: Settings, progress: Callable[[str], None]
-) -> dict[str, Any]:
+def measure_virtual(gateway: GatewayRun, workload: wl.Workload, settings: Settings) -> dict[str, Any]:
+    """`measure` in virtual time, in this process (`virtual_time`)."""
     from shepherd.bench.virtual_time import run_virtual
 
-    measured: dict[str, Any] = {}
-    for run in runs:
-        started = time.monotonic()
-        figures_ = run_virtual(run.gateway, run.replicas, workload, settings)
-        measured[run.name] = {**figures_, "gateway": run.gateway.name, "replicas": run.replicas}
-        progress(f"  {run.name:<28} {_progress_line(figures_)}  ({time.monotonic() - started:.1f}s, virtual time)")
-    return measured
+    figures_ = run_virtual(gateway.gateway, gateway.replicas, workload, settings)
+    return {**figures_, "gateway": gateway.gateway.name, "replicas": gateway.replicas}
 
 
 def _progress_line(f: dict[str, Any]) -> str:
