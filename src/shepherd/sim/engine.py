@@ -59,7 +59,7 @@ class Sequence:
         self.generated = 0
         self.cached_tokens = 0
         self.prefill_left = 0
-        self.created = time.monotonic()
+        self.created = 0.0  # set by Engine.submit, on the engine's clock
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.finished_at = 0.0
@@ -79,7 +79,8 @@ class Sequence:
 
     @property
     def e2e_latency(self) -> float:
-        return (self.finished_at or time.monotonic()) - self.created
+        now = self._engine.clock() if self._engine is not None else self.created
+        return (self.finished_at or now) - self.created
 
     def _notify(self) -> None:
         if self._listener is not None:
