@@ -16,6 +16,7 @@ from shepherd.bench.routing import (
     build_workload,
     default_gateways,
     is_shepherd,
+    render,
     run_routing,
     settings_from_args,
 )
@@ -94,8 +95,12 @@ def test_virtual_routing_runs_only_shepherds_gateways_and_reports_like_a_real_ru
     gateways = [gateway("cache_aware"), GatewayTemplate("smg-cache_aware", "smg launch --port {port}")]
     lines: list[str] = []
     document = run_routing(settings, gateways, progress=lines.append)
-    measured = document["results"]["shared-prefix"]["gateways"]
+    result = document["results"]["shared-prefix"]
+    assert set(result) == {"description", "requests", "load", "kv_tokens", "bounds", "gateways"}
+    measured = result["gateways"]
     assert list(measured) == [SHEPHERD] and measured[SHEPHERD]["hit_rate"] > 0.3
+    assert measured[SHEPHERD]["replicas"] == 1 and sum(measured[SHEPHERD]["worker_requests"]) == result["requests"]
+    assert SHEPHERD in render(document) and "one LRU cache of them" in render(document)
     assert any("not measured: smg-cache_aware" in line for line in lines)
 
 
