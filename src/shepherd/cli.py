@@ -117,6 +117,11 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help="a worker busier than the mean with more than this times the mean share of recent requests is not "
         "chosen unless it is the least loaded (a hot prefix spills); 0: no cap",
     )  # fmt: skip
+    r.add_argument(
+        "--cache-pending-prefill-weight", type=float, default=ca.pending_prefill_weight,
+        help="weight, per character, of the prompts a worker is still prefilling (sent to it, first token not yet "
+        "back) when comparing workers; 1 is their full prefill time, lower keeps more affinity",
+    )  # fmt: skip
     r.add_argument("--pd-disaggregation", action="store_true")
     r.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"))
     r.add_argument("--decode", action="append", default=[], metavar="URL")
@@ -308,6 +313,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             queue_tokens=args.cache_queue_tokens,
             home_requests=args.cache_home_requests,
             max_share=args.cache_max_share,
+            pending_prefill_weight=args.cache_pending_prefill_weight,
         ),
         pd_disaggregation=args.pd_disaggregation,
         prefill=_prefill_specs(args.prefill),

@@ -87,9 +87,10 @@ class CacheAwareConfig:
     block_chars: int = 64  # index granularity near the start of a prompt (about one KV page)
     worker_kv_tokens: int = 0  # prefix-cache capacity of one worker; 0 = as reported (max_total_num_tokens)
     chars_per_token: float = 4.0  # converts KV tokens to indexed characters; high rather than low (routing.md)
-    queue_tokens: float = 256.0  # prefill tokens one request in flight on a worker is worth in the cost model
+    queue_tokens: float = 128.0  # prefill tokens one request in flight on a worker is worth in the cost model
     home_requests: float = 1.0  # queued requests a prompt's home may carry more, when the index knows nothing of it
     max_share: float = 1.3  # no worker takes more than this times the mean share of recent requests (0: no cap)
+    pending_prefill_weight: float = 0.25  # per character a worker still prefills for requests sent to it
 
 
 DISCOVERY_PROVIDERS = ("kubernetes", "file")
@@ -302,8 +303,10 @@ class GatewayConfig:
                 "--max-tree-size and --cache-block-chars must be >= 1, --worker-kv-tokens >= 0, "
                 "--eviction-interval-secs > 0"
             )
-        if not ca.queue_tokens >= 0 or not ca.home_requests >= 0:
-            raise ConfigError("--cache-queue-tokens and --cache-home-requests must be >= 0")
+        if not ca.queue_tokens >= 0 or not ca.home_requests >= 0 or not ca.pending_prefill_weight >= 0:
+            raise ConfigError(
+                "--cache-queue-tokens, --cache-home-requests and --cache-pending-prefill-weight must be >= 0"
+            )
         if not ca.chars_per_token > 0:
             raise ConfigError("--cache-chars-per-token must be > 0")
         if not (ca.max_share == 0 or ca.max_share >= 1):

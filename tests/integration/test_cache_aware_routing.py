@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
 from tests.support.gateway import start_gateway
-from tests.support.processes import SimFleet
+from tests.support.processes import SimFleet, http_request
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -38,3 +40,47 @@ async def test_default_policy_keeps_prefix_groups_together_and_workers_hit_their
     cached_tokens = sum(log["cached_tokens"] for log in logs)
     # Seven of every eight requests find their ~400-word system prompt cached (the oracle is about 0.83).
     assert cached_tokens / prompt_tokens > 0.65
+
+
+async def test_a_workers_pending_prefill_shows_while_it_prefills_and_is_released_however_requests_end(
+    sims: SimFleet, tmp_path
+):
+    rng = random.Random(5)
+    prompt = sentence(rng, 300)
+    with start_gateway(tmp_path, sims.urls, "--retry-max-retries", "1") as gateway:
+        async with aiohttp.ClientSession() as session:
+            for i in range(len(sims.urls)):
+                sims.ctl(i, hang=True)
+            body = {"text": prompt, "sampling_params": {"max_new_tokens": 2}}
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(http_request, "POST", gateway.url + "/generate", body, None, 30)
+                # Charged the whole prompt (nothing cached yet) until its first token comes back.
+                workers = gateway.wait_workers(lambda ws: sum(w["load"] for w in ws) == 1, "the request in flight")
+                pending = sorted(w["prefill_pending_chars"] for w in workers)
+                assert pending == [0] * (len(workers) - 1) + [len(prompt)]
+                for i in range(len(sims.urls)):
+                    sims.ctl(i, hang=False)
+                assert held.result()[0] == 200
+            # Streamed, plain, cut by the worker, failing with a 500 on the first worker, abandoned by the client.
+            sims.ctl(0, error_status=500)
+            sims.ctl(1, disconnect_after_chunks=1)
+            for n in range(12):
+                text = prompt + " " + sentence(rng, 40)
+                stream = n % 2 == 0
+                body = {"text": text, "stream": stream, "sampling_params": {"max_new_tokens": 4}}
+                async with session.post(gateway.url + "/generate", json=body) as resp:
+                    if n % 3 == 0:
+                        continue  # the client leaves without reading
+                    await resp.read()
+            # A client that gives up on a worker that has not answered at all: the gateway drops the request.
+            sims.ctl(0, reset=True)
+            sims.ctl(1, reset=True)
+            for i in range(len(sims.urls)):
+                sims.ctl(i, hang=True)
+            body = {"text": prompt + " gone", "sampling_params": {"max_new_tokens": 2}}
+            with contextlib.suppress(TimeoutError):
+                async with session.post(gateway.url + "/generate", json=body, timeout=aiohttp.ClientTimeout(0.5)):
+                    pass
+        gateway.wait_workers(
+            lambda ws: all(w["load"] == 0 and w["prefill_pending_chars"] == 0 for w in ws), "nothing left pending"
+        )

@@ -477,9 +477,15 @@ def test_load_counts_on_both_workers_from_dispatch(tmp_path, fleets, prefill_pol
             # Each prefill gets its share; cache_aware lets a prompt's home run a request or so ahead (routing.md).
             assert min(loads["prefill"]) >= 2 and loads["decode"] == [3, 3], loads
             split = sorted(loads["prefill"])
+            pending = sum(w["prefill_pending_chars"] for w in gw.workers() if w["worker_type"] == "prefill")
+            # cache_aware charges each prefill the prompts it is prefilling (no cache yet: all of them)
+            assert pending == (sum(len(p) for p in prompts) if prefill_policy == "cache_aware" else 0)
             for i in (0, 1):
                 prefills.ctl(i, hang=False)
             assert [f.result()[0] for f in futures] == [200] * 6
+        gw.wait_workers(
+            lambda ws: all(w["load"] == 0 and w["prefill_pending_chars"] == 0 for w in ws), "nothing left in flight"
+        )
     assert sorted(prefills.log(i)["counts"]["/generate"] for i in (0, 1)) == split
     assert room_counts(decodes)["verified_rooms"] == 6 and room_counts(decodes)["orphan_rooms"] == 0
 

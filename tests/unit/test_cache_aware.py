@@ -70,28 +70,76 @@ def seed(p, worker, text):
     assert p.pick((worker,), ctx(text)) is worker
 
 
+def served(p, fleet, text):
+    """A request picked and answered (its prefill no longer pending): the worker it went to."""
+    c = ctx(text)
+    worker = p.pick(fleet, c)
+    p.on_request_done(worker, c, True)
+    return worker
+
+
 def test_a_hot_prefix_spills_only_when_queueing_outweighs_recompute():
-    # One request in flight is worth 256 tokens (1,024 characters) of prefill; the prompt is 4,000 cached characters
-    # and a 200-character question: moving costs 4,000 more characters of prefill, i.e. about 4 requests of queue.
+    # One request in flight is worth 128 tokens (512 characters) of prefill; the prompt is 4,000 cached characters
+    # and a 200-character question: moving costs 4,000 more characters of prefill, i.e. about 8 requests of queue.
     # (The share cap is off: with every request on `a`, it would move the prefix as soon as `a` is busy.)
     p = policy(NO_SHARE_CAP)
     a, b = make_workers(2)
     system = words(40, 4000)
     seed(p, a, system)
-    for load, expected in ((0, a), (1, a), (3, a), (4, b), (8, b)):
+    for load, expected in ((0, a), (1, a), (4, a), (7, a), (8, b), (12, b)):
         a.load, b.load = load, 0
-        assert p.pick((a, b), ctx(system + " " + words(41 + load, 200))) is expected, load
+        assert served(p, (a, b), system + " " + words(41 + load, 200)) is expected, load
     # A longer cached prefix is worth a longer queue.
     p = policy(NO_SHARE_CAP)
     history = system + " " + words(50, 4000)
     seed(p, a, history)
-    a.load, b.load = 6, 0
-    assert p.pick((a, b), ctx(history + " " + words(51, 200))) is a
+    a.load, b.load = 12, 0
+    assert served(p, (a, b), history + " " + words(51, 200)) is a
     # --cache-queue-tokens sets the exchange rate.
     cheap_queue = policy(dataclasses.replace(NO_SHARE_CAP, queue_tokens=64))
     seed(cheap_queue, a, system)
-    a.load, b.load = 8, 0
-    assert cheap_queue.pick((a, b), ctx(system + " " + words(52, 200))) is a
+    a.load, b.load = 12, 0
+    assert served(cheap_queue, (a, b), system + " " + words(52, 200)) is a
+
+
+def test_a_worker_still_prefilling_is_charged_its_pending_prefill_until_the_first_token():
+    # `a` holds a 4,000-character prefix. A 40,000-character prompt it does not hold is sent to it; until that
+    # request's first token, a quarter of its prefill (10,000 characters) counts against `a`: more than recomputing
+    # the prefix on `b` (4,200), so a request for the prefix goes to `b`. Once `a` answers, it is back at `a`.
+    p = policy(NO_SHARE_CAP)
+    a, b = make_workers(2)
+    system = words(40, 4000)
+    seed(p, a, system)
+    long_prompt = ctx(words(41, 40_000))
+    b.load = 20  # `a` is the least loaded: the long prompt goes there
+    assert p.pick((a, b), long_prompt) is a
+    assert a.prefill_pending == 40_000 and b.prefill_pending == 0
+    b.load = 0
+    assert served(p, (a, b), system + " " + words(42, 200)) is b
+    p.on_first_token(a, long_prompt)
+    assert a.prefill_pending == 0
+    assert served(p, (a, b), system + " " + words(43, 200)) is a
+    p.on_request_done(a, long_prompt, True)  # released once only
+    assert a.prefill_pending == 0 and b.prefill_pending == 0
+
+
+def test_pending_prefill_is_released_per_worker_whatever_ends_the_attempt():
+    # One context picked by two policies (a PD pair's prefill and decode sides) and retried: each worker's charge is
+    # released by its own attempt's end, and a second pick on a worker whose end nobody reported replaces the first.
+    prefill_policy, decode_policy = policy(), policy()
+    prefills, decodes = make_workers(2), make_workers(2)
+    c = ctx(words(44, 3000))
+    p_worker = prefill_policy.pick(prefills, c)
+    d_worker = decode_policy.pick(decodes, c)
+    assert p_worker.prefill_pending == d_worker.prefill_pending == 3000
+    decode_policy.on_request_done(d_worker, c, False)
+    assert d_worker.prefill_pending == 0 and p_worker.prefill_pending == 3000
+    # A retry on the same worker, the first attempt unreported: its charge is replaced by the retry's, which is 0
+    # because the index now places the whole prompt there.
+    assert prefill_policy.pick(prefills, c) is p_worker
+    assert p_worker.prefill_pending == 0
+    prefill_policy.on_request_done(p_worker, c, True)
+    assert all(w.prefill_pending == 0 for w in prefills + decodes)
 
 
 def test_a_busy_worker_above_the_share_cap_spills_its_hot_prefix():
@@ -131,7 +179,7 @@ def test_a_miss_never_lands_on_an_overloaded_worker():
     seed(p, hot, prompt)
     hot.load = 50
     for i in range(200):
-        worker = p.pick(fleet, ctx(words(10_000 + i, 800)))  # misses, some of them homed on `hot`
+        worker = served(p, fleet, words(10_000 + i, 800))  # misses, some of them homed on `hot`
         assert worker is not hot
         worker.load += 1
         if i % 4 == 3:
@@ -139,12 +187,12 @@ def test_a_miss_never_lands_on_an_overloaded_worker():
                 w.load = max(0, w.load - 1)
     # Its own prefix spills rather than wait for one of the 32 batch slots.
     assert p.pick(fleet, ctx(prompt + " again")) is not hot
-    # Without a batch limit the cost model alone keeps misses off a queue: 5 requests are worth 5,120 characters.
+    # Without a batch limit the cost model alone keeps misses off a queue: 5 requests are worth 2,560 characters.
     plain = policy()
     fleet = make_workers(4)
     fleet[0].load = 5
     for i in range(100):
-        assert plain.pick(fleet, ctx(words(20_000 + i, 800))) is not fleet[0]
+        assert served(plain, fleet, words(20_000 + i, 800)) is not fleet[0]
 
 
 def test_a_returning_conversation_finds_its_worker():
@@ -178,13 +226,13 @@ def test_two_replicas_send_a_new_prefix_to_the_same_worker():
     first, second = policy(seed=1), policy(seed=2)
     fleet_1, fleet_2 = make_workers(8), make_workers(8)
     for i in range(40):  # each replica has seen different prompts before
-        first.pick(fleet_1, ctx(words(5000 + i, 1500)))
-        second.pick(fleet_2, ctx(words(6000 + i, 1500)))
+        served(first, fleet_1, words(5000 + i, 1500))
+        served(second, fleet_2, words(6000 + i, 1500))
     agreed = 0
     for g in range(32):
         prefix = words(300 + g, 2500)
-        one = first.pick(fleet_1, ctx(prefix + " " + words(400 + g, 200)))
-        two = second.pick(fleet_2, ctx(prefix + " " + words(500 + g, 200)))
+        one = served(first, fleet_1, prefix + " " + words(400 + g, 200))
+        two = served(second, fleet_2, prefix + " " + words(500 + g, 200))
         agreed += one.url == two.url
     assert agreed == 32
     # A conversation behind a system prompt every worker holds: turn 1 on one replica, turn 2 on the other.
@@ -194,8 +242,8 @@ def test_two_replicas_send_a_new_prefix_to_the_same_worker():
             seed(replica, worker, system + " " + words(700, 100))
     for c in range(16):
         turn_1 = system + " " + words(800 + c, 1200)
-        one = first.pick(fleet_1, ctx(turn_1))
-        two = second.pick(fleet_2, ctx(turn_1 + " " + words(900 + c, 300)))
+        one = served(first, fleet_1, turn_1)
+        two = served(second, fleet_2, turn_1 + " " + words(900 + c, 300))
         assert one.url == two.url
 
 
@@ -249,20 +297,23 @@ def test_holder_with_a_full_batch_spills_and_the_new_copy_is_then_preferred_when
     prompt = words(11, 16_000)
     seed(p, a, prompt + " q0")
     a.load, b.load, c.load = 7, 2, 1
-    assert p.pick((a, b, c), ctx(prompt + " q1")) is a  # a busy batch is no reason to lose 16,000 cached characters
+    assert served(p, (a, b, c), prompt + " q1") is a  # a busy batch is no reason to lose 16,000 cached characters
     a.load, b.load, c.load = 8, 5, 1
-    assert p.pick((a, b, c), ctx(prompt + " q2")) is c  # a is full: a hit there would wait for a slot
+    assert served(p, (a, b, c), prompt + " q2") is c  # a is full: a hit there would wait for a slot
     a.load, b.load, c.load = 3, 0, 2
     # a and c both hold the prefix, neither is full: the less loaded holder wins over the idle non-holder b.
-    assert p.pick((a, b, c), ctx(prompt + " q3")) is c
+    assert served(p, (a, b, c), prompt + " q3") is c
 
 
 def test_queue_and_home_flags_come_from_the_command_line():
     def parse(*argv):
         return config_from_args(build_parser().parse_args(["launch", "--worker-urls", "http://w0", *argv]))
 
-    config = parse("--cache-queue-tokens", "128", "--cache-home-requests", "2")
-    assert (config.cache_aware.queue_tokens, config.cache_aware.home_requests) == (128, 2)
+    config = parse("--cache-queue-tokens", "64", "--cache-home-requests", "2")
+    assert (config.cache_aware.queue_tokens, config.cache_aware.home_requests) == (64, 2)
+    assert parse("--cache-pending-prefill-weight", "0.5").cache_aware.pending_prefill_weight == 0.5
+    with pytest.raises(ConfigError):
+        parse("--cache-pending-prefill-weight", "-1").validate()
     config.validate()
     with pytest.raises(ConfigError):
         parse("--cache-home-requests", "-1").validate()
@@ -403,17 +454,23 @@ def test_reported_cached_tokens_calibrate_the_modelled_capacity_within_bounds():
     system = words(7, 3000)
     for q in range(4):  # the index now expects the system prompt at the worker it sticks to
         chosen = p.pick(fleet, c := ctx(system + " " + words(q, 200)))
-    _, entry, expected = c.prediction
+    prediction = c.predictions[chosen]
+    entry, expected = prediction.entry, prediction.expected
     assert entry.worker is chosen and expected >= 2900
     base = entry.char_capacity
-    p.on_request_done(chosen, c, True, cached_tokens=10)  # the worker had lost it
+
+    def report(cached_tokens: int | None) -> None:
+        c.predictions[chosen] = prediction  # each report answers one attempt: the same one, again
+        p.on_request_done(chosen, c, True, cached_tokens)
+
+    report(10)  # the worker had lost it
     assert entry.char_capacity == int(base * 0.98)
     for _ in range(200):
-        p.on_request_done(chosen, c, True, cached_tokens=0)
+        report(0)
     assert entry.char_capacity == base // 4
-    p.on_request_done(chosen, c, True, cached_tokens=expected // 4)  # as expected (4 characters a token)
-    p.on_request_done(chosen, c, True)  # nothing reported
+    report(expected // 4)  # as expected (4 characters a token)
+    report(None)  # nothing reported
     assert entry.char_capacity == base // 4
     for _ in range(200):
-        p.on_request_done(chosen, c, True, cached_tokens=100_000)
+        report(100_000)
     assert entry.char_capacity == base

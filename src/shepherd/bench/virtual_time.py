@@ -137,6 +137,10 @@ async def _run(
         group = SequenceGroup([seq])
         worker.load += 1
         engine_of[worker].submit(seq)
+        async for _ in group.updates():
+            if seq.first_token_at is not None:
+                break
+        policy.on_first_token(worker, ctx)
         await group.wait()
         worker.load -= 1
         policy.on_request_done(worker, ctx, True, seq.cached_tokens if policy.reads_cached_tokens else None)

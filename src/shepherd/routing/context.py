@@ -50,7 +50,7 @@ class RequestContext:
         "generation",
         "model",
         "payload",
-        "prediction",
+        "predictions",
         "request_id",
         "stream",
     )
@@ -80,7 +80,15 @@ class RequestContext:
         self.request_id = request_id
         self._routing_text: str | None = None
         self.generation: Any = None  # gRPC workers: (model id, its tokenized GenerationPlan), built once per model
-        self.prediction: Any = None  # cache_aware: what its index expected the chosen worker to hold of the prompt
+        self.predictions: dict[Any, Any] | None = None  # cache_aware, per worker picked: what it expected of it
+
+    def release_pending(self) -> None:
+        """The request is over, however it ended: no prefill charged to a worker for it stays pending."""
+        predictions = self.predictions
+        if predictions:
+            for prediction in predictions.values():
+                prediction.release()
+            predictions.clear()
 
     @property
     def routing_text(self) -> str:

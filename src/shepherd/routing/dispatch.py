@@ -41,6 +41,12 @@ class DispatchLoop(Generic[Target]):
         self._backoff = Backoff(config.retry)
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response | StreamResponse:
+        try:
+            return await self._dispatch(request, ctx)
+        finally:
+            ctx.release_pending()  # whatever ended it: an attempt that raised is charged to no worker any more
+
+    async def _dispatch(self, request: Request, ctx: RequestContext) -> Response | StreamResponse:
         failures: list[AttemptFailure] = []
         started = time.perf_counter()
         await self.prepare(ctx)

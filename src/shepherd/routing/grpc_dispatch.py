@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -137,7 +138,8 @@ class GrpcDispatcher:
         client = self._client(worker)
         builder = plan.new_response(ctx.model or worker.model_id, int(time.time()))
         with Lease(worker) as lease:
-            result = await self._run(request, ctx, worker, client, generate, builder, last, started)
+            first_token = partial(policy.on_first_token, worker, ctx)
+            result = await self._run(request, ctx, worker, client, generate, builder, last, started, first_token)
             lease.ok = not is_failure(result)
             cached = builder.cached_tokens if lease.ok and policy.reads_cached_tokens else None
             policy.on_request_done(worker, ctx, lease.ok, cached)
@@ -145,10 +147,18 @@ class GrpcDispatcher:
 
     # --- PD pairs ------------------------------------------------------------------------------------------
     async def pd_attempt(
-        self, request: Request, ctx: RequestContext, prefill: Worker, decode: Worker, last: bool, started: float
+        self,
+        request: Request,
+        ctx: RequestContext,
+        prefill: Worker,
+        decode: Worker,
+        last: bool,
+        started: float,
+        first_token: Callable[[], None],
     ) -> StreamResponse | AttemptFailure:
         """The same request, with the prefill's bootstrap address, to both workers at once; the decode side
-        answers the client. The prefill's stream is drained in the background and only recorded."""
+        answers the client, and `first_token` is called when its first answer arrives. The prefill's stream is
+        drained in the background and only recorded."""
         plan = await self.plan(ctx, decode)
         base = _copy(plan.request)
         base.request_id = self.request_id(ctx)
@@ -166,7 +176,9 @@ class GrpcDispatcher:
             drained = asyncio.ensure_future(_drain(prefill_call))
             try:
                 builder = plan.new_response(ctx.model or decode.model_id, int(time.time()))
-                result = await self._run(request, ctx, decode, decode_client, decode_req, builder, last, started)
+                result = await self._run(
+                    request, ctx, decode, decode_client, decode_req, builder, last, started, first_token
+                )
                 prefill_error = await drained if not is_failure(result) else None
             finally:
                 if not drained.done():
@@ -192,7 +204,9 @@ class GrpcDispatcher:
         builder: ResponseBuilder,
         last: bool,
         started: float,
+        first_token: Callable[[], None],
     ) -> StreamResponse | AttemptFailure:
+        """One Generate call; `first_token` is called when its first answer arrives (the prompt's prefill is over)."""
         call = client.generate(generate, self._timeout)
         finished = False
         try:
@@ -201,6 +215,7 @@ class GrpcDispatcher:
             except grpc.aio.AioRpcError as exc:
                 finished = True
                 return self._start_failure(worker, ctx, exc, last)
+            first_token()
             if builder.plan.stream:
                 response = await self._stream(request, ctx, worker, call, builder, first, started)
             else:

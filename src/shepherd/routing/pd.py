@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,11 +101,13 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
                 500, "mixed_pd_protocols", "A PD pair must be both HTTP or both gRPC workers: register them alike"
             )
         assert self._grpc is not None
-        result = await self._grpc().pd_attempt(request, ctx, prefill, decode, last, started)
-        if isinstance(result, AttemptFailure):
+        first_token = partial(self.first_token, ctx, (prefill, decode))
+        result = await self._grpc().pd_attempt(request, ctx, prefill, decode, last, started, first_token)
+        ok = not isinstance(result, AttemptFailure)
+        self.prefill_policy.on_request_done(prefill, ctx, ok)
+        self.decode_policy.on_request_done(decode, ctx, ok and result.status < 400)
+        if not ok:
             result.side = "prefill" if result.worker is prefill else "decode"
-            return result
-        self.decode_policy.on_request_done(decode, ctx, result.status < 400)
         return result
 
     def record(
@@ -143,14 +146,16 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
                 decode_ok = True
                 if ctx.stream and not want_logprobs:
                     # Relay decode tokens at once; the prefill's outcome is only recorded.
-                    response, decode_ok = await self._relay(request, ctx, decode, upstream, None, started, deadline)
+                    response, decode_ok = await self._relay(
+                        request, ctx, (prefill, decode), upstream, None, started, deadline
+                    )
                 else:
                     prefill_result = await prefill_task
                     if isinstance(prefill_result, AttemptFailure):
                         return self._record(prefill_result, ctx)
                     if ctx.stream:
                         response, decode_ok = await self._relay(
-                            request, ctx, decode, upstream, prefill_result, started, deadline
+                            request, ctx, (prefill, decode), upstream, prefill_result, started, deadline
                         )
                     else:
                         payload = await self._call.read_body(upstream, deadline)
@@ -260,13 +265,14 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
         self,
         request: Request,
         ctx: RequestContext,
-        decode: Worker,
+        pair: tuple[Worker, Worker],
         upstream: UpstreamResponse,
         prefill_logprobs: PrefillLogprobs | None,
         started: float,
         deadline: float,
     ) -> tuple[StreamResponse, bool]:
         """Relay the decode's stream; returns the response and whether the decode finished it."""
+        decode = pair[1]
         out = StreamResponse(
             status=upstream.status, headers=routing_headers(decode, ctx), raw_headers=relayed_head(upstream.headers)
         )
@@ -277,9 +283,16 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
             return out, True
         request[STREAM_STARTED] = out
         rewrite = (lambda line: _prepend_logprobs_to_frame(line, prefill_logprobs)) if prefill_logprobs else None
-        outcome = await relay_sse(upstream, out, _DECODE_STREAM_BROKEN, deadline, rewrite)
+        outcome = await relay_sse(
+            upstream, out, _DECODE_STREAM_BROKEN, deadline, rewrite, on_first_chunk=partial(self.first_token, ctx, pair)
+        )
         self._metrics.record_relay(decode, ctx.endpoint, started, outcome)
         return out, not outcome.broken
+
+    def first_token(self, ctx: RequestContext, pair: tuple[Worker, Worker]) -> None:
+        """The decode side's first token: the pair's prefill is over on both sides."""
+        self.prefill_policy.on_first_token(pair[0], ctx)
+        self.decode_policy.on_first_token(pair[1], ctx)
 
     def _merged_response(
         self,

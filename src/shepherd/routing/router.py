@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from shepherd.config import GatewayConfig
@@ -123,8 +124,14 @@ class Router(DispatchLoop[Worker]):
             upstream.abort()
             return out, True, None
         request[STREAM_STARTED] = out
+        policy = self.policy
         outcome = await relay_sse(
-            upstream, out, _STREAM_INTERRUPTED, deadline, read_cached_tokens=self.policy.reads_cached_tokens
+            upstream,
+            out,
+            _STREAM_INTERRUPTED,
+            deadline,
+            read_cached_tokens=policy.reads_cached_tokens,
+            on_first_chunk=partial(policy.on_first_token, worker, ctx),
         )
         if outcome.broken:
             worker.breaker.record_failure()

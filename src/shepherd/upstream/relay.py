@@ -55,6 +55,7 @@ async def relay_sse(
     deadline: float,
     rewrite_line: Callable[[bytes], bytes] | None = None,
     read_cached_tokens: bool = False,
+    on_first_chunk: Callable[[], object] | None = None,
 ) -> RelayOutcome:
     """Copy `upstream`'s body to the prepared `out` as it arrives (line by line with `rewrite_line`), then end it.
 
@@ -62,7 +63,8 @@ async def relay_sse(
     `deadline` (time.monotonic) gets `interrupted_frame` written in place of the rest (and no `[DONE]`), so the
     client can tell a cut stream from a finished one; its connection is closed, not pooled. A client that goes
     away ends the relay (`client_gone`) and closes the worker's connection too. With `read_cached_tokens` the
-    outcome carries the `cached_tokens` the worker reported.
+    outcome carries the `cached_tokens` the worker reported. `on_first_chunk` is called when the worker's first
+    body bytes arrive: an engine streams its first chunk once the prompt's prefill is over.
     """
     first_chunk_at = 0.0
     events = 0
@@ -85,6 +87,8 @@ async def relay_sse(
                 break
             if not first_chunk_at:
                 first_chunk_at = time.perf_counter()
+                if on_first_chunk is not None:
+                    on_first_chunk()
             if rewrite_line is not None:
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()

@@ -62,6 +62,7 @@ class Worker:
         "load",
         "model_id",
         "p99_cache",
+        "prefill_pending",
         "priority",
         "requests_total",
         "routing_hold",
@@ -110,6 +111,9 @@ class Worker:
         # health checker keeps judging `status` meanwhile. None: routable by status and breaker alone.
         self.routing_hold: str | None = None
         self.load = 0
+        # Characters of prompt the routing policy expects the worker still to prefill for the requests sent to it
+        # (cache_aware: the part of each prompt it did not hold, until that request's first token comes back).
+        self.prefill_pending = 0
         self.requests_total = 0
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.p99_cache: float | None = None  # latency_p99_ms() until the next sample
@@ -150,6 +154,7 @@ class Worker:
             "requests_total": self.requests_total,
             "requests_active": self.load,
             "load": self.load,
+            "prefill_pending_chars": self.prefill_pending,
             "latency_p99_ms": self.latency_p99_ms(),
             "circuit_state": self.breaker.state.value,
             "routing_hold": self.routing_hold,

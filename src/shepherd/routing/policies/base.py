@@ -17,6 +17,10 @@ class Policy(Protocol):
         """Choose one of `candidates` (never empty) for `ctx`."""
         ...
 
+    def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
+        """Called when the worker's first generated token of the attempt arrives (its prefill is over)."""
+        ...
+
     def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
         """Called once per attempt after the worker answered (or failed); `cached_tokens` is how much of the prompt
         the worker reported it had cached, when it reported it."""
@@ -32,6 +36,9 @@ class StatelessPolicy:
 
     name = "stateless"
     reads_cached_tokens = False
+
+    def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
+        return None
 
     def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
         return None

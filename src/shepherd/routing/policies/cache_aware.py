@@ -66,6 +66,22 @@ _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
 
 
+class Prediction:
+    """What the policy expected of one attempt on one worker: the prefix it holds, and the prefill charged to it."""
+
+    __slots__ = ("entry", "expected", "index", "prefill")
+
+    def __init__(self, index: PrefixIndex, entry: WorkerEntry, expected: int, prefill: int) -> None:
+        self.index = index
+        self.entry = entry
+        self.expected = expected  # characters of the prompt the index believed the worker held
+        self.prefill = prefill  # characters added to the worker's `prefill_pending`, until released
+
+    def release(self) -> None:
+        self.entry.worker.prefill_pending -= self.prefill
+        self.prefill = 0
+
+
 class CacheAwarePolicy:
     name = "cache_aware"
     reads_cached_tokens = True
@@ -78,6 +94,7 @@ class CacheAwarePolicy:
         self._queue_chars = config.queue_tokens * config.chars_per_token
         self._home_chars = config.home_requests * self._queue_chars
         self._max_share = config.max_share  # 0: no cap
+        self._pending_prefill_weight = config.pending_prefill_weight
         self._indexes: dict[str | None, PrefixIndex] = {}
         self._running_limits: dict[Worker, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -98,7 +115,7 @@ class CacheAwarePolicy:
             target = view.entries[0]
         else:
             target, expected = self._choose(index, view, text, keys, ends)
-            ctx.prediction = (index, target, expected)
+            self._charge(ctx, Prediction(index, target, expected, (ends[-1] if keys else 0) - expected))
         if keys:
             index.record(target, keys, ends)
         if index.pending:
@@ -107,16 +124,38 @@ class CacheAwarePolicy:
             self._start_timer()
         return target.worker
 
+    def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
+        """The worker answered with its first token: the request's prefill no longer queues ahead of others."""
+        prediction = ctx.predictions and ctx.predictions.get(worker)
+        if prediction:
+            prediction.release()
+
     def on_request_done(self, worker: Worker, ctx: RequestContext, ok: bool, cached_tokens: int | None = None) -> None:
-        """Learn from the truth: a worker's reported `cached_tokens` calibrates its modelled capacity (too low a
-        report: it forgets sooner than modelled; too high: later). Failed requests stay recorded: the engine may
-        have cached the prefix anyway, and LRU forgets it if not."""
-        prediction = ctx.prediction
-        if cached_tokens is None or prediction is None:
+        """The attempt's prefill is over, if its first token did not say so already; and learn from the truth: a
+        worker's reported `cached_tokens` calibrates its modelled capacity (too low a report: it forgets sooner than
+        modelled; too high: later). Failed requests stay recorded: the engine may have cached the prefix anyway,
+        and LRU forgets it if not."""
+        prediction = ctx.predictions and ctx.predictions.pop(worker, None)
+        if not prediction:
             return
-        index, entry, expected = prediction
-        if entry.worker is worker:
-            index.calibrate(entry, expected, int(cached_tokens * self._chars_per_token(worker)))
+        prediction.release()
+        if cached_tokens is not None:
+            prediction.index.calibrate(
+                prediction.entry, prediction.expected, int(cached_tokens * self._chars_per_token(worker))
+            )
+
+    @staticmethod
+    def _charge(ctx: RequestContext, prediction: Prediction) -> None:
+        """Add the attempt's expected prefill to its worker's pending prefill, until its first token or its end."""
+        predictions = ctx.predictions
+        if predictions is None:
+            predictions = ctx.predictions = {}
+        else:
+            earlier = predictions.get(prediction.entry.worker)
+            if earlier is not None:  # an attempt nobody reported the end of
+                earlier.release()
+        prediction.entry.worker.prefill_pending += prediction.prefill
+        predictions[prediction.entry.worker] = prediction
 
     def on_worker_removed(self, worker: Worker) -> None:
         self._running_limits.pop(worker, None)
@@ -232,6 +271,7 @@ class CacheAwarePolicy:
         least_limit = self._running_limit(least.worker)
         least_has_room = not least_limit or least_load < least_limit
         abs_threshold, rel_threshold, queue_chars = self._abs, self._rel, self._queue_chars
+        pending_prefill_weight = self._pending_prefill_weight
         limits = self._running_limits
 
         candidates = [least] if home is least else [least, home]
@@ -255,7 +295,11 @@ class CacheAwarePolicy:
             matched = known if depth and entry in holders else entry.matched(keys, ends, depth)
             uncached = length - (presumed if entry is home and presumed > matched else matched)
             fill = entry.chars / entry.char_capacity
-            cost = queue_chars * (load if load > expected else expected) + uncached * (1 + (fill if fill < 1 else 1))
+            cost = (
+                queue_chars * (load if load > expected else expected)
+                + pending_prefill_weight * entry.worker.prefill_pending
+                + uncached * (1 + (fill if fill < 1 else 1))
+            )
             if (
                 entry is least
                 or cost < best_cost
