@@ -135,7 +135,7 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
     breaker_config = CircuitBreakerConfig()
     fleet = tuple(Worker(f"http://worker-{i}:8000", CircuitBreaker(breaker_config)) for i in range(workers))
     policy = _make_policy(name)
-    inflight: deque[Worker] = deque()
+    inflight: deque[tuple[Worker, RequestContext]] = deque()
     limit = settings.inflight_per_worker * workers
     samples: list[int] = []
     clock = time.perf_counter_ns
@@ -147,9 +147,11 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
         if i >= settings.warmup:
             samples.append(elapsed)
         worker.load += 1
-        inflight.append(worker)
+        inflight.append((worker, ctx))
         if len(inflight) > limit:
-            inflight.popleft().load -= 1
+            done, done_ctx = inflight.popleft()
+            done.load -= 1
+            policy.on_request_done(done, done_ctx, True)
     samples.sort()
     result: dict[str, Any] = {
         "policy": name,
