@@ -69,7 +69,7 @@ class Gateway:
             gateway_api_key=config.api_key,
             grpc_clients=self.grpc_clients,
         )
-        self.load_monitor = LoadMonitor(self.registry, self.grpc_clients, config)
+        self.load_monitor = LoadMonitor(self.registry, self.client, self.grpc_clients, config)
         self.router = Router(
             self.registry,
             create_policy(config.policy, config),
@@ -91,6 +91,10 @@ class Gateway:
             if config.pd_disaggregation
             else None
         )
+        self.load_monitor.subscribe(self.router.policy.on_engine_loads)
+        if self.pd_router is not None:
+            self.load_monitor.subscribe(self.pd_router.prefill_policy.on_engine_loads)
+            self.load_monitor.subscribe(self.pd_router.decode_policy.on_engine_loads)
         self.shutting_down = False
         self._server: HttpServer | None = None
         self.registry.subscribe(on_added=self._on_worker_added)

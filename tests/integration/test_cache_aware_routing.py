@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -83,4 +84,31 @@ async def test_a_workers_pending_prefill_shows_while_it_prefills_and_is_released
                     pass
         gateway.wait_workers(
             lambda ws: all(w["load"] == 0 and w["prefill_pending_chars"] == 0 for w in ws), "nothing left pending"
+        )
+
+
+async def test_the_engines_load_is_polled_and_tells_the_gateway_its_share_of_their_requests(sims: SimFleet, tmp_path):
+    # The engines count every client's requests (/get_load), the gateway its own (`load`): a request sent to a
+    # worker behind the gateway's back shows in the first only. (Long answers keep both in the engines until the
+    # clients hang up.)
+    body = {"text": "through the gateway", "sampling_params": {"max_new_tokens": 4000}}
+    direct = {"text": "around the gateway", "sampling_params": {"max_new_tokens": 4000}}
+    with start_gateway(tmp_path, sims.urls, "--load-monitor-interval", "0.1") as gateway:
+        async with aiohttp.ClientSession() as session:
+            calls = [
+                asyncio.ensure_future(session.post(gateway.url + "/generate", json=body)),
+                asyncio.ensure_future(session.post(sims.urls[0] + "/generate", json=direct)),
+            ]
+            workers = await asyncio.to_thread(
+                gateway.wait_workers,
+                lambda ws: sum(w["engine_requests"] or 0 for w in ws) == 2,
+                "both requests in the engines' load",
+            )
+            assert sum(w["load"] for w in workers) == 1
+            assert next(w for w in workers if w["url"] == sims.urls[0])["engine_requests"] >= 1
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.to_thread(
+            gateway.wait_workers, lambda ws: all(w["engine_requests"] == 0 for w in ws), "the engines idle again"
         )

@@ -474,3 +474,27 @@ def test_reported_cached_tokens_calibrate_the_modelled_capacity_within_bounds():
     for _ in range(200):
         report(100_000)
     assert entry.char_capacity == base
+
+
+def test_engines_busier_than_this_gateway_shrink_the_modelled_caches_to_its_share():
+    # Engines that report twice the requests this gateway has in flight on them are filled as fast by someone else
+    # (another replica): each worker's cache is modelled at about half its size, so the index forgets a prefix about
+    # when the engine does; newly seen workers too. When the others go away, the full size comes back.
+    p = policy(CacheAwareConfig(worker_kv_tokens=4096))
+    fleet = make_workers(4)
+    served(p, fleet, words(70, 3000))
+    entries = p.index_for("m").entries
+    full = fleet_capacity = sum(e.char_capacity for e in entries.values())
+
+    def poll(own: int, engine: int, times: int = 1) -> float:
+        for _ in range(times):
+            for worker in fleet:
+                worker.load, worker.engine_requests = own, engine
+            p.on_engine_loads(list(fleet))
+        return sum(e.char_capacity for e in entries.values()) / full
+
+    assert poll(0, 0) == 1.0 and poll(0, 5) == 1.0  # nothing of its own in flight: nothing to compare
+    assert 0.45 <= poll(2, 4, times=20) <= 0.55
+    other = p.index_for("other").view(make_workers(2, model="other")).entries[0]
+    assert 0.45 <= other.char_capacity / (fleet_capacity / 4) <= 0.55
+    assert 0.9 <= poll(3, 3, times=20) <= 1.0

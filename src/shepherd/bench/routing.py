@@ -98,7 +98,8 @@ GOAL_REPLICA_HIT = 0.95  # hit rate of N replicas over one replica's, at least
 
 _SHEPHERD = (
     "{python} -m shepherd.cli launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warning "
-    "--shutdown-drain-window-secs 0"  # a benchmark's gateway has no load balancer to drain from
+    "--shutdown-drain-window-secs 0 "  # a benchmark's gateway has no load balancer to drain from
+    "--load-monitor-interval 1"  # runs last 15 to 30 s: poll the engines' load every second, not every 10
 )
 _SMG = "{smg} launch --host {host} --port {port} --prometheus-port {prom_port} --log-level warn"
 _SGLANG_ROUTER = _SMG.replace("{smg}", "{sglang_router}")

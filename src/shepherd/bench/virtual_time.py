@@ -151,8 +151,19 @@ async def _run(
         ttft = (seq.first_token_at or clock()) - started
         return Answer(200, ttft, completion.text, len(prompt), seq.cached_tokens)
 
+    async def poll_loads() -> None:  # the gateways' load monitors
+        while True:
+            await asyncio.sleep(config.load_monitor_interval_secs)
+            for workers, policy in gateways:
+                for worker in workers:
+                    engine = engine_of[worker]
+                    worker.engine_requests = len(engine.running) + len(engine.waiting)
+                policy.on_engine_loads(list(workers))
+
     load = (None, None) if workload.timed else (settings.concurrency, settings.rate)
+    monitor = asyncio.ensure_future(poll_loads())
     run = await drive(workload, settings.model, send, *load, clock)
+    monitor.cancel()
     for engine in engines:
         await engine.close()
     return run, logs

@@ -341,6 +341,17 @@ class PrefixIndex:
             if entry.over:
                 self._over[entry] = None
 
+    def scale_capacity(self, factor: float) -> None:
+        """Model every worker's cache as `factor` times the size it was modelled at (other clients fill it too);
+        workers now over capacity are trimmed by `maintain`."""
+        for entry in self.entries.values():
+            if entry.base_capacity >= _UNBOUNDED:
+                continue
+            entry.base_capacity = max(1, int(entry.base_capacity * factor))
+            entry.char_capacity = max(1, int(entry.char_capacity * factor))
+            if entry.over:
+                self._over[entry] = None
+
     def calibrate(self, entry: WorkerEntry, expected: int, reported: int) -> None:
         """Correct `entry`'s modelled capacity from what its worker reported it had cached of a prompt (`reported`)
         against what this index expected (`expected`), both in characters; and keep `foreign`, the share of recent

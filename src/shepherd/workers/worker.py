@@ -53,6 +53,7 @@ class Worker:
         "dp_rank",
         "dp_size",
         "engine_load",
+        "engine_requests",
         "health_failures",
         "health_probes",
         "health_successes",
@@ -121,6 +122,7 @@ class Worker:
         self.health_failures = 0
         self.health_probes = 0
         self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
+        self.engine_requests: int | None = None  # running or waiting in its engine at the last load poll
 
     @property
     def is_ready(self) -> bool:
@@ -155,6 +157,7 @@ class Worker:
             "requests_active": self.load,
             "load": self.load,
             "prefill_pending_chars": self.prefill_pending,
+            "engine_requests": self.engine_requests,
             "latency_p99_ms": self.latency_p99_ms(),
             "circuit_state": self.breaker.state.value,
             "routing_hold": self.routing_hold,

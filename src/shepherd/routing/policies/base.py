@@ -30,6 +30,10 @@ class Policy(Protocol):
         """Forget everything learned about a worker that left the fleet."""
         ...
 
+    def on_engine_loads(self, workers: list[Worker]) -> None:
+        """The engines' load was just polled: `workers` have a fresh `engine_requests`."""
+        ...
+
 
 class StatelessPolicy:
     """Base for policies that learn nothing from traffic."""
@@ -44,4 +48,7 @@ class StatelessPolicy:
         return None
 
     def on_worker_removed(self, worker: Worker) -> None:
+        return None
+
+    def on_engine_loads(self, workers: list[Worker]) -> None:
         return None

@@ -62,6 +62,9 @@ SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
 REPLICA_EVIDENCE = 0.02  # share of answers reporting cache this gateway did not place: others route here too
 HOMES_REMEMBERED = 65536  # anchors whose home a fleet view remembers (then it starts over)
+POLL_DECAY = 0.8  # weight of the previous load polls in the sharers estimate (about the last 5 count)
+SHARERS_SAMPLE = 4  # requests of this gateway's own, over the weighted polls, before the estimate counts
+SHARERS_STEP = 0.1  # the modelled caches change only when the estimate moved by more than this fraction
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
 
@@ -97,6 +100,8 @@ class CacheAwarePolicy:
         self._pending_prefill_weight = config.pending_prefill_weight
         self._indexes: dict[str | None, PrefixIndex] = {}
         self._running_limits: dict[Worker, int] = {}
+        self._sharers = 1.0  # how many gateways (or other clients) fill the workers' caches as much as this one
+        self._polled_engine = self._polled_own = 0.0  # decayed sums of requests polled from engines, and our own
         self._timer: asyncio.TimerHandle | None = None
         self._timer_checked = False
         self._background_running = False
@@ -157,6 +162,23 @@ class CacheAwarePolicy:
         prediction.entry.worker.prefill_pending += prediction.prefill
         predictions[prediction.entry.worker] = prediction
 
+    def on_engine_loads(self, workers: list[Worker]) -> None:
+        """How much of the workers' traffic goes through this gateway. An engine counts every client's requests, the
+        gateway its own: over recent polls, their ratio is how many gateway replicas (or other clients) fill the
+        workers' caches as fast as this one. The index models each worker's cache as that fraction of its size, so
+        it forgets a prefix about when the engine does, instead of sending requests to a worker the other replicas'
+        traffic has long since flushed."""
+        self._polled_engine = self._polled_engine * POLL_DECAY + sum(w.engine_requests or 0 for w in workers)
+        self._polled_own = self._polled_own * POLL_DECAY + sum(w.load for w in workers)
+        if self._polled_own < SHARERS_SAMPLE:
+            return
+        sharers = max(1.0, self._polled_engine / self._polled_own)
+        if abs(sharers - self._sharers) > SHARERS_STEP * self._sharers:
+            factor = self._sharers / sharers
+            self._sharers = sharers
+            for index in self._indexes.values():
+                index.scale_capacity(factor)
+
     def on_worker_removed(self, worker: Worker) -> None:
         self._running_limits.pop(worker, None)
         for index in self._indexes.values():
@@ -171,14 +193,15 @@ class CacheAwarePolicy:
         return index
 
     def _kv_chars(self, worker: Worker) -> int:
-        """The worker's prefix-cache size in characters: --worker-kv-tokens, else what the worker reported.
+        """The worker's prefix-cache size in characters: --worker-kv-tokens, else what the worker reported; this
+        gateway's share of it when others fill it too (`on_engine_loads`).
 
         Requests for gRPC workers are indexed by token ids, TOKEN_CHARS characters each (no estimate needed)."""
         tokens = self._config.worker_kv_tokens
         if not tokens:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
-        return int(tokens * self._chars_per_token(worker))
+        return int(tokens * self._chars_per_token(worker) / self._sharers)
 
     def _chars_per_token(self, worker: Worker) -> float:
         return TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
