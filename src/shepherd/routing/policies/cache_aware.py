@@ -2,15 +2,20 @@
 
 One cost model, in characters of prefill. For each candidate worker w:
 
-    cost(w) = queue_chars * load(w) + (1 + fill(w)) * (prompt length - matched(w))
+    cost(w) = queue_chars * load(w) + pending_weight * pending(w) + (1 + fill(w)) * (prompt length - matched(w))
 
+- `pending(w)`: the prefill w still owes: for every attempt sent to w whose first token has not come back, the part
+  of its prompt the index did not place on w (`Worker.prefill_pending`). An engine prefills in arrival order, so a new
+  request waits for all of it; --cache-pending-prefill-weight (a quarter) is how much of that wait counts against
+  moving a cached prefix, which later requests pay for.
 - `load(w)`: the larger of the requests the gateway has in flight on w and those w's share of recent traffic implies
   (its decayed request count over the fleet's, times the requests in flight over the fleet): a hot worker counts as
   busy before its queue shows it, and a momentary burst counts too.
-- `queue_chars` = --cache-queue-tokens x --cache-chars-per-token: how much prefill one request ahead is worth.
+- `queue_chars` = --cache-queue-tokens x --cache-chars-per-token: what one request ahead costs beyond its prefill.
 - `matched(w)`: the prefix w is believed to hold, from a `PrefixIndex` per model (the model the request is routed to
   when it names none): what the gateway sent w, bounded by w's share of --max-tree-size (bytes) and by its KV cache
-  (--worker-kv-tokens, else the `max_total_num_tokens` it reported, times --cache-chars-per-token).
+  (--worker-kv-tokens, else the `max_total_num_tokens` it reported, times --cache-chars-per-token), divided by how
+  many gateways fill it as fast as this one (its engine's polled requests over this gateway's own).
 - `fill(w)`: how full w's estimated cache is (0 to 1). Prefill on a full cache evicts as much of other prefixes,
   which some later request pays again: on a full cache an uncached character costs twice.
 
