@@ -125,7 +125,12 @@ class CacheAwarePolicy:
             target = view.entries[0]
         else:
             target, expected = self._choose(index, view, text, keys, ends)
-            self._charge(ctx, Prediction(index, target, expected, (ends[-1] if keys else 0) - expected))
+            prediction = Prediction(index, target, expected, (ends[-1] if keys else 0) - expected)
+            target.worker.prefill_pending += prediction.prefill
+            if ctx.predictions is None:
+                ctx.predictions = {target.worker: prediction}
+            else:
+                self._replace(ctx.predictions, prediction)
         if keys:
             index.record(target, keys, ends)
         if index.pending:
@@ -155,16 +160,12 @@ class CacheAwarePolicy:
             )
 
     @staticmethod
-    def _charge(ctx: RequestContext, prediction: Prediction) -> None:
-        """Add the attempt's expected prefill to its worker's pending prefill, until its first token or its end."""
-        predictions = ctx.predictions
-        if predictions is None:
-            predictions = ctx.predictions = {}
-        else:
-            earlier = predictions.get(prediction.entry.worker)
-            if earlier is not None:  # an attempt nobody reported the end of
-                earlier.release()
-        prediction.entry.worker.prefill_pending += prediction.prefill
+    def _replace(predictions: dict[Worker, Prediction], prediction: Prediction) -> None:
+        """Keep the attempt's prediction (a retry of the same request); one for the same worker whose end nobody
+        reported gives its prefill charge back."""
+        earlier = predictions.get(prediction.entry.worker)
+        if earlier is not None:
+            earlier.release()
         predictions[prediction.entry.worker] = prediction
 
     def on_engine_loads(self, workers: list[Worker]) -> None:
@@ -307,16 +308,17 @@ class CacheAwarePolicy:
         best = least
         best_cost = best_matched = 0
         for entry in candidates:
-            load = entry.worker.load
+            worker = entry.worker
+            load = worker.load
             if entry is not least:
                 if load - least_load > abs_threshold and load > rel_threshold * least_load:
                     continue  # SMG's imbalance rule
                 if entry.traffic > traffic_cap and load > mean_load:
                     continue  # busier than average and above --cache-max-share of recent requests: spill
                 if least_has_room:
-                    limit = limits.get(entry.worker)
+                    limit = limits.get(worker)
                     if limit is None:
-                        limit = self._running_limit(entry.worker)
+                        limit = self._running_limit(worker)
                     if limit and load >= limit:
                         continue  # a full batch: the request would wait for a slot, not just queue
             expected = entry.traffic * per_traffic
@@ -325,7 +327,7 @@ class CacheAwarePolicy:
             fill = entry.chars / entry.char_capacity
             cost = (
                 queue_chars * (load if load > expected else expected)
-                + pending_prefill_weight * entry.worker.prefill_pending
+                + pending_prefill_weight * worker.prefill_pending
                 + uncached * (1 + (fill if fill < 1 else 1))
             )
             if (
