@@ -413,6 +413,8 @@ def test_admin_reads_and_actions_reach_grpc_workers(gateway, fleet):
     gateway.process.wait_for(
         lambda: all(load["engine"] for load in gateway.get("/get_loads")[1]["loads"]), 15, "GetLoads answers"
     )
+    # The same poll gives each worker its engine's request count (what cache_aware compares with its own load).
+    assert all(isinstance(w["engine_requests"], int) for w in gateway.workers())
     status, flushed = gateway.post("/flush_cache")
     assert status == 200 and flushed["workers_flushed"] == 2
     assert all(fleet.log(i)["counts"].get("/sglang.grpc.scheduler.SglangScheduler/FlushCache") for i in range(2))
