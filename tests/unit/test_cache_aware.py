@@ -498,3 +498,47 @@ def test_engines_busier_than_this_gateway_shrink_the_modelled_caches_to_its_shar
     other = p.index_for("other").view(make_workers(2, model="other")).entries[0]
     assert 0.45 <= other.char_capacity / (fleet_capacity / 4) <= 0.55
     assert 0.9 <= poll(3, 3, times=20) <= 1.0
+
+
+def test_explain_gives_the_pick_and_every_term_of_its_cost_and_changes_nothing():
+    p = policy(dataclasses.replace(CacheAwareConfig(), balance_abs_threshold=4, balance_rel_threshold=1.5))
+    fleet = make_workers(4, labels={"max_running_requests": "8"})
+    system = words(31, 3000)
+    holder = fleet[1]
+    seed(p, holder, system)
+    busy = fleet[2]
+    busy.load = 8  # a full batch, and past the imbalance thresholds
+    seed(p, busy, system)
+    index = p.index_for("m")
+    prompt = system + " " + words(32, 400)
+    p.index_for("m").view(fleet)  # the fleet's entries exist (the first request to a fleet creates them)
+    before = ({w: e.lru.copy() for w, e in index.entries.items()}, p.examined, [w.prefill_pending for w in fleet])
+
+    explained = p.explain(fleet, ctx(prompt))
+
+    after = ({w: e.lru.copy() for w, e in index.entries.items()}, p.examined, [w.prefill_pending for w in fleet])
+    assert after == before  # nothing recorded, charged or counted
+    assert explained["worker"] == holder.url
+    assert explained["prompt_chars"] == len(prompt)
+    assert explained["known_chars"] == explained["matched_chars"] > 2500  # the system prompt, to a page
+    rows = {row["worker"]: row for row in explained["candidates"]}
+    assert rows[busy.url]["excluded"] == "imbalance"
+    costed = {url: row for url, row in rows.items() if row["excluded"] is None}
+    assert holder.url in costed and explained["least_loaded"] in costed
+    assert min(costed, key=lambda url: costed[url]["cost"]) == holder.url
+    for row in costed.values():
+        assert row["uncached_chars"] == len(prompt) - max(row["matched_chars"], 0) or row["worker"] == explained["home"]
+    assert explained["terms"]["queue_chars_per_request"] == p._queue_chars
+    # The pick that follows is the one explained.
+    assert p.pick(fleet, ctx(prompt)) is holder
+
+
+def test_stateless_policies_explain_their_candidates_load_only():
+    fleet = make_workers(3)
+    fleet[0].load = 2
+    explained = create_policy("round_robin", GatewayConfig()).explain(fleet, ctx("hello"))
+    assert explained == {
+        "policy": "round_robin",
+        "worker": None,
+        "candidates": [{"worker": w.url, "load": w.load} for w in fleet],
+    }

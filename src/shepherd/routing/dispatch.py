@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from shepherd.errors import GatewayError
 from shepherd.routing.attempt import AttemptFailure
@@ -75,6 +75,10 @@ class DispatchLoop(Generic[Target]):
         """Work done once per request before the first attempt (gRPC workers: tokenize for routing)."""
 
     def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure]) -> Target:
+        raise NotImplementedError
+
+    def explain(self, ctx: RequestContext) -> dict[str, Any]:
+        """What the first attempt's `select` would choose for `ctx` and why, per worker role; changes nothing."""
         raise NotImplementedError
 
     async def attempt(

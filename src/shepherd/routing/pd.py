@@ -30,6 +30,7 @@ from shepherd.routing.router import (
     GrpcDispatcherSource,
     choose_worker,
     relayed_head,
+    routable,
     routing_headers,
     worker_response,
 )
@@ -82,6 +83,12 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
         prefill = choose_worker(self.registry, WorkerType.PREFILL, self.prefill_policy, ctx, failed_prefills)
         decode = choose_worker(self.registry, WorkerType.DECODE, self.decode_policy, ctx, failed_decodes)
         return prefill, decode
+
+    def explain(self, ctx: RequestContext) -> dict[str, Any]:
+        return {
+            "prefill": self.prefill_policy.explain(routable(self.registry, WorkerType.PREFILL, ctx), ctx),
+            "decode": self.decode_policy.explain(routable(self.registry, WorkerType.DECODE, ctx), ctx),
+        }
 
     async def attempt(
         self, request: Request, ctx: RequestContext, pair: tuple[Worker, Worker], last: bool, started: float

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shepherd.config import GatewayConfig
 from shepherd.errors import GatewayError, all_workers_unavailable, error_body, no_workers_for_model
@@ -63,6 +63,9 @@ class Router(DispatchLoop[Worker]):
     def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure] = ()) -> Worker:
         """Pick a routable worker for `ctx`, preferring ones that have not failed it; 404/503 when there is none."""
         return choose_worker(self.registry, WorkerType.REGULAR, self.policy, ctx, [f.worker for f in failures])
+
+    def explain(self, ctx: RequestContext) -> dict[str, Any]:
+        return {"regular": self.policy.explain(routable(self.registry, WorkerType.REGULAR, ctx), ctx)}
 
     def record(self, worker: Worker, result: Response | StreamResponse | AttemptFailure, seconds: float) -> None:
         self._metrics.worker_cells(worker).record(attempt_status(result), seconds)
@@ -175,10 +178,20 @@ def worker_response(worker: Worker, ctx: RequestContext, status: int, payload: b
 def choose_worker(
     registry: Registry, worker_type: WorkerType, policy: Policy, ctx: RequestContext, avoid: Sequence[Worker] = ()
 ) -> Worker:
-    """The policy's pick among routable workers of a type for `ctx`, avoiding `avoid` while others remain.
+    """The policy's pick among routable workers of a type for `ctx`, avoiding `avoid` while others remain."""
+    candidates = routable(registry, worker_type, ctx)
+    if avoid:
+        fresh = [w for w in candidates if w not in avoid]
+        if fresh:
+            candidates = fresh
+    return policy.pick(candidates, ctx)
 
-    No candidate at all: 404 when nothing of this type serves the model (or, for regular workers, nothing is
-    registered), 503 when workers exist but none is routable right now (unhealthy, draining, circuit open).
+
+def routable(registry: Registry, worker_type: WorkerType, ctx: RequestContext) -> Sequence[Worker]:
+    """The workers of a type that can take `ctx` now.
+
+    None at all: 404 when nothing of this type serves the model (or, for regular workers, nothing is registered),
+    503 when workers exist but none is routable right now (unhealthy, draining, circuit open).
     """
     candidates = registry.candidates(worker_type, ctx.model)
     if not candidates:
@@ -200,8 +213,4 @@ def choose_worker(
         if not registry.of_type(worker_type) or (ctx.model is not None and not registry.serves(worker_type, ctx.model)):
             raise no_workers_for_model(ctx.model)
         raise all_workers_unavailable(worker_type)
-    if avoid:
-        fresh = [w for w in candidates if w not in avoid]
-        if fresh:
-            candidates = fresh
-    return policy.pick(candidates, ctx)
+    return candidates

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from shepherd.routing.context import RequestContext
 from shepherd.workers.worker import Worker
@@ -15,6 +15,10 @@ class Policy(Protocol):
 
     def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         """Choose one of `candidates` (never empty) for `ctx`."""
+        ...
+
+    def explain(self, candidates: Sequence[Worker], ctx: RequestContext) -> dict[str, Any]:
+        """Why `pick` would choose what it would for `ctx`, as JSON-ready data; changes no state."""
         ...
 
     def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
@@ -40,6 +44,11 @@ class StatelessPolicy:
 
     name = "stateless"
     reads_cached_tokens = False
+
+    def explain(self, candidates: Sequence[Worker], ctx: RequestContext) -> dict[str, Any]:
+        """The candidates and their load: the choice itself is the draw or turn of the moment, made at `pick`."""
+        loads = [{"worker": w.url, "load": w.load} for w in candidates]
+        return {"policy": self.name, "worker": None, "candidates": loads}
 
     def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
         return None

@@ -53,6 +53,7 @@ import math
 import random
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 from shepherd.config import CacheAwareConfig
 from shepherd.routing.context import TOKEN_CHARS, RequestContext
@@ -114,13 +115,7 @@ class CacheAwarePolicy:
 
     # --- Policy protocol -------------------------------------------------------------------------------------
     def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        model = ctx.model or candidates[0].model_id  # no `model`: the index of the model it is routed to
-        index = self._indexes.get(model)
-        if index is None:
-            index = self.index_for(model)
-        view = index.view(candidates)
-        text = ctx.routing_text
-        keys, ends = index.layout.keys(text)
+        index, view, text, keys, ends = self._prepare(candidates, ctx)
         if len(view.entries) == 1:
             target = view.entries[0]
         else:
@@ -138,6 +133,41 @@ class CacheAwarePolicy:
         if not self._timer_checked:
             self._start_timer()
         return target.worker
+
+    def explain(self, candidates: Sequence[Worker], ctx: RequestContext) -> dict[str, Any]:
+        """What `pick` would choose for `ctx` and every term of its cost, changing nothing (docs/routing.md)."""
+        index, view, text, keys, ends = self._prepare(candidates, ctx)
+        length = ends[-1] if keys else 0
+        explained: dict[str, Any] = {"policy": self.name, "prompt_chars": length}
+        if len(view.entries) == 1:
+            return {**explained, "worker": view.entries[0].worker.url, "reason": "the only candidate"}
+        report: dict[str, Any] = {}
+        examined = self.examined
+        target, matched = self._choose(index, view, text, keys, ends, report)
+        self.examined = examined  # not a decision: the cost accounting counts decisions only
+        return {
+            **explained,
+            "worker": target.worker.url,
+            "matched_chars": matched,
+            **report,
+            "terms": {
+                "queue_chars_per_request": self._queue_chars,
+                "pending_prefill_weight": self._pending_prefill_weight,
+                "home_presumed_chars": self._home_chars,
+                "sharers": round(self._sharers, 3),
+                "replica_evidence": round(index.foreign, 4),
+            },
+        }
+
+    def _prepare(
+        self, candidates: Sequence[Worker], ctx: RequestContext
+    ) -> tuple[PrefixIndex, FleetView, str, list[int], list[int]]:
+        model = ctx.model or candidates[0].model_id  # no `model`: the index of the model it is routed to
+        index = self._indexes.get(model)
+        if index is None:
+            index = self.index_for(model)
+        text = ctx.routing_text
+        return index, index.view(candidates), text, *index.layout.keys(text)
 
     def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
         """The worker answered with its first token: the request's prefill no longer queues ahead of others."""
@@ -278,12 +308,22 @@ class CacheAwarePolicy:
         return least, total / len(pool)
 
     def _choose(
-        self, index: PrefixIndex, view: FleetView, text: str, keys: list[int], ends: list[int]
+        self,
+        index: PrefixIndex,
+        view: FleetView,
+        text: str,
+        keys: list[int],
+        ends: list[int],
+        report: dict[str, Any] | None = None,
     ) -> tuple[WorkerEntry, int]:
-        """The cheapest candidate, and how much of the prompt the index believes it holds (characters)."""
+        """The cheapest candidate, and how much of the prompt the index believes it holds (characters).
+
+        With `report` (`explain`): fills it with every candidate's terms and changes nothing."""
         entries = view.entries
         least, mean_load = self._least(entries)
         if not keys:
+            if report is not None:
+                report["least_loaded"] = least.worker.url
             return least, 0
         length = ends[-1]
         depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
@@ -307,20 +347,26 @@ class CacheAwarePolicy:
         candidates += [entry for entry in holders if entry is not least and entry is not home]
         best = least
         best_cost = best_matched = 0
+        costed: list[dict[str, Any]] = []
         for entry in candidates:
             worker = entry.worker
             load = worker.load
+            excluded = None
             if entry is not least:
                 if load - least_load > abs_threshold and load > rel_threshold * least_load:
-                    continue  # SMG's imbalance rule
-                if entry.traffic > traffic_cap and load > mean_load:
-                    continue  # busier than average and above --cache-max-share of recent requests: spill
-                if least_has_room:
+                    excluded = "imbalance"  # SMG's imbalance rule
+                elif entry.traffic > traffic_cap and load > mean_load:
+                    excluded = "share_cap"  # busier than average and above --cache-max-share of recent requests
+                elif least_has_room:
                     limit = limits.get(worker)
                     if limit is None:
                         limit = self._running_limit(worker)
                     if limit and load >= limit:
-                        continue  # a full batch: the request would wait for a slot, not just queue
+                        excluded = "full_batch"  # the request would wait for a slot, not just queue
+                if excluded:
+                    if report is not None:
+                        costed.append({"worker": worker.url, "load": load, "excluded": excluded})
+                    continue
             expected = entry.traffic * per_traffic
             matched = known if depth and entry in holders else entry.matched(keys, ends, depth)
             uncached = length - (presumed if entry is home and presumed > matched else matched)
@@ -330,12 +376,27 @@ class CacheAwarePolicy:
                 + pending_prefill_weight * worker.prefill_pending
                 + uncached * (1 + (fill if fill < 1 else 1))
             )
+            if report is not None:
+                costed.append({"worker": worker.url, "load": load, "expected_load": round(expected, 3),
+                               "prefill_pending_chars": worker.prefill_pending, "matched_chars": matched,
+                               "uncached_chars": uncached, "fill": round(min(fill, 1.0), 4), "cost": round(cost, 1),
+                               "excluded": None})  # fmt: skip
             if (
                 entry is least
                 or cost < best_cost
                 or (cost == best_cost and (matched > best_matched or (matched == best_matched and entry is home)))
             ):
                 best, best_cost, best_matched = entry, cost, matched
+        if report is not None:
+            report.update(
+                known_chars=known,
+                common_chars=ends[common - 1] if common else 0,
+                least_loaded=least.worker.url,
+                home=home.worker.url,
+                home_presumed_chars=presumed,
+                candidates=costed,
+            )
+            return best, best_matched
         self.examined += len(candidates)
         if depth and best_matched == known:
             index.rotate_holder(best, keys[depth - 1])
