@@ -112,3 +112,39 @@ async def test_the_engines_load_is_polled_and_tells_the_gateway_its_share_of_the
         await asyncio.to_thread(
             gateway.wait_workers, lambda ws: all(w["engine_requests"] == 0 for w in ws), "the engines idle again"
         )
+
+
+async def test_explain_shows_the_decision_a_request_would_get_and_sends_nothing(sims: SimFleet, tmp_path):
+    rng = random.Random(6)
+    system = sentence(rng, 300)
+    with start_gateway(tmp_path, sims.urls) as gateway:
+        first = {"text": system + " first " + sentence(rng, 20), "sampling_params": {"max_new_tokens": 2}}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gateway.url + "/generate", json=first) as resp:
+                assert resp.status == 200
+                holder = resp.headers["x-smg-routed-worker-id"]
+            served = [sims.log(i)["counts"].get("/generate", 0) for i in range(len(sims.urls))]
+            second = {"text": system + " second " + sentence(rng, 20), "sampling_params": {"max_new_tokens": 2}}
+            for _ in range(3):
+                async with session.post(gateway.url + "/explain/generate", json=second) as resp:
+                    assert resp.status == 200
+                    explained = await resp.json()
+            # Nothing reached a worker, nothing is charged to one.
+            assert [sims.log(i)["counts"].get("/generate", 0) for i in range(len(sims.urls))] == served
+            assert all(w["load"] == 0 and w["prefill_pending_chars"] == 0 for w in gateway.workers())
+            decision = explained["regular"]
+            assert explained["endpoint"] == "/generate" and decision["policy"] == "cache_aware"
+            assert decision["worker"] == holder and decision["prompt_chars"] == len(second["text"])
+            rows = {row["worker"]: row for row in decision["candidates"]}
+            assert rows[holder]["matched_chars"] >= len(system) * 7 // 8  # the system prompt, to the index's cuts
+            assert rows[holder]["cost"] == min(row["cost"] for row in rows.values() if row["excluded"] is None)
+            # The request itself then goes where the explanation said.
+            async with session.post(gateway.url + "/generate", json=second) as resp:
+                assert resp.headers["x-smg-routed-worker-id"] == holder
+            # Bad input: the same errors as the inference route, in the same shape.
+            async with session.post(gateway.url + "/explain/v1/chat/completions", data=b"{not json") as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["code"] == "invalid_json"
+            async with session.post(gateway.url + "/explain/v1/chat/completions", json={"model": "m"}) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["param"] == "messages"

@@ -359,9 +359,15 @@ def test_cache_aware_routes_a_repeated_prefix_to_the_worker_that_cached_its_toke
             assert status == 200
             first[prompt] = headers["x-smg-routed-worker-id"]
         for prompt in prompts:
-            status, headers, body = _post_with_headers(
-                gw.url + "/v1/completions", {"prompt": prompt + " and more", "max_tokens": 1}
+            request = {"prompt": prompt + " and more", "max_tokens": 1}
+            # The explanation matches token ids too (4 characters per id), and names the worker the request gets.
+            status, explained = gw.post("/explain/v1/completions", request)
+            assert status == 200 and explained["regular"]["worker"] == first[prompt]
+            assert (
+                explained["regular"]["prompt_chars"]
+                == 4 * gw.post("/v1/tokenize", {"prompt": request["prompt"]})[1]["count"]
             )
+            status, headers, body = _post_with_headers(gw.url + "/v1/completions", request)
             assert headers["x-smg-routed-worker-id"] == first[prompt]
             assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 

@@ -417,12 +417,17 @@ def test_policy_inheritance_follows_the_four_readme_rules(tmp_path, fleets, poli
         for i in range(6):
             status, answer = gw.post("/generate", {"text": "same prompt", "rid": f"r{i}"})
             assert status == 200, answer
-    for fleet, sticks in ((prefills, prefill_sticks), (decodes, decode_sticks)):
+        status, explained = gw.post("/explain/generate", {"text": "same prompt"})  # each side's policy, why
+        assert status == 200, explained
+    for fleet, sticks, side in ((prefills, prefill_sticks, "prefill"), (decodes, decode_sticks, "decode")):
         sequence = routing_sequence(fleet, 6)
         if sticks:
             assert len(set(sequence)) == 1, sequence
+            assert explained[side]["policy"] == "cache_aware"
+            assert explained[side]["worker"] == fleet.urls[sequence[0]]
         else:
             assert all(a != b for a, b in itertools.pairwise(sequence)), sequence
+            assert explained[side]["policy"] == "round_robin" and explained[side]["worker"] is None
 
 
 def test_workers_added_at_run_time_and_readiness_needs_both_roles(tmp_path, fleets):

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from shepherd.http.admin import EXPLAIN_PREFIX
 from shepherd.http.route_policy import ROUTE_CLASSES, RouteClass
 from shepherd.routing.context import INFERENCE_ENDPOINTS
 from tests.support.gateway import GatewayProcess, start_gateway
@@ -25,6 +26,7 @@ KEYS = ("--control-plane-api-keys", f"ops:Ops Team:admin:{ADMIN_KEY}", f"dash:Da
 REQUESTS: dict[tuple[str, str], tuple[str, dict | None]] = {
     **{("GET", path): (path, None) for (method, path) in ROUTE_CLASSES if method == "GET" and "{" not in path},
     **{("POST", e.path): (e.path, {}) for e in INFERENCE_ENDPOINTS},
+    **{("POST", EXPLAIN_PREFIX + e.path): (EXPLAIN_PREFIX + e.path, {}) for e in INFERENCE_ENDPOINTS},
     ("POST", "/v1/tokenize"): ("/v1/tokenize", {"prompt": "x"}),
     ("POST", "/v1/detokenize"): ("/v1/detokenize", {"tokens": [1]}),
     ("GET", "/workers/{worker_id}"): ("/workers/no-such-worker", None),

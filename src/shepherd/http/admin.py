@@ -6,6 +6,7 @@ import asyncio
 import hmac
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -17,6 +18,7 @@ from shepherd.errors import GatewayError
 from shepherd.exchange import Request, Response, StreamResponse, json_response
 from shepherd.http.routes import RouteTable
 from shepherd.observability.engine_metrics import EngineMetrics
+from shepherd.routing.context import INFERENCE_ENDPOINTS, Endpoint, InvalidRequest, RequestContext
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.headers import relay_response_headers
 from shepherd.urls import display_url, has_userinfo
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from shepherd.upstream.grpc_client import SglangClient
 
 _FANOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+EXPLAIN_PREFIX = "/explain"  # POST /explain/v1/chat/completions: the decision that request would get
 
 
 def add_admin_routes(app: RouteTable, gateway: Gateway) -> None:
@@ -45,6 +48,8 @@ def add_admin_routes(app: RouteTable, gateway: Gateway) -> None:
     r.add_get("/get_model_info", routes.proxy_info)
     r.add_get("/get_server_info", routes.proxy_info)
     r.add_get("/get_loads", routes.loads)
+    for endpoint in INFERENCE_ENDPOINTS:
+        r.add_post(EXPLAIN_PREFIX + endpoint.path, partial(routes.explain_route, endpoint))
     r.add_post("/flush_cache", routes.flush_cache)
     r.add_get("/workers", routes.list_workers)
     r.add_post("/workers", routes.add_worker)
@@ -140,6 +145,16 @@ class AdminRoutes:
         return json_response(
             {"timestamp": datetime.now(UTC).isoformat(), "version": f"shepherd-{__version__}", "loads": loads}
         )
+
+    async def explain_route(self, endpoint: Endpoint, request: Request) -> Response:
+        """The routing decision an inference request would get now, with its reasons; nothing is sent or recorded."""
+        try:
+            ctx = RequestContext(endpoint, await request.read(), request.request_id)
+        except InvalidRequest as exc:
+            raise GatewayError(400, exc.code, str(exc), param=exc.param) from None
+        router = self.gw.router_for(endpoint)
+        await router.prepare(ctx)
+        return json_response({"endpoint": endpoint.path, "model": ctx.model, **router.explain(ctx)})
 
     async def flush_cache(self, _request: Request) -> Response:
         workers = self.registry.all()

@@ -10,6 +10,7 @@ import enum
 import logging
 
 from shepherd.exchange import Route
+from shepherd.http.admin import EXPLAIN_PREFIX
 from shepherd.http.routes import RouteTable
 from shepherd.routing.context import INFERENCE_ENDPOINTS
 
@@ -40,6 +41,7 @@ ROUTE_CLASSES: dict[tuple[str, str], RouteClass] = {
     ("POST", "/v1/detokenize"): _DATA,
     ("GET", "/config"): _READ,
     ("GET", "/get_loads"): _READ,
+    **{("POST", EXPLAIN_PREFIX + endpoint.path): _READ for endpoint in INFERENCE_ENDPOINTS},
     ("GET", "/workers"): _READ,
     ("GET", "/workers/{worker_id}"): _READ,
     ("GET", "/list_workers"): _READ,
