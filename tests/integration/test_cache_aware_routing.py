@@ -106,6 +106,17 @@ async def test_the_engines_load_is_polled_and_tells_the_gateway_its_share_of_the
             )
             assert sum(w["load"] for w in workers) == 1
             assert next(w for w in workers if w["url"] == sims.urls[0])["engine_requests"] >= 1
+            # The same polls, as SMG's gauges: every worker's rank 0, its running and waiting requests, KV usage.
+            exposition = await asyncio.to_thread(gateway.metrics)
+            running = exposition.series("smg_engine_running_requests")
+            assert {(s["worker"], s["dp_rank"]) for s in running} == {(url, "0") for url in sims.urls}
+            in_engines = exposition.total("smg_engine_running_requests") + exposition.total(
+                "smg_engine_waiting_requests"
+            )
+            assert in_engines == 2
+            usage = [s.value for s in exposition.samples if s.name == "smg_engine_token_usage"]
+            assert len(usage) == len(sims.urls) and all(0 <= u <= 1 for u in usage) and max(usage) > 0
+            assert all(exposition.value("smg_engine_load_polls_total", worker=u, mode="poll") >= 1 for u in sims.urls)
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)

@@ -421,6 +421,10 @@ def test_admin_reads_and_actions_reach_grpc_workers(gateway, fleet):
     )
     # The same poll gives each worker its engine's request count (what cache_aware compares with its own load).
     assert all(isinstance(w["engine_requests"], int) for w in gateway.workers())
+    # And SMG's gauges from polling, GetLoads' throughput and hit rate included, for each worker's rank 0.
+    exposition = gateway.metrics()
+    for name in ("smg_engine_running_requests", "smg_engine_gen_throughput", "smg_engine_cache_hit_rate"):
+        assert {(s["worker"], s["dp_rank"]) for s in exposition.series(name)} == {(u, "0") for u in fleet.urls}, name
     status, flushed = gateway.post("/flush_cache")
     assert status == 200 and flushed["workers_flushed"] == 2
     assert all(fleet.log(i)["counts"].get("/sglang.grpc.scheduler.SglangScheduler/FlushCache") for i in range(2))

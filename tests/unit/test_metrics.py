@@ -14,6 +14,7 @@ from shepherd.http.admission import Admission
 from shepherd.observability.metrics import PRESET_STATUSES, GatewayMetrics, MetricsListener
 from shepherd.routing.context import CHAT, GENERATE
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus, WorkerType
 from tests.support.app_server import serving_gateway
@@ -257,3 +258,26 @@ async def test_requests_the_http_server_refuses_are_counted_under_unmatched():
     assert exp.value("smg_http_requests_total", method="OTHER", path="unmatched", status_code="400") == 1
     assert exp.value("smg_http_requests_total", method="OTHER", path="unmatched", status_code="431") == 1
     await gateway.client.close()
+
+
+def test_engine_load_gauges_show_each_workers_last_answered_poll_rank_by_rank():
+    registry, _, metrics = setup()
+    http = make_worker(registry, "http://a:1", model_id="m")
+    grpc = make_worker(registry, "grpc://b:1", model_id="m")
+    silent = make_worker(registry, "http://c:1", model_id="m")
+    http.engine_ranks = (RankLoad(0, 2, 1, 0.5), RankLoad(1, 4, 0, 0.25))
+    http.engine_polls = 3
+    grpc.engine_ranks = (RankLoad(0, 1, 0, 0.75, 88.0, 0.4),)
+    grpc.engine_polls = 1
+    silent.engine_polls = 5  # answered before, failed at the last poll: no stale figures
+    exp = scrape(metrics)
+    assert exp.value("smg_engine_running_requests", worker="http://a:1", model="m", dp_rank="1") == 4
+    assert exp.value("smg_engine_waiting_requests", worker="http://a:1", dp_rank="0") == 1
+    assert exp.value("smg_engine_token_usage", worker="grpc://b:1", dp_rank="0") == 0.75
+    assert exp.value("smg_engine_gen_throughput", worker="grpc://b:1") == 88.0
+    assert exp.value("smg_engine_cache_hit_rate", worker="grpc://b:1") == 0.4
+    # /get_load says nothing of throughput or hit rate: no series rather than a made-up 0.
+    assert {s["worker"] for s in exp.series("smg_engine_gen_throughput")} == {"grpc://b:1"}
+    assert {s["worker"] for s in exp.series("smg_engine_running_requests")} == {"http://a:1", "grpc://b:1"}
+    assert exp.value("smg_engine_load_polls_total", worker="http://a:1", mode="poll") == 3
+    assert exp.value("smg_engine_load_polls_total", worker="http://c:1", mode="poll") == 5

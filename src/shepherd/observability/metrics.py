@@ -5,8 +5,8 @@ Cost model, since this runs for every request:
   the worker is added, dropped when it is removed) or per (route, method, status); recording is a dict get
   plus an int add or a bisect. No `.labels(...)`, no locks: updates and scrapes share the event loop.
 - Gauges (requests in flight per worker, health, breaker state, pool size, admission in-flight and queue
-  depth) cost nothing per request: `collect` reads them from the registry and the admission controller
-  when Prometheus scrapes.
+  depth, the engines' polled load) cost nothing per request: `collect` reads them from the registry and the
+  admission controller when Prometheus scrapes.
 Label values are bounded: workers (removed with the worker), route templates (unknown paths collapse to
 `unmatched`), a fixed method set, status codes, models of registered workers and endpoint names.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from shepherd.exchange import UNMATCHED, Request, Route
 from shepherd.observability.cells import Count, CounterFamily, Distribution, HistogramFamily
@@ -271,6 +271,35 @@ class GatewayMetrics:
         queued = GaugeMetricFamily("smg_admission_queue_depth", "Requests waiting in the admission queue")
         queued.add_metric([], self._admission.queued)
         yield from (active, health, cb_state, cb_failures, cb_successes, pool_size, inflight, queued)
+        yield from _engine_load_families(workers)
+
+
+_ENGINE_GAUGES = (  # (name, help, RankLoad field) of SMG's gauges from load polling
+    ("smg_engine_running_requests", "Requests the engine runs, per DP rank (last load poll)", "running"),
+    ("smg_engine_waiting_requests", "Requests waiting in the engine's queue, per DP rank (last load poll)", "waiting"),
+    ("smg_engine_token_usage", "Share of the engine's KV cache in use, per DP rank (last load poll)", "token_usage"),
+    ("smg_engine_gen_throughput", "Engine generation throughput in tokens/s (last GetLoads poll)", "gen_throughput"),
+    ("smg_engine_cache_hit_rate", "Engine prefix cache hit rate (last GetLoads poll)", "cache_hit_rate"),
+)
+
+
+def _engine_load_families(workers: list[Worker]) -> Iterator[Any]:
+    """What each worker's engine said at its last answered load poll; nothing for a worker whose last poll failed
+    (no stale figures), and a gauge only where the answer carries it (`/get_load` has no throughput or hit rate)."""
+    labels = ["worker", "model", "dp_rank"]
+    gauges = [GaugeMetricFamily(name, text, labels=labels) for name, text, _ in _ENGINE_GAUGES]
+    polls = CounterMetricFamily("smg_engine_load_polls", "Load polls a worker answered", labels=["worker", "mode"])
+    for worker in workers:
+        if worker.engine_polls:
+            polls.add_metric([worker.url, "poll"], worker.engine_polls)
+        for rank in worker.engine_ranks or ():
+            label = [worker.url, worker.model_id, str(rank.dp_rank)]
+            for gauge, (_, _, field) in zip(gauges, _ENGINE_GAUGES, strict=True):
+                value = getattr(rank, field)
+                if value is not None:
+                    gauge.add_metric(label, value)
+    yield from gauges
+    yield polls
 
 
 class _Exposition:

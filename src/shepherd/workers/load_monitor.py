@@ -2,9 +2,10 @@
 `GetLoads` (one call per engine: DP ranks share theirs).
 
 Each worker keeps its engine's last answer (`Worker.engine_load`, shown by `/workers` and `/get_loads` for gRPC
-workers) and the requests it reported running or waiting for that worker (`Worker.engine_requests`). After every
-round the listeners see the polled workers: the engine counts every client's requests, the gateway only its own, so
-the two together tell how much of each worker's traffic goes through this gateway (routing/policies/cache_aware.py).
+workers), what it says rank by rank (`Worker.engine_ranks`, exported as SMG's `smg_engine_*` gauges) and the
+requests it reported running or waiting for that worker (`Worker.engine_requests`). After every round the listeners
+see the polled workers: the engine counts every client's requests, the gateway only its own, so the two together
+tell how much of each worker's traffic goes through this gateway (routing/policies/cache_aware.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,34 +23,73 @@ from shepherd.config import GatewayConfig
 from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.workers.registry import Registry
-from shepherd.workers.worker import Worker, WorkerStatus, worker_auth_headers
+from shepherd.workers.worker import KV_TOKENS_LABEL, Worker, WorkerStatus, worker_auth_headers
 
 log = logging.getLogger(__name__)
 
 LoadListener = Callable[[list[Worker]], None]
 
 
-def engine_requests(answer: Any, dp_rank: int | None) -> int | None:
-    """Requests running or waiting in an engine's load answer, for one DP rank or all of them; None if the answer
-    does not say. `/get_load` is a list of `{dp_rank, num_reqs, ...}`; `GetLoads` has `loads: [{dp_rank,
-    num_total_reqs, ...}]`."""
-    if isinstance(answer, dict):
-        entries, field = answer.get("loads"), "num_total_reqs"
-    else:
-        entries, field = answer, "num_reqs"
+@dataclass(frozen=True, slots=True)
+class RankLoad:
+    """One DP rank's load as its engine reported it at the last poll; None where the answer does not say."""
+
+    dp_rank: int
+    running: int
+    waiting: int
+    token_usage: float | None = None  # share of the KV cache in use
+    gen_throughput: float | None = None  # tokens/s
+    cache_hit_rate: float | None = None
+
+
+def rank_loads(answer: Any, dp_rank: int | None, kv_tokens: int = 0) -> tuple[RankLoad, ...] | None:
+    """The ranks of an engine's load answer (`dp_rank`'s, or all of them); None if the answer does not say.
+
+    `/get_load` is a list of `{dp_rank, num_reqs, num_waiting_reqs, num_tokens}`: `num_reqs` counts the waiting
+    ones too, and token usage is `num_tokens` over the `kv_tokens` the worker reported (unknown without them).
+    `GetLoads` has `loads: [{dp_rank, num_running_reqs, num_waiting_reqs, token_usage, gen_throughput,
+    cache_hit_rate, ...}]`, rendered by MessageToDict: zero fields left out, 64-bit integers as strings.
+    """
+    grpc = isinstance(answer, dict)
+    entries = answer.get("loads") if grpc else answer
     if not isinstance(entries, list):
         return None
-    total = None
-    for entry in entries:
-        if not isinstance(entry, dict) or (dp_rank is not None and entry.get("dp_rank", 0) != dp_rank):
-            continue
-        count = entry.get(field, 0)  # proto3 leaves zeros out
-        if isinstance(count, str) and count.isdigit():
-            count = int(count)
-        if not isinstance(count, int):
-            return None
-        total = (total or 0) + count
-    return total
+    ranks = []
+    try:
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            rank = _count(entry, "dp_rank")
+            if dp_rank is not None and rank != dp_rank:
+                continue
+            if grpc:
+                load = RankLoad(rank, _count(entry, "num_running_reqs"), _count(entry, "num_waiting_reqs"),
+                                _ratio(entry, "token_usage"), _ratio(entry, "gen_throughput"),
+                                _ratio(entry, "cache_hit_rate"))  # fmt: skip
+            else:
+                waiting = _count(entry, "num_waiting_reqs")
+                usage = _count(entry, "num_tokens") / kv_tokens if kv_tokens and "num_tokens" in entry else None
+                load = RankLoad(rank, max(0, _count(entry, "num_reqs") - waiting), waiting, usage)
+            ranks.append(load)
+    except ValueError:
+        return None
+    return tuple(ranks) or None
+
+
+def _count(entry: dict[str, Any], field: str) -> int:
+    value = entry.get(field, 0)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(field)
+    return value
+
+
+def _ratio(entry: dict[str, Any], field: str) -> float:
+    value = entry.get(field, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(field)
+    return float(value)
 
 
 class LoadMonitor:
@@ -99,7 +140,13 @@ class LoadMonitor:
         for worker in workers:
             if is_grpc_url(base_url):
                 worker.engine_load = answer
-            worker.engine_requests = None if answer is None else engine_requests(answer, worker.dp_rank)
+            reported = worker.labels.get(KV_TOKENS_LABEL, "")
+            kv_tokens = int(reported) if reported.isdigit() else 0
+            ranks = None if answer is None else rank_loads(answer, worker.dp_rank, kv_tokens)
+            worker.engine_ranks = ranks
+            worker.engine_requests = None if ranks is None else sum(r.running + r.waiting for r in ranks)
+            if ranks is not None:
+                worker.engine_polls += 1
 
     async def _grpc_loads(self, base_url: str, api_key: str | None) -> dict[str, Any] | None:
         import grpc

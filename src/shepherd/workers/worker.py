@@ -5,11 +5,17 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shepherd.upstream.client import auth_headers
 from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
+
+if TYPE_CHECKING:
+    from shepherd.workers.load_monitor import RankLoad
+
+KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
+RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requests wait for a batch slot
 
 
 def worker_auth_headers(url: str, api_key: str | None) -> dict[str, str]:
@@ -53,6 +59,8 @@ class Worker:
         "dp_rank",
         "dp_size",
         "engine_load",
+        "engine_polls",
+        "engine_ranks",
         "engine_requests",
         "health_failures",
         "health_probes",
@@ -123,6 +131,8 @@ class Worker:
         self.health_probes = 0
         self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
         self.engine_requests: int | None = None  # running or waiting in its engine at the last load poll
+        self.engine_ranks: tuple[RankLoad, ...] | None = None  # that poll's answer, rank by rank (None: it failed)
+        self.engine_polls = 0  # load polls it answered
 
     @property
     def is_ready(self) -> bool:

@@ -59,10 +59,8 @@ from shepherd.config import CacheAwareConfig
 from shepherd.routing.context import TOKEN_CHARS, RequestContext
 from shepherd.routing.prefix_index import FleetView, PrefixIndex, WorkerEntry, mix64
 from shepherd.upstream.grpc_pool import is_grpc_url
-from shepherd.workers.worker import Worker
+from shepherd.workers.worker import KV_TOKENS_LABEL, RUNNING_LIMIT_LABEL, Worker
 
-KV_TOKENS_LABEL = "max_total_num_tokens"  # from the worker's /server_info (SGLang), kept as a label
-RUNNING_LIMIT_LABEL = "max_running_requests"  # likewise: beyond this many, requests wait for a batch slot
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random offset)
 HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
