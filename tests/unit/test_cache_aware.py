@@ -542,3 +542,33 @@ def test_stateless_policies_explain_their_candidates_load_only():
         "worker": None,
         "candidates": [{"worker": w.url, "load": w.load} for w in fleet],
     }
+
+
+def test_alone_a_new_prefix_goes_where_it_stays_cached_longest_and_with_replicas_to_its_home():
+    prompt = words(40, 2000)
+    fleet = make_workers(4)
+    home = policy().pick(fleet, ctx(prompt))  # an idle fleet: a prefix nobody holds goes to its home on the ring
+
+    def warmed(engine_per_own: int) -> CacheAwarePolicy:
+        """Every cache full of old prompts, the home's turning over fastest; then one load poll."""
+        p = policy(CacheAwareConfig(worker_kv_tokens=1024))
+        for i, worker in enumerate(fleet):
+            seed(p, worker, words(4100 + i, 6000))
+        for i in range(30):
+            seed(p, home, words(4200 + i, 2000))
+        for worker in fleet:
+            worker.load, worker.engine_requests = 2, 2 * engine_per_own
+        p.on_engine_loads(list(fleet))
+        for worker in fleet:
+            worker.load = 0
+        return p
+
+    alone = warmed(1)  # the engines count only this gateway's requests
+    entries = alone.index_for("m").entries
+    slowest = min(fleet, key=lambda w: entries[w].turnover)
+    assert slowest is not home and entries[home].turnover > 2 * entries[slowest].turnover
+    explained = alone.explain(fleet, ctx(prompt))
+    assert explained["home"] == slowest.url and explained["home_on_ring"] is False
+    assert alone.pick(fleet, ctx(prompt)) is slowest
+    # Engines at twice this gateway's requests: another replica routes by the same ring, so the home keeps it.
+    assert warmed(2).pick(fleet, ctx(prompt)) is home

@@ -27,6 +27,8 @@ per arrival added up to seconds of event-loop time.
 
 Traffic. Recording a request also adds it to the worker's exponentially decayed request count (half-life: 32
 requests per worker): the policy's expected load of a worker is its share of that times the requests in flight.
+The characters a record adds to the worker's LRU decay alike (`inserted`): over the worker's capacity, that is how
+fast its cache turns over (`turnover`), so how long a prefix placed there now will stay.
 
 Homes. `FleetView.home(point)` is the worker a stable 64-bit point belongs to on a consistent-hash ring of the view's
 workers (keyed by their URLs, so every gateway process builds the same ring for the same fleet); the policy hashes
@@ -127,7 +129,17 @@ class _Share:
 class WorkerEntry:
     """What one index believes about one worker: the prefixes it holds, least recently used first."""
 
-    __slots__ = ("_share", "alive", "base_capacity", "char_capacity", "chars", "lru", "traffic", "worker")
+    __slots__ = (
+        "_share",
+        "alive",
+        "base_capacity",
+        "char_capacity",
+        "chars",
+        "inserted",
+        "lru",
+        "traffic",
+        "worker",
+    )
 
     def __init__(self, worker: Worker, kv_chars: int, share: _Share) -> None:
         self.worker = worker
@@ -137,12 +149,19 @@ class WorkerEntry:
         self.base_capacity = self.char_capacity  # as configured or reported; char_capacity is calibrated from it
         self._share = share
         self.traffic = 0.0  # decayed count of requests recorded, in units of PrefixIndex.unit
+        self.inserted = 0.0  # decayed characters those records added to the LRU, in the same units
         self.alive = True
 
     @property
     def key_capacity(self) -> int:
         """Its share of the memory budget, in keys."""
         return self._share.keys
+
+    @property
+    def turnover(self) -> float:
+        """Recently inserted characters over the modelled capacity: the faster its cache turns over, the sooner a
+        prefix placed there now is evicted (relative between workers of one index; 0 for an unbounded cache)."""
+        return self.inserted / self.char_capacity
 
     @property
     def over(self) -> bool:
@@ -331,6 +350,7 @@ class PrefixIndex:
         self.chars += added
         self.pairs += len(lru) - held
         unit = self.unit
+        entry.inserted += added * unit
         entry.traffic += unit
         self.total_traffic += unit
         self.unit = unit * self._growth
@@ -423,5 +443,6 @@ class PrefixIndex:
         unit = self.unit
         for entry in self.entries.values():
             entry.traffic /= unit
+            entry.inserted /= unit
         self.total_traffic /= unit
         self.unit = 1.0

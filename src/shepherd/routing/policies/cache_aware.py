@@ -29,7 +29,10 @@ of a prompt beyond what everyone holds, it may have gone to another gateway repl
 sent it home: the home is presumed to hold up to --cache-home-requests queued requests' worth of it, so a new prefix
 goes home unless the home is busier than that, and every replica agrees. A gateway that has evidence it is not alone
 (more than 2% of recent answers report cached prefixes beyond what it placed on that worker) presumes the home holds
-the whole prompt: the other replicas sent it there, and only the hard limits below send it elsewhere.
+the whole prompt: the other replicas sent it there, and only the hard limits below send it elsewhere. A gateway
+that knows it is alone (its load polls show the engines' requests are its own) needs no agreement: the home of a
+prompt nobody holds is then the candidate whose cache turns over slowest (characters recently inserted over its
+capacity), where the prefix will stay cached longest, the ring's choice on a tie.
 
 Candidates: the least loaded worker (exactly over up to 32 candidates, else the best of 8 random ones), the home and
 the deepest holders of the prompt (up to 8). Three hard limits keep a request off an overloaded worker whatever its
@@ -53,6 +56,7 @@ import math
 import random
 import zlib
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 from shepherd.config import CacheAwareConfig
@@ -69,6 +73,7 @@ HOMES_REMEMBERED = 65536  # anchors whose home a fleet view remembers (then it s
 POLL_DECAY = 0.8  # weight of the previous load polls in the sharers estimate (about the last 5 count)
 SHARERS_SAMPLE = 4  # requests of this gateway's own, over the weighted polls, before the estimate counts
 SHARERS_STEP = 0.1  # the modelled caches change only when the estimate moved by more than this fraction
+ALONE_BELOW = 1.5  # sharers below this: no other gateway replica routes to these workers (two measure about 2)
 _INLINE_MAINTENANCE = 64
 _BACKGROUND_CHUNK = 4096
 
@@ -89,6 +94,9 @@ class Prediction:
         self.prefill = 0
 
 
+_turnover = attrgetter("turnover")
+
+
 class CacheAwarePolicy:
     name = "cache_aware"
     reads_cached_tokens = True
@@ -105,6 +113,7 @@ class CacheAwarePolicy:
         self._indexes: dict[str | None, PrefixIndex] = {}
         self._running_limits: dict[Worker, int] = {}
         self._sharers = 1.0  # how many gateways (or other clients) fill the workers' caches as much as this one
+        self._alone = False  # the polls showed no other gateway replica: homes need not follow the ring
         self._polled_engine = self._polled_own = 0.0  # decayed sums of requests polled from engines, and our own
         self._timer: asyncio.TimerHandle | None = None
         self._timer_checked = False
@@ -207,6 +216,7 @@ class CacheAwarePolicy:
         if self._polled_own < SHARERS_SAMPLE:
             return
         sharers = max(1.0, self._polled_engine / self._polled_own)
+        self._alone = sharers < ALONE_BELOW
         if abs(sharers - self._sharers) > SHARERS_STEP * self._sharers:
             factor = self._sharers / sharers
             self._sharers = sharers
@@ -283,9 +293,9 @@ class CacheAwarePolicy:
         mean = index.total_traffic / workers / unit  # in requests
         return max(self._max_share * mean, mean + 2 * math.sqrt(mean)) * unit
 
-    def _least(self, entries: tuple[WorkerEntry, ...]) -> tuple[WorkerEntry, float]:
+    def _least(self, entries: tuple[WorkerEntry, ...]) -> tuple[WorkerEntry, float, Sequence[WorkerEntry]]:
         """The candidate with the fewest requests in flight, and the mean in flight, exactly or over a random sample
-        of a large fleet."""
+        of a large fleet (returned too)."""
         count = len(entries)
         if count <= SCAN_LIMIT:
             pool: Sequence[WorkerEntry] = entries
@@ -303,7 +313,7 @@ class CacheAwarePolicy:
             if load < least_load:
                 least, least_load = entry, load
         self.examined += len(pool)
-        return least, total / len(pool)
+        return least, total / len(pool), pool
 
     def _choose(
         self,
@@ -318,7 +328,7 @@ class CacheAwarePolicy:
 
         With `report` (`explain`): fills it with every candidate's terms and changes nothing."""
         entries = view.entries
-        least, mean_load = self._least(entries)
+        least, mean_load, pool = self._least(entries)
         if not keys:
             if report is not None:
                 report["least_loaded"] = least.worker.url
@@ -326,7 +336,12 @@ class CacheAwarePolicy:
         length = ends[-1]
         depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
         known = ends[depth - 1] if depth else 0
-        home = self.home(view, text, keys, ends, common)
+        home = ring_home = self.home(view, text, keys, ends, common)
+        if self._alone and depth <= common:
+            # No other replica follows the ring: a prompt nobody holds goes where it will stay cached longest.
+            slowest = min(pool, key=_turnover)
+            if slowest.turnover < home.turnover:
+                home = slowest
         # What this replica has not seen of the prompt may be at its home, but only when it knows nothing specific
         # about the prompt (no holder beyond what every worker holds): a known holder is better evidence.
         home_chars = length if index.foreign > REPLICA_EVIDENCE else self._home_chars
@@ -391,6 +406,7 @@ class CacheAwarePolicy:
                 common_chars=ends[common - 1] if common else 0,
                 least_loaded=least.worker.url,
                 home=home.worker.url,
+                home_on_ring=home is ring_home,
                 home_presumed_chars=presumed,
                 candidates=costed,
             )
