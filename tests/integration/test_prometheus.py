@@ -112,6 +112,7 @@ def gateway(sims: SimFleet, tmp_path: Path) -> Iterator[GatewayProcess]:
         *("--policy", "round_robin", "--disable-health-check"),
         *("--retry-max-retries", "2", "--retry-initial-backoff-ms", "1", "--retry-max-backoff-ms", "1"),
         *("--cb-failure-threshold", str(BREAKER_THRESHOLD), "--cb-timeout-duration-secs", "600"),
+        *("--load-monitor-interval", "1"),  # the engines' polled load (smg_engine_*) within the test's time
     )
     with start_gateway(tmp_path / "gateway", sims.urls, *args) as gw:
         yield gw
@@ -361,6 +362,8 @@ def check_panels(panels: dict[str, Panel], workload: Workload) -> None:
     assert pool == {("regular", "http"): len(workers)} and ready == {("", ""): len(workers)}
     assert panels["Worker health (1 = ready)"].values("worker")[0] == workload.each_worker(1)
     assert panels["Requests in flight per worker"].values("worker")[0] == workload.each_worker(0)
+    engine, gateway = panels["Requests in each engine (polled) and through this gateway"].values("worker")
+    assert set(engine) == set(gateway) == workers and all(v >= 0 for v in engine.values())
     assert panels["Admission: in flight and queued"].values() == [{(): 0}, {(): 0}]
     engines = ("Prefix cache hit rate", "Running and queued requests", "KV token usage", "Generation throughput")
     for title in engines:

@@ -13,6 +13,7 @@ from shepherd.http.admission import Admission
 from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.context import CHAT
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import Worker, WorkerStatus
 
@@ -26,6 +27,7 @@ def exported_sample_names() -> set[str]:
     metrics = GatewayMetrics(registry, Admission(1, 1, 1))
     worker = Worker("http://w:1", CircuitBreaker(CircuitBreakerConfig(), registry.breaker_listener("http://w:1")))
     worker.status = WorkerStatus.READY
+    worker.engine_ranks = (RankLoad(0, 1, 0, 0.5),)  # what a load poll of an HTTP worker gives
     registry.add(worker)
     metrics.worker_cells(worker).record(200, 0.1)
     metrics.record_stream(worker, CHAT, 0.1, 3, 0.1)
