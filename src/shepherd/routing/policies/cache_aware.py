@@ -160,7 +160,7 @@ class CacheAwarePolicy:
             "terms": {
                 "queue_chars_per_request": self._queue_chars,
                 "pending_prefill_weight": self._pending_prefill_weight,
-                "home_presumed_chars": self._home_chars,
+                "home_requests_chars": self._home_chars,  # --cache-home-requests, in characters
                 "sharers": round(self._sharers, 3),
                 "replica_evidence": round(index.foreign, 4),
             },
