@@ -160,7 +160,7 @@ class WorkerEntry:
     @property
     def turnover(self) -> float:
         """Recently inserted characters over the modelled capacity: the faster its cache turns over, the sooner a
-        prefix placed there now is evicted (relative between workers of one index; 0 for an unbounded cache)."""
+        prefix placed there now is evicted (a comparison between workers of one index, not a time)."""
         return self.inserted / self.char_capacity
 
     @property
