@@ -14,6 +14,7 @@ from shepherd.routing.policies import create_policy
 from shepherd.routing.policies.cache_aware import HOLDERS_PROBED, SAMPLES, CacheAwarePolicy
 from shepherd.routing.prefix_index import PAIR_BYTES
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.worker import Worker
 
 
@@ -489,7 +490,7 @@ def test_engines_busier_than_this_gateway_shrink_the_modelled_caches_to_its_shar
     def poll(own: int, engine: int, times: int = 1) -> float:
         for _ in range(times):
             for worker in fleet:
-                worker.load, worker.engine_requests = own, engine
+                worker.load, worker.engine_ranks = own, (RankLoad(0, engine, 0),)
             p.on_engine_loads(list(fleet))
         return sum(e.char_capacity for e in entries.values()) / full
 
@@ -557,7 +558,7 @@ def test_alone_a_new_prefix_goes_where_it_stays_cached_longest_and_with_replicas
         for i in range(30):
             seed(p, home, words(4200 + i, 2000))
         for worker in fleet:
-            worker.load, worker.engine_requests = 2, 2 * engine_per_own
+            worker.load, worker.engine_ranks = 2, (RankLoad(0, 2 * engine_per_own, 0),)
         p.on_engine_loads(list(fleet))
         for worker in fleet:
             worker.load = 0

@@ -38,6 +38,7 @@ from shepherd.sim.metrics import WorkerStats
 from shepherd.sim.parsing import chat_prompt_text
 from shepherd.sim.tokenizer import generate, tokenize
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.worker import Worker
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ async def _run(
             for workers, policy in gateways:
                 for worker in workers:
                     engine = engine_of[worker]
-                    worker.engine_requests = len(engine.running) + len(engine.waiting)
+                    worker.engine_ranks = (RankLoad(0, len(engine.running), len(engine.waiting)),)
                 policy.on_engine_loads(list(workers))
 
     load = (None, None) if workload.timed else (settings.concurrency, settings.rate)

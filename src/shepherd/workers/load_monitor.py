@@ -2,10 +2,10 @@
 `GetLoads` (one call per engine: DP ranks share theirs).
 
 Each worker keeps its engine's last answer (`Worker.engine_load`, shown by `/workers` and `/get_loads` for gRPC
-workers), what it says rank by rank (`Worker.engine_ranks`, exported as SMG's `smg_engine_*` gauges) and the
-requests it reported running or waiting for that worker (`Worker.engine_requests`). After every round the listeners
-see the polled workers: the engine counts every client's requests, the gateway only its own, so the two together
-tell how much of each worker's traffic goes through this gateway (routing/policies/cache_aware.py).
+workers) and what it says rank by rank (`Worker.engine_ranks`, exported as SMG's `smg_engine_*` gauges; their
+running and waiting requests are `Worker.engine_requests`). After every round the listeners see the polled workers:
+the engine counts every client's requests, the gateway only its own, so the two together tell how much of each
+worker's traffic goes through this gateway (routing/policies/cache_aware.py).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class LoadMonitor:
         if not engines:
             return
         await asyncio.gather(*(self._poll_one(url, workers) for url, workers in engines.items()))
-        polled = [worker for workers in engines.values() for worker in workers if worker.engine_requests is not None]
+        polled = [worker for workers in engines.values() for worker in workers if worker.engine_ranks is not None]
         for listener in self._listeners:
             listener(polled)
 
@@ -144,7 +144,6 @@ class LoadMonitor:
             kv_tokens = int(reported) if reported.isdigit() else 0
             ranks = None if answer is None else rank_loads(answer, worker.dp_rank, kv_tokens)
             worker.engine_ranks = ranks
-            worker.engine_requests = None if ranks is None else sum(r.running + r.waiting for r in ranks)
             if ranks is not None:
                 worker.engine_polls += 1
 

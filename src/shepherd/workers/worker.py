@@ -61,7 +61,6 @@ class Worker:
         "engine_load",
         "engine_polls",
         "engine_ranks",
-        "engine_requests",
         "health_failures",
         "health_probes",
         "health_successes",
@@ -130,9 +129,14 @@ class Worker:
         self.health_failures = 0
         self.health_probes = 0
         self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
-        self.engine_requests: int | None = None  # running or waiting in its engine at the last load poll
-        self.engine_ranks: tuple[RankLoad, ...] | None = None  # that poll's answer, rank by rank (None: it failed)
+        self.engine_ranks: tuple[RankLoad, ...] | None = None  # the last load poll, rank by rank (None: it failed)
         self.engine_polls = 0  # load polls it answered
+
+    @property
+    def engine_requests(self) -> int | None:
+        """Requests running or waiting in its engine at the last load poll (None: the poll failed)."""
+        ranks = self.engine_ranks
+        return None if ranks is None else sum(rank.running + rank.waiting for rank in ranks)
 
     @property
     def is_ready(self) -> bool:
