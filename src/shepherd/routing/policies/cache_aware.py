@@ -95,6 +95,7 @@ class Prediction:
 
 
 _turnover = attrgetter("turnover")
+_NOT_REPORTED: list[Any] = []  # stands in for `explain`'s list of costed candidates in a decision (never appended to)
 
 
 class CacheAwarePolicy:
@@ -360,7 +361,7 @@ class CacheAwarePolicy:
         candidates += [entry for entry in holders if entry is not least and entry is not home]
         best = least
         best_cost = best_matched = 0
-        costed: list[dict[str, Any]] = []
+        costed: list[dict[str, Any]] = [] if report is not None else _NOT_REPORTED
         for entry in candidates:
             worker = entry.worker
             load = worker.load
