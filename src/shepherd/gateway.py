@@ -26,6 +26,7 @@ from shepherd.upstream.client import UpstreamClient
 from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.upstream.pool import UpstreamPool
 from shepherd.workers.health import HealthChecker
+from shepherd.workers.kv_events import KvEventFeed
 from shepherd.workers.load_monitor import LoadMonitor
 from shepherd.workers.manager import WorkerManager
 from shepherd.workers.registry import Registry
@@ -91,10 +92,14 @@ class Gateway:
             if config.pd_disaggregation
             else None
         )
-        self.load_monitor.subscribe(self.router.policy.on_engine_loads)
+        self.kv_events = KvEventFeed(self.registry, self.grpc_clients, config.api_key)
+        policies = [self.router.policy]
         if self.pd_router is not None:
-            self.load_monitor.subscribe(self.pd_router.prefill_policy.on_engine_loads)
-            self.load_monitor.subscribe(self.pd_router.decode_policy.on_engine_loads)
+            policies += [self.pd_router.prefill_policy, self.pd_router.decode_policy]
+        for policy in policies:
+            self.load_monitor.subscribe(policy.on_engine_loads)
+            if policy.reads_kv_events:
+                self.kv_events.subscribe(policy.on_kv_events)
         self.shutting_down = False
         self._server: HttpServer | None = None
         self.registry.subscribe(on_added=self._on_worker_added)
@@ -194,6 +199,8 @@ class Gateway:
             self.discovery.start()
         self.health.start()
         self.load_monitor.start()
+        if self.kv_events.listening:
+            self.kv_events.start()
         _tune_gc()
         log.info(
             "shepherd listening on %s://%s:%d (policy %s)",
@@ -223,6 +230,7 @@ class Gateway:
         self.shutting_down = True
         await self.health.close()
         await self.load_monitor.close()
+        await self.kv_events.close()
         if self.discovery is not None:
             await self.discovery.stop()
         await self.manager.close()

@@ -182,7 +182,7 @@ class WorkerEntry:
 class FleetView:
     """The entries of one candidates snapshot, resolved once per snapshot instead of once per request."""
 
-    __slots__ = ("_ring", "entries", "homes", "members", "source")
+    __slots__ = ("_ring", "entries", "homes", "members", "observed", "source")
 
     def __init__(self, source: Sequence[Worker], entries: tuple[WorkerEntry, ...], ring: HashRing[WorkerEntry]) -> None:
         self.source = source
@@ -190,6 +190,7 @@ class FleetView:
         self.members = frozenset(entries)
         self._ring = ring  # the index's ring of all its workers; replaced by the view's own when it is a small part
         self.homes: dict[int, WorkerEntry] = {}  # the policy's memo of anchor key -> home (bounded by it)
+        self.observed: tuple[int, bool] = (-1, False)  # the policy's memo: (feeds' version, all engines report)
 
     def home(self, point: int) -> WorkerEntry:
         """The entry owning `point` on the ring of the view's entries: the first of their points at or after it."""

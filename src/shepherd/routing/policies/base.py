@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from shepherd.routing.context import RequestContext
+from shepherd.workers.kv_events import KvEvent
 from shepherd.workers.worker import Worker
 
 
 class Policy(Protocol):
     name: str
     reads_cached_tokens: bool  # whether `on_request_done` uses `cached_tokens` (else the router does not look)
+    reads_kv_events: bool  # whether `on_kv_events` uses the engines' KV events (else nobody subscribes to them)
 
     def pick(self, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         """Choose one of `candidates` (never empty) for `ctx`."""
@@ -38,12 +40,17 @@ class Policy(Protocol):
         """The engines' load was just polled: `workers` have a fresh `engine_requests`."""
         ...
 
+    def on_kv_events(self, worker: Worker, events: list[KvEvent]) -> None:
+        """The worker's engine reported blocks it stored or evicted (workers/kv_events.py)."""
+        ...
+
 
 class StatelessPolicy:
     """Base for policies that learn nothing from traffic."""
 
     name = "stateless"
     reads_cached_tokens = False
+    reads_kv_events = False
 
     def explain(self, candidates: Sequence[Worker], ctx: RequestContext) -> dict[str, Any]:
         """The candidates and their load: the choice itself is the draw or turn of the moment, made at `pick`."""
@@ -60,4 +67,7 @@ class StatelessPolicy:
         return None
 
     def on_engine_loads(self, workers: list[Worker]) -> None:
+        return None
+
+    def on_kv_events(self, worker: Worker, events: list[KvEvent]) -> None:
         return None

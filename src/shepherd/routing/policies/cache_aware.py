@@ -52,6 +52,7 @@ workers and capacity changes are purged by `maintain` in chunks: up to 64 keys p
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 import zlib
@@ -61,8 +62,10 @@ from typing import Any
 
 from shepherd.config import CacheAwareConfig
 from shepherd.routing.context import TOKEN_CHARS, RequestContext
+from shepherd.routing.engine_cache import EngineCache
 from shepherd.routing.prefix_index import FleetView, PrefixIndex, WorkerEntry, mix64
 from shepherd.upstream.grpc_pool import is_grpc_url
+from shepherd.workers.kv_events import KvEvent
 from shepherd.workers.worker import KV_TOKENS_LABEL, RUNNING_LIMIT_LABEL, Worker
 
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
@@ -79,19 +82,27 @@ _BACKGROUND_CHUNK = 4096
 
 
 class Prediction:
-    """What the policy expected of one attempt on one worker: the prefix it holds, and the prefill charged to it."""
+    """What the policy expected of one attempt on one worker: the prefix it holds, the prefill charged to it, and
+    the engine blocks placed on it (when the engines' KV events are followed)."""
 
-    __slots__ = ("entry", "expected", "index", "prefill")
+    __slots__ = ("blocks", "entry", "expected", "index", "prefill")
 
     def __init__(self, index: PrefixIndex, entry: WorkerEntry, expected: int, prefill: int) -> None:
         self.index = index
         self.entry = entry
         self.expected = expected  # characters of the prompt the index believed the worker held
         self.prefill = prefill  # characters added to the worker's `prefill_pending`, until released
+        self.blocks: list[int] = []  # EngineCache keys placed on the worker until the attempt ends
 
     def release(self) -> None:
         self.entry.worker.prefill_pending -= self.prefill
         self.prefill = 0
+
+    def end(self, engines: EngineCache) -> None:
+        self.release()
+        if self.blocks:
+            engines.unplace(self.entry.worker, self.blocks)
+            self.blocks = []
 
 
 _turnover = attrgetter("turnover")
@@ -101,6 +112,7 @@ _NOT_REPORTED: list[Any] = []  # stands in for `explain`'s list of costed candid
 class CacheAwarePolicy:
     name = "cache_aware"
     reads_cached_tokens = True
+    reads_kv_events = True
 
     def __init__(self, config: CacheAwareConfig, rng: random.Random | None = None) -> None:
         self._config = config
@@ -112,7 +124,9 @@ class CacheAwarePolicy:
         self._max_share = config.max_share  # 0: no cap
         self._pending_prefill_weight = config.pending_prefill_weight
         self._indexes: dict[str | None, PrefixIndex] = {}
+        self._engines = EngineCache()  # what the engines report they hold, where they publish KV events
         self._running_limits: dict[Worker, int] = {}
+        self._engine_chars: dict[Worker, int] = {}  # each worker's whole KV cache, in characters
         self._sharers = 1.0  # how many gateways (or other clients) fill the workers' caches as much as this one
         self._alone = False  # the polls showed no other gateway replica: homes need not follow the ring
         self._polled_engine = self._polled_own = 0.0  # decayed sums of requests polled from engines, and our own
@@ -130,6 +144,9 @@ class CacheAwarePolicy:
             target, expected = self._choose(index, view, text, keys, ends)
             prediction = Prediction(index, target, expected, (ends[-1] if keys else 0) - expected)
             target.worker.prefill_pending += prediction.prefill
+            if self._observed(view):  # the next request with this prefix follows it before the engine reports it
+                prediction.blocks = self._engines.keys(text)
+                self._engines.place(target.worker, prediction.blocks)
             if ctx.predictions is None:
                 ctx.predictions = {target.worker: prediction}
             else:
@@ -191,19 +208,18 @@ class CacheAwarePolicy:
         prediction = ctx.predictions and ctx.predictions.pop(worker, None)
         if not prediction:
             return
-        prediction.release()
+        prediction.end(self._engines)
         if cached_tokens is not None:
             prediction.index.calibrate(
                 prediction.entry, prediction.expected, int(cached_tokens * self._chars_per_token(worker))
             )
 
-    @staticmethod
-    def _replace(predictions: dict[Worker, Prediction], prediction: Prediction) -> None:
+    def _replace(self, predictions: dict[Worker, Prediction], prediction: Prediction) -> None:
         """Keep the attempt's prediction (a retry of the same request); one for the same worker whose end nobody
         reported gives its prefill charge back."""
         earlier = predictions.get(prediction.entry.worker)
         if earlier is not None:
-            earlier.release()
+            earlier.end(self._engines)
         predictions[prediction.entry.worker] = prediction
 
     def on_engine_loads(self, workers: list[Worker]) -> None:
@@ -224,8 +240,14 @@ class CacheAwarePolicy:
             for index in self._indexes.values():
                 index.scale_capacity(factor)
 
+    def on_kv_events(self, worker: Worker, events: list[KvEvent]) -> None:
+        """What the worker's engine reported it stored or evicted: the truth the index otherwise models."""
+        self._engines.apply(worker, events)
+
     def on_worker_removed(self, worker: Worker) -> None:
         self._running_limits.pop(worker, None)
+        self._engine_chars.pop(worker, None)
+        self._engines.forget(worker)
         for index in self._indexes.values():
             index.remove(worker)
 
@@ -247,6 +269,25 @@ class CacheAwarePolicy:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
         return int(tokens * self._chars_per_token(worker) / self._sharers)
+
+    def _observed(self, view: FleetView) -> bool:
+        """Whether every candidate's engine reports its cache (KV events): remembered per view until a feed changes."""
+        engines = self._engines
+        if not engines.block_chars:
+            return False
+        version, observed = view.observed
+        if version != engines.version:
+            observed = engines.observes(view.source)
+            view.observed = (engines.version, observed)
+        return observed
+
+    def _cache_chars(self, worker: Worker) -> int:
+        """The worker's whole KV cache in characters (not this gateway's share of it): what its engine's reports
+        fill."""
+        chars = self._engine_chars.get(worker)
+        if chars is None:
+            chars = self._engine_chars[worker] = int(self._kv_chars(worker) * self._sharers) or 1
+        return chars
 
     def _chars_per_token(self, worker: Worker) -> float:
         return TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
@@ -335,10 +376,21 @@ class CacheAwarePolicy:
                 report["least_loaded"] = least.worker.url
             return least, 0
         length = ends[-1]
-        depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
-        known = ends[depth - 1] if depth else 0
+        engines = self._engines
+        observed = self._observed(view)
+        if observed:  # the engines say what they hold: their blocks replace the index's model of their caches
+            blocks, common_blocks = engines.walk(text, len(entries))
+            block_chars = engines.block_chars
+            depth, known = len(blocks), len(blocks) * block_chars
+            specific = depth > common_blocks
+            holders = self._engine_holders(index, view, blocks[-1]) if blocks else []
+            common = bisect.bisect_right(ends, common_blocks * block_chars)
+        else:
+            depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
+            known = ends[depth - 1] if depth else 0
+            specific = depth > common
         home = ring_home = self.home(view, text, keys, ends, common)
-        if self._alone and depth <= common:
+        if self._alone and not specific:
             # No other replica follows the ring: a prompt nobody holds goes where it will stay cached longest.
             slowest = min(pool, key=_turnover)
             if slowest.turnover < home.turnover:
@@ -346,7 +398,7 @@ class CacheAwarePolicy:
         # What this replica has not seen of the prompt may be at its home, but only when it knows nothing specific
         # about the prompt (no holder beyond what every worker holds): a known holder is better evidence.
         home_chars = length if index.foreign > REPLICA_EVIDENCE else self._home_chars
-        presumed = known + min(length - known, home_chars) if depth <= common else 0
+        presumed = 0 if specific else known + min(length - known, home_chars)
         # A worker's expected load: its share of recent traffic times the fleet's requests in flight.
         per_traffic = mean_load * len(entries) / index.total_traffic if index.total_traffic else 0.0
         traffic_cap = self._traffic_cap(index, len(entries))
@@ -382,9 +434,13 @@ class CacheAwarePolicy:
                         costed.append({"worker": worker.url, "load": load, "excluded": excluded})
                     continue
             expected = entry.traffic * per_traffic
-            matched = known if depth and entry in holders else entry.matched(keys, ends, depth)
+            if observed:
+                matched = known if depth and entry in holders else engines.depth(worker, blocks) * block_chars
+                fill = engines.blocks_held(worker) * block_chars / self._cache_chars(worker)
+            else:
+                matched = known if depth and entry in holders else entry.matched(keys, ends, depth)
+                fill = entry.chars / entry.char_capacity
             uncached = length - (presumed if entry is home and presumed > matched else matched)
-            fill = entry.chars / entry.char_capacity
             cost = (
                 queue_chars * (load if load > expected else expected)
                 + pending_prefill_weight * worker.prefill_pending
@@ -403,6 +459,7 @@ class CacheAwarePolicy:
                 best, best_cost, best_matched = entry, cost, matched
         if report is not None:
             report.update(
+                engine_events=observed,
                 known_chars=known,
                 common_chars=ends[common - 1] if common else 0,
                 least_loaded=least.worker.url,
@@ -413,9 +470,21 @@ class CacheAwarePolicy:
             )
             return best, best_matched
         self.examined += len(candidates)
-        if depth and best_matched == known:
+        if depth and best_matched == known and not observed:
             index.rotate_holder(best, keys[depth - 1])
         return best, best_matched
+
+    def _engine_holders(self, index: PrefixIndex, view: FleetView, key: int) -> list[WorkerEntry]:
+        """Up to HOLDERS_PROBED candidates whose engines hold (or were just sent) the block `key`."""
+        found = []
+        entries, members = index.entries, view.members
+        for worker in self._engines.holders(key):
+            entry = entries.get(worker)
+            if entry is not None and entry in members:
+                found.append(entry)
+                if len(found) == HOLDERS_PROBED:
+                    break
+        return found
 
     # --- background maintenance ------------------------------------------------------------------------------
     def _start_timer(self) -> None:

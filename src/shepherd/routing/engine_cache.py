@@ -1,0 +1,184 @@
+"""What the engines themselves say they cache, from their KV events (workers/kv_events.py), for cache_aware.
+
+Keys. An engine names its blocks by hashes of its own making; this index re-keys every block by the routing text it
+covers (gRPC requests are routed by their token ids, TOKEN_CHARS characters each: RequestContext.route_by_tokens),
+chained like the engine's chain: key = hash((key of the block before, block text)). A request's prefix is then
+looked up by cutting its own routing text into blocks of the engines' size (learned from the first block), without
+knowing the engine's hash function. Each worker's map from engine hash to key is what lets a removal find its key.
+
+Placed blocks. Between the moment the gateway sends a prompt to a worker and the moment the engine reports its blocks
+stored, the engine does not yet hold them, but the next request with the same prefix should still go there: the
+blocks of every request in flight count as held by its worker until the request ends (`place` / `unplace`).
+
+Observed workers. A worker is observed from its feed's first batch (which starts with `CacheCleared`) until the feed
+is lost; cache_aware trusts this index for a fleet whose every candidate is observed, and its own model otherwise.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Sequence
+
+from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, KvEvent
+from shepherd.workers.worker import Worker
+
+
+class _Feed:
+    __slots__ = ("keys", "observed")
+
+    def __init__(self) -> None:
+        self.keys: dict[int, int] = {}  # engine block hash -> this index's key
+        self.observed = False
+
+
+class EngineCache:
+    def __init__(self) -> None:
+        self.block_chars = 0  # characters of routing text per engine block (0: no block seen yet)
+        self._held: dict[int, set[Worker]] = {}  # key -> workers whose engines reported the block
+        self._placed: dict[int, dict[Worker, int]] = {}  # key -> workers it was sent to (requests in flight)
+        self._feeds: dict[Worker, _Feed] = {}
+        self.version = 0  # counts changes of which workers are observed
+
+    # --- events ------------------------------------------------------------------------------------------
+    def apply(self, worker: Worker, events: Iterable[KvEvent]) -> None:
+        feed = self._feeds.get(worker)
+        if feed is None:
+            feed = self._feeds[worker] = _Feed()
+        for event in events:
+            if isinstance(event, BlocksStored):
+                self._stored(worker, feed, event)
+            elif isinstance(event, BlocksRemoved):
+                self._removed(worker, feed, event.hashes)
+            elif isinstance(event, CacheCleared | FeedLost):
+                self._removed(worker, feed, list(feed.keys))
+                observed = isinstance(event, CacheCleared)
+                if feed.observed != observed:
+                    feed.observed = observed
+                    self.version += 1
+
+    def _stored(self, worker: Worker, feed: _Feed, event: BlocksStored) -> None:
+        keys = feed.keys
+        if event.parent is None:
+            key = 0
+        else:
+            parent = keys.get(event.parent)
+            if parent is None:
+                return  # its parent was evicted: unreachable from the root, as in the engine's own lookups
+            key = parent
+        held = self._held
+        for engine_hash, token_ids in event.blocks:
+            text = array("I", token_ids).tobytes().decode("latin-1")
+            if not self.block_chars:
+                self.block_chars = len(text)
+            elif len(text) != self.block_chars:
+                return  # a partial block is never matched by a lookup
+            key = hash((key, text))
+            keys[engine_hash] = key
+            holders = held.get(key)
+            if holders is None:
+                held[key] = {worker}
+            else:
+                holders.add(worker)
+
+    def _removed(self, worker: Worker, feed: _Feed, hashes: Iterable[int]) -> None:
+        held = self._held
+        for engine_hash in hashes:
+            key = feed.keys.pop(engine_hash, None)
+            holders = held.get(key) if key is not None else None
+            if holders is not None:
+                holders.discard(worker)
+                if not holders:
+                    del held[key]
+
+    def forget(self, worker: Worker) -> None:
+        """The worker left the fleet."""
+        feed = self._feeds.pop(worker, None)
+        if feed is not None:
+            self._removed(worker, feed, list(feed.keys))
+            self.version += 1
+
+    def observes(self, workers: Sequence[Worker]) -> bool:
+        feeds = self._feeds
+        for worker in workers:
+            feed = feeds.get(worker)
+            if feed is None or not feed.observed:
+                return False
+        return bool(workers) and self.block_chars > 0
+
+    def blocks_held(self, worker: Worker) -> int:
+        feed = self._feeds.get(worker)
+        return len(feed.keys) if feed is not None else 0
+
+    # --- placements --------------------------------------------------------------------------------------
+    def keys(self, text: str) -> list[int]:
+        """The keys of every full block of `text`."""
+        size = self.block_chars
+        keys = []
+        key = 0
+        for start in range(0, len(text) - size + 1, size) if size else ():
+            key = hash((key, text[start : start + size]))
+            keys.append(key)
+        return keys
+
+    def place(self, worker: Worker, keys: list[int]) -> None:
+        placed = self._placed
+        for key in keys:
+            workers = placed.get(key)
+            if workers is None:
+                placed[key] = {worker: 1}
+            else:
+                workers[worker] = workers.get(worker, 0) + 1
+
+    def unplace(self, worker: Worker, keys: list[int]) -> None:
+        placed = self._placed
+        for key in keys:
+            workers = placed[key]
+            count = workers[worker] - 1
+            if count:
+                workers[worker] = count
+            else:
+                del workers[worker]
+                if not workers:
+                    del placed[key]
+
+    # --- lookups -----------------------------------------------------------------------------------------
+    def walk(self, text: str, everyone: int) -> tuple[list[int], int]:
+        """(keys, common): the keys of the blocks of `text` some worker holds or was sent, from the root; and how
+        many leading ones at least `everyone` workers hold."""
+        size = self.block_chars
+        held, placed = self._held, self._placed
+        keys: list[int] = []
+        common = 0
+        key = 0
+        for start in range(0, len(text) - size + 1, size):
+            key = hash((key, text[start : start + size]))
+            holders = held.get(key)
+            sent = placed.get(key)
+            if holders is None and sent is None:
+                break
+            keys.append(key)
+            if common + 1 == len(keys) and len(holders or ()) + len(sent or ()) >= everyone:
+                common = len(keys)
+        return keys, common
+
+    def holds(self, worker: Worker, key: int) -> bool:
+        holders = self._held.get(key)
+        if holders is not None and worker in holders:
+            return True
+        sent = self._placed.get(key)
+        return sent is not None and worker in sent
+
+    def holders(self, key: int) -> set[Worker]:
+        return self._held.get(key, set()) | self._placed.get(key, {}).keys()
+
+    def depth(self, worker: Worker, keys: list[int]) -> int:
+        """How many of `keys` (a walk's) the worker holds from the root (a binary search: an engine evicts a block's
+        descendants before the block, so what one worker holds is a prefix of the chain)."""
+        low, high = 0, len(keys)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.holds(worker, keys[mid - 1]):
+                low = mid
+            else:
+                high = mid - 1
+        return low

@@ -1,0 +1,187 @@
+"""Engines' KV-cache events: what each gRPC worker's engine says it stored and evicted (SGLang's `SubscribeKvEvents`).
+
+With the cache_aware policy, SMG subscribes to every gRPC worker's event stream and routes on the engines' actual
+cache contents; so does Shepherd. One `KvEventFeed` per gateway keeps one stream per engine (DP ranks share theirs:
+each batch names its rank). Every (re)subscription starts with `CacheCleared`, then the engine's snapshot of what it
+holds, then live batches, so a listener's view is exact from the first batch on. A stream that breaks or skips a
+sequence number is reported as `FeedLost` (the listener stops trusting that worker's view) and subscribed again
+after a backoff; an engine that does not publish events (`UNIMPLEMENTED`, SGLang without `--kv-events-config`) is
+left alone, and routing falls back to its own model of the cache, as SMG does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
+from shepherd.workers.registry import Registry
+from shepherd.workers.worker import Worker
+
+if TYPE_CHECKING:
+    import grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_SECS = 0.5
+RETRY_MAX_SECS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksStored:
+    """Blocks the engine cached, in chain order: each one's engine hash and token ids; `parent` is the engine hash of
+    the block before the first one (None: they start at the root)."""
+
+    parent: int | None
+    blocks: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksRemoved:
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCleared:
+    """The engine holds nothing (also the first event of every subscription, before its snapshot)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedLost:
+    """The stream broke: until the next `CacheCleared`, what the engine holds is unknown."""
+
+
+KvEvent = BlocksStored | BlocksRemoved | CacheCleared | FeedLost
+KvEventListener = Callable[[Worker, list[KvEvent]], None]
+
+
+def batch_events(batch: Any) -> list[KvEvent]:
+    """The events of one `KvEventBatch`, as plain data."""
+    events: list[KvEvent] = []
+    for event in batch.events:
+        kind = event.WhichOneof("data")
+        if kind == "stored":
+            stored = event.stored
+            parent = stored.parent_block_hash if stored.HasField("parent_block_hash") else None
+            blocks = tuple((block.block_hash, tuple(block.token_ids)) for block in stored.blocks)
+            events.append(BlocksStored(parent, blocks))
+        elif kind == "removed":
+            events.append(BlocksRemoved(tuple(event.removed.block_hashes)))
+        elif kind == "cleared":
+            events.append(CacheCleared())
+    return events
+
+
+class KvEventFeed:
+    """One `SubscribeKvEvents` stream per gRPC engine of the registry, for as long as it has workers."""
+
+    def __init__(self, registry: Registry, grpc_clients: GrpcClients, api_key: str | None) -> None:
+        self._registry = registry
+        self._grpc_clients = grpc_clients
+        self._api_key = api_key
+        self._listeners: list[KvEventListener] = []
+        self._streams: dict[str, asyncio.Task] = {}  # engine base URL -> its stream
+        self.batches = 0  # batches received, all engines (for tests and diagnostics)
+
+    def subscribe(self, listener: KvEventListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def listening(self) -> bool:
+        """Whether anyone reads the events (only cache_aware does): else no stream is opened."""
+        return bool(self._listeners)
+
+    def start(self) -> None:
+        """Follow the registry: a stream for every gRPC engine now and later, none for one whose workers all left."""
+        self._registry.subscribe(on_added=self._on_added, on_removed=self._on_removed)
+        for worker in self._registry.all():
+            self._on_added(worker)
+
+    async def close(self) -> None:
+        tasks = list(self._streams.values())
+        self._streams.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_added(self, worker: Worker) -> None:
+        url = worker.base_url
+        if is_grpc_url(url) and url not in self._streams:
+            self._streams[url] = asyncio.get_running_loop().create_task(self._follow(url))
+
+    def _on_removed(self, worker: Worker) -> None:
+        url = worker.base_url
+        if any(other.base_url == url for other in self._registry.all()):
+            return
+        task = self._streams.pop(url, None)
+        if task is not None:
+            task.cancel()
+
+    def _workers(self, url: str, dp_rank: int | None) -> list[Worker]:
+        """The workers a batch is about: the rank's worker of a DP engine, else every worker of the engine."""
+        workers = [worker for worker in self._registry.all() if worker.base_url == url]
+        if dp_rank is not None:
+            ranked = [worker for worker in workers if worker.dp_rank == dp_rank]
+            if ranked:
+                return ranked
+        return workers
+
+    def _emit(self, url: str, dp_rank: int | None, events: list[KvEvent]) -> None:
+        for worker in self._workers(url, dp_rank):
+            for listener in self._listeners:
+                listener(worker, events)
+
+    async def _follow(self, url: str) -> None:
+        import grpc
+
+        delay = RETRY_FIRST_SECS
+        while True:
+            try:
+                await self._stream(url)
+                delay = RETRY_FIRST_SECS  # the engine ended a stream that worked: subscribe again soon
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("%s publishes no KV events: cache_aware models its cache from the traffic", url)
+                    return
+                log.debug("KV events of %s: %s", url, exc.details())
+            except _SequenceGap as gap:
+                log.info("KV events of %s skipped from %d to %d: subscribing again", url, gap.expected, gap.got)
+                delay = RETRY_FIRST_SECS
+            self._emit(url, None, [FeedLost()])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECS)
+
+    async def _stream(self, url: str) -> None:
+        from smg_grpc_proto.generated import common_pb2
+
+        client = self._grpc_clients.get(url, self._api_key)
+        request = common_pb2.SubscribeKvEventsRequest(start_sequence_number=0, load_records_before_first_batch=True)
+        call: grpc.aio.UnaryStreamCall = client.stub.SubscribeKvEvents(request, metadata=client.metadata)
+        try:
+            expected = 0
+            started = False
+            async for batch in call:
+                self.batches += 1
+                if expected and batch.sequence_number != expected:
+                    raise _SequenceGap(expected, batch.sequence_number)
+                expected = batch.sequence_number + 1
+                events = batch_events(batch)
+                if not started:  # the snapshot starts from nothing, whatever was known before
+                    started = True
+                    self._emit(url, None, [CacheCleared()])
+                if events:
+                    self._emit(url, batch.dp_rank if batch.HasField("dp_rank") else None, events)
+        finally:
+            with contextlib.suppress(Exception):
+                call.cancel()
+
+
+class _SequenceGap(Exception):
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(f"expected batch {expected}, got {got}")
+        self.expected = expected
+        self.got = got

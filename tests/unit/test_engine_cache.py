@@ -1,0 +1,154 @@
+"""The engines' KV events as cache_aware's view of their caches (routing/engine_cache.py, workers/kv_events.py)."""
+
+import random
+
+import orjson
+from smg_grpc_proto.generated import common_pb2
+
+from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
+from shepherd.routing.context import GENERATE, RequestContext
+from shepherd.routing.engine_cache import EngineCache
+from shepherd.routing.policies.cache_aware import CacheAwarePolicy
+from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, batch_events
+from shepherd.workers.worker import Worker
+
+BLOCK = 16  # tokens per engine block
+
+
+def grpc_workers(count):
+    labels = {"max_total_num_tokens": "100000"}
+    return tuple(
+        Worker(f"grpc://w{i}:1", CircuitBreaker(CircuitBreakerConfig()), model_id="m", labels=labels)
+        for i in range(count)
+    )
+
+
+def tokens(seed, count):
+    rng = random.Random(seed)
+    return [rng.randrange(32000) for _ in range(count)]
+
+
+def stored(ids, parent=None, first_hash=1000):
+    """A BlocksStored of the full blocks of `ids`, with engine hashes first_hash, first_hash + 1, ..."""
+    blocks = tuple((first_hash + i, tuple(ids[i * BLOCK : (i + 1) * BLOCK])) for i in range(len(ids) // BLOCK))
+    return BlocksStored(parent, blocks)
+
+
+def routed(ids):
+    ctx = RequestContext(GENERATE, orjson.dumps({"input_ids": ids, "model": "m"}), "req")
+    ctx.route_by_tokens(ids)
+    return ctx
+
+
+def text_of(ids):
+    return routed(ids).routing_text
+
+
+def test_blocks_are_found_by_the_requests_own_tokens_whatever_the_engines_hashes():
+    cache = EngineCache()
+    a, b = grpc_workers(2)
+    prompt = tokens(1, 5 * BLOCK + 3)
+    cache.apply(a, [CacheCleared(), stored(prompt[: 3 * BLOCK], first_hash=7)])
+    cache.apply(b, [CacheCleared(), stored(prompt[: 2 * BLOCK], first_hash=-99)])  # other hashes, same blocks
+    blocks, common = cache.walk(text_of(prompt), everyone=2)
+    assert len(blocks) == 3 and common == 2
+    assert cache.depth(a, blocks) == 3 and cache.depth(b, blocks) == 2
+    assert cache.holders(blocks[-1]) == {a}
+    # A stored event continuing a chain names its parent by the engine's hash.
+    cache.apply(b, [stored(prompt[2 * BLOCK : 4 * BLOCK], parent=-98, first_hash=500)])
+    blocks, _ = cache.walk(text_of(prompt), everyone=2)
+    assert len(blocks) == 4 and cache.depth(b, blocks) == 4 and cache.depth(a, blocks) == 3
+
+
+def test_removed_blocks_and_unknown_parents_and_lost_feeds():
+    cache = EngineCache()
+    (a,) = grpc_workers(1)
+    prompt = tokens(2, 4 * BLOCK)
+    cache.apply(a, [CacheCleared(), stored(prompt)])
+    assert cache.observes([a]) and cache.blocks_held(a) == 4
+    cache.apply(a, [BlocksRemoved((1002, 1003))])
+    assert cache.depth(a, cache.walk(text_of(prompt), 1)[0]) == 2
+    cache.apply(a, [stored(prompt[3 * BLOCK :], parent=1002)])  # its parent is gone: unreachable, not indexed
+    assert cache.blocks_held(a) == 2
+    version = cache.version
+    cache.apply(a, [FeedLost()])
+    assert not cache.observes([a]) and cache.blocks_held(a) == 0 and cache.version > version
+    assert cache.walk(text_of(prompt), 1) == ([], 0)
+
+
+def test_placed_blocks_count_as_held_until_unplaced():
+    cache = EngineCache()
+    a, b = grpc_workers(2)
+    cache.apply(a, [CacheCleared(), stored(tokens(3, BLOCK))])  # learns the block size
+    prompt = text_of(tokens(4, 3 * BLOCK))
+    keys = cache.keys(prompt)
+    assert len(keys) == 3 and cache.walk(prompt, 2) == ([], 0)
+    cache.place(b, keys)
+    cache.place(b, keys)
+    assert cache.depth(b, cache.walk(prompt, 2)[0]) == 3
+    cache.unplace(b, keys)
+    assert cache.depth(b, cache.walk(prompt, 2)[0]) == 3
+    cache.unplace(b, keys)
+    assert cache.walk(prompt, 2) == ([], 0)
+
+
+def test_a_kv_event_batch_becomes_plain_events():
+    batch = common_pb2.KvEventBatch(sequence_number=3)
+    event = batch.events.add(event_id=1)
+    event.stored.parent_block_hash = 5
+    event.stored.blocks.add(block_hash=6, token_ids=[1, 2, 3], block_size=3)
+    batch.events.add(event_id=2).removed.block_hashes.extend([4, 5])
+    batch.events.add(event_id=3).cleared.SetInParent()
+    root = batch.events.add(event_id=4)
+    root.stored.blocks.add(block_hash=9, token_ids=[7], block_size=1)
+    assert batch_events(batch) == [
+        BlocksStored(5, ((6, (1, 2, 3)),)),
+        BlocksRemoved((4, 5)),
+        CacheCleared(),
+        BlocksStored(None, ((9, (7,)),)),
+    ]
+
+
+def observed_policy(fleet):
+    p = CacheAwarePolicy(CacheAwareConfig(max_share=0), random.Random(0))
+    for worker in fleet:
+        p.on_kv_events(worker, [CacheCleared()])
+    return p
+
+
+def test_the_engines_report_overrides_what_this_gateway_sent():
+    # This gateway sent a prefix to `a`; the engines say `b` holds it (another replica's traffic evicted it from
+    # `a` and put it on `b`): the request goes to `b`. When b's feed is lost, the gateway's own model decides again.
+    fleet = a, b, c = grpc_workers(3)
+    p = observed_policy(fleet)
+    system = tokens(5, 40 * BLOCK)
+    assert p.pick((a,), routed(system + tokens(6, 20))) is a
+    p.on_kv_events(b, [stored(system)])
+    p.on_kv_events(c, [stored(tokens(7, BLOCK))])  # c holds something else
+    question = routed(system + tokens(8, 20))
+    assert p.pick(fleet, question) is b
+    p.on_request_done(b, question, True)
+    assert p.explain(fleet, routed(system + tokens(9, 20)))["engine_events"] is True
+    p.on_kv_events(b, [FeedLost()])
+    explained = p.explain(fleet, routed(system + tokens(11, 20)))
+    assert explained["engine_events"] is False  # its own model: it sent the prefix to a, then to b
+    held = {c["worker"] for c in explained["candidates"] if c["matched_chars"] >= len(system) * 4 * 7 // 8}
+    assert held == {a.url, b.url}  # (block cuts of the index: a match is at most 1/8 short)
+
+
+def test_a_prefix_in_flight_is_followed_before_the_engine_reports_it():
+    fleet = grpc_workers(4)
+    p = observed_policy(fleet)
+    p.on_kv_events(fleet[0], [stored(tokens(12, BLOCK))])  # learns the block size
+    system = tokens(13, 30 * BLOCK)
+    first = routed(system + tokens(14, 10))
+    chosen = p.pick(fleet, first)
+    later = [routed(system + tokens(20 + q, 10)) for q in range(5)]
+    for ctx in later:  # the first request is still prefilling: no event yet, its blocks count as placed
+        assert p.pick(fleet, ctx) is chosen
+    p.on_request_done(chosen, first, True)
+    assert p._engines.walk(routed(system).routing_text, 4)[0]  # the later requests are still in flight
+    for ctx in later:
+        p.on_request_done(chosen, ctx, True)
+    assert p._engines.walk(routed(system).routing_text, 4) == ([], 0)  # ended, and no engine reported the blocks
