@@ -6,6 +6,7 @@ gives `/__ctl`, `/__log` and `/metrics`. A prefill/decode pair is started only f
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -343,3 +344,53 @@ async def test_pd_decode_waits_for_its_prefill_room(tmp_path):
         assert list(answer.complete.output_ids)[:1] == list(first.complete.output_ids)
         assert len(answer.complete.output_ids) == 4
         assert prefill.log(0)["published_rooms"] == 1 and decode.log(0)["verified_rooms"] == 1
+
+
+async def test_kv_events_give_subscribers_a_snapshot_then_each_rank_s_cache_changes(tmp_path):
+    async def read(call: grpc.aio.UnaryStreamCall) -> common_pb2.KvEventBatch:
+        return await asyncio.wait_for(call.read(), timeout=10)
+
+    def stored_ids(batch: common_pb2.KvEventBatch) -> list[int]:
+        return [t for e in batch.events if e.HasField("stored") for block in e.stored.blocks for t in block.token_ids]
+
+    prompt = list(range(1000, 1000 + 3 * 16 + 5))  # three full 16-token pages and 5 more tokens
+    with grpc_sim(tmp_path, "--kv-events", "--dp-size", "2") as sim:
+        async with channel(sim) as ch:
+            stub = pb_grpc.SglangSchedulerStub(ch)
+            first = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest())
+            empty = [await read(first) for _ in range(2)]  # each rank's snapshot: an empty cache, nothing published
+            assert [(b.dp_rank, b.sequence_number, b.snapshot.count, b.snapshot.blocks) for b in empty] == [
+                (0, 0, 1, 0),
+                (1, 0, 1, 0),
+            ]
+            pinned = request(prompt=prompt, max_new_tokens=1)
+            pinned.data_parallel_rank = 1
+            await generate(sim, pinned)
+            live = await read(first)
+            assert (live.dp_rank, live.sequence_number, live.HasField("snapshot")) == (1, 1, False)
+            assert [e.WhichOneof("data") for e in live.events] == ["stored"]
+            (stored,) = live.events
+            assert not stored.stored.HasField("parent_block_hash") and stored.event_id == 1
+            assert [b.block_size for b in stored.stored.blocks] == [16, 16, 16]
+            assert stored_ids(live) == prompt[:48]
+
+            second = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest())
+            rank0, rank1 = [await read(second) for _ in range(2)]
+            assert (rank0.dp_rank, rank0.sequence_number, rank0.snapshot.blocks, stored_ids(rank0)) == (0, 0, 0, [])
+            assert (rank1.dp_rank, rank1.sequence_number, rank1.snapshot.blocks) == (1, 1, 3)
+            assert [e.WhichOneof("data") for e in rank1.events] == ["cleared", "stored"]
+            assert stored_ids(rank1) == prompt[:48]
+            assert [b.block_hash for b in rank1.events[1].stored.blocks] == [b.block_hash for b in stored.stored.blocks]
+
+            assert http_request("POST", sim.urls[0] + "/flush_cache")[0] == 200  # a full flush on each rank
+            for call in (first, second):
+                flushed = sorted([await read(call) for _ in range(2)], key=lambda b: b.dp_rank)
+                assert [(b.dp_rank, b.sequence_number) for b in flushed] == [(0, 1), (1, 2)]
+                assert [[e.WhichOneof("data") for e in b.events] for b in flushed] == [["cleared"], ["cleared"]]
+            first.cancel()
+            second.cancel()
+
+            def statuses() -> list[str | None]:
+                return [e["status"] for e in grpc_entries(sim, f"/{SERVICE}/SubscribeKvEvents")]
+
+            await until(lambda: statuses() == ["CANCELLED", "CANCELLED"], "the subscriptions to end")

@@ -74,6 +74,13 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --grpc: report the local tokenizer directory as GetModelInfo's tokenizer_path (default: empty, "
         "so a gateway has to fetch the tokenizer with GetTokenizer)",
     )
+    grpc.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="publish the prefix cache's changes (pages stored, evicted, flushed; one publisher per DP rank) as "
+        "KV events, as SGLang does with --kv-events-config; served over --grpc only, by SubscribeKvEvents: a "
+        "snapshot of the resident pages, then live batches (without this flag SubscribeKvEvents is UNIMPLEMENTED)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--tls-cert-path", metavar="PATH",
@@ -107,6 +114,7 @@ class SimConfig:
     dp_size: int
     grpc: bool = False
     tokenizer_path_in_info: bool = False
+    kv_events: bool = False
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     tls_client_ca: str | None = None
@@ -151,6 +159,7 @@ class SimConfig:
             dp_size=args.dp_size,
             grpc=args.grpc,
             tokenizer_path_in_info=args.tokenizer_path_in_info,
+            kv_events=args.kv_events,
             tls_cert_path=args.tls_cert_path,
             tls_key_path=args.tls_key_path,
             tls_client_ca=args.tls_client_ca,

@@ -9,9 +9,11 @@
   `Abort` ends the stream with `INTERNAL "Request aborted"`, a `disconnect_after_chunks` fault ends a stream with
   `INTERNAL` after N messages (a non-streaming call before its first). A client cancelling its call aborts the
   engine sequences too.
+* `SubscribeKvEvents` (with `--kv-events`) streams each DP rank's prefix-cache snapshot, then its live KV event
+  batches (`shepherd.sim.kv_events`), until the client cancels; without the flag it answers `UNIMPLEMENTED`.
 * Every call is recorded in the worker's request log (`shepherd.sim.request_log.GrpcLogEntry`).
 
-RPCs not implemented here (profiling, LoRA) answer `UNIMPLEMENTED`, as do `SubscribeKvEvents` (no KV events).
+RPCs not implemented here (profiling, LoRA) answer `UNIMPLEMENTED`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from smg_grpc_proto.generated import common_pb2
 from shepherd.sim.bpe import SimTokenizer
 from shepherd.sim.engine import Sequence, SequenceGroup
 from shepherd.sim.grpc_output import OutputPlan, plan_output
+from shepherd.sim.kv_events import Subscriber
 from shepherd.sim.parsing import check_context
 from shepherd.sim.request_log import GrpcLogEntry
 from shepherd.sim.tokenizer import Completion, fake_logprob
@@ -408,10 +411,26 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
     async def SubscribeKvEvents(
         self, request: common_pb2.SubscribeKvEventsRequest, context: _Context
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
+        """With `--kv-events`: every DP rank's snapshot, then its live batches (`shepherd.sim.kv_events`), until the
+        client cancels or the server stops. `start_sequence_number` is not replayed (no history is kept: the
+        snapshot resyncs instead) and no `load` records are sent."""
         entry = self._record("SubscribeKvEvents", request, context)
-        entry.status = grpc.StatusCode.UNIMPLEMENTED.name
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "KV events are not published by this worker")
-        yield common_pb2.KvEventBatch()  # unreachable: grpc.aio needs an async generator for a streaming method
+        publishers = self.worker.kv_events
+        if not publishers:
+            entry.status = grpc.StatusCode.UNIMPLEMENTED.name
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "KV events are not published by this worker")
+        context.add_done_callback(lambda _: self._cancelled(entry))
+        queue: Subscriber = asyncio.Queue()
+        for publisher in publishers:  # one synchronous step: no rank publishes in between
+            publisher.subscribe(queue)
+        try:
+            while (batch := await queue.get()) is not None:
+                yield batch
+        finally:
+            for publisher in publishers:
+                publisher.unsubscribe(queue)
+        entry.status = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV event subscriber fell too far behind")
 
 
 class _Messages:

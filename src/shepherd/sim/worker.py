@@ -10,6 +10,7 @@ from shepherd.sim.config import SimConfig
 from shepherd.sim.engine import Engine, Sequence, SequenceGroup
 from shepherd.sim.faults import FaultState
 from shepherd.sim.kv_cache import PrefixCache
+from shepherd.sim.kv_events import KvEventPublisher
 from shepherd.sim.metrics import LiveState, WorkerStats
 from shepherd.sim.request_log import RequestLog
 from shepherd.sim.tokenizer import Completion, generate
@@ -24,19 +25,29 @@ class SimWorker:
         self.port = 0  # set by the server once the listener is bound
         self.started_at = time.time()
         self.stats = WorkerStats()
+        # --kv-events: one publisher per DP rank, the sink of that rank's cache (served by gRPC SubscribeKvEvents).
+        self.kv_events = [KvEventPublisher(rank) for rank in range(config.dp_size)] if config.kv_events else []
         self.engines = [
             Engine(
-                PrefixCache(config.kv_tokens, config.page_size),
+                self._cache(rank),
                 self.stats,
                 config.max_running_requests,
                 config.latency,
             )
-            for _ in range(config.dp_size)
+            for rank in range(config.dp_size)
         ]
         self.faults = FaultState(seed=config.seed * 7919 + index)
         self.log = RequestLog()
         self.handshake = Handshake(config.role, config.bootstrap_timeout_secs, self.log)
         self.bootstrap_port: int | None = None  # prefill role: set by the server once its listener is bound
+
+    def _cache(self, rank: int) -> PrefixCache:
+        if not self.kv_events:
+            return PrefixCache(self.config.kv_tokens, self.config.page_size)
+        publisher = self.kv_events[rank]
+        cache = PrefixCache(self.config.kv_tokens, self.config.page_size, publisher)
+        publisher.attach(cache.resident_pages)
+        return cache
 
     @property
     def url(self) -> str:
