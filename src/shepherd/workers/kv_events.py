@@ -162,19 +162,21 @@ class KvEventFeed:
         request = common_pb2.SubscribeKvEventsRequest(start_sequence_number=0, load_records_before_first_batch=True)
         call: grpc.aio.UnaryStreamCall = client.stub.SubscribeKvEvents(request, metadata=client.metadata)
         try:
-            expected = 0
+            expected: dict[int | None, int] = {}  # each DP rank numbers its batches (they interleave on the stream)
             started = False
             async for batch in call:
                 self.batches += 1
-                if expected and batch.sequence_number != expected:
-                    raise _SequenceGap(expected, batch.sequence_number)
-                expected = batch.sequence_number + 1
-                events = batch_events(batch)
+                rank = batch.dp_rank if batch.HasField("dp_rank") else None
+                number = batch.sequence_number
+                if rank in expected and number != expected[rank]:
+                    raise _SequenceGap(expected[rank], number)
+                expected[rank] = number + 1
                 if not started:  # the snapshot starts from nothing, whatever was known before
                     started = True
                     self._emit(url, None, [CacheCleared()])
+                events = batch_events(batch)
                 if events:
-                    self._emit(url, batch.dp_rank if batch.HasField("dp_rank") else None, events)
+                    self._emit(url, rank, events)
         finally:
             with contextlib.suppress(Exception):
                 call.cancel()
