@@ -12,6 +12,8 @@ from shepherd.bench import routing
 from shepherd.bench.conversation_load import WorkloadRun
 from shepherd.bench.fleet import GatewayTemplate
 from shepherd.bench.routing import (
+    GENERATE_RPC,
+    GRPC_UNSUPPORTED,
     PD_KV_TOKENS,
     PD_RATE,
     SGLANG_ROUTER,
@@ -27,10 +29,13 @@ from shepherd.bench.routing import (
     gateway_runs,
     gateways_from_args,
     goal,
+    grpc_replay,
     render,
     replica_scaling,
+    rpc_counts,
     settings_from_args,
     share,
+    unsupported,
 )
 from shepherd.bench.workloads import TRACE, WORKLOADS
 from shepherd.cli import build_parser
@@ -74,6 +79,56 @@ def test_sim_flags_follow_the_settings() -> None:
     assert argv[:2] == ["--latency-model", "batch"]
     assert argv[argv.index("--kv-tokens") + 1] == "1234" and argv[argv.index("--page-size") + 1] == "8"
     assert argv[-2:] == ["--dp-size", "2"]
+
+
+def test_grpc_runs_grpc_workers_with_kv_events_and_leaves_sglang_router_out() -> None:
+    assert not Settings().grpc and "--grpc" not in Settings().sim_argv()
+    settings = settings_from_args(parse("--grpc", "--sim-args", "--dp-size 2"))
+    argv = settings.sim_argv()
+    assert settings.grpc and {"--grpc", "--kv-events"} <= set(argv) and argv[-2:] == ["--dp-size", "2"]
+    virtual = settings_from_args(parse("--virtual", "--grpc"))  # virtual time honours settings.grpc
+    assert virtual.virtual and virtual.grpc
+    gateways = gateways_from_args(["cache_aware"], "/opt/smg", [], False, "/opt/sglang-router")
+    runs = gateway_runs(gateways, (1, 2))
+    assert unsupported(runs, settings) == {SGLANG_ROUTER: GRPC_UNSUPPORTED}
+    assert unsupported(runs, Settings()) == {}
+    assert list(unsupported(runs, virtual)) == [SMG, SGLANG_ROUTER]
+    # Shepherd and SMG get the grpc:// URLs as they are: both fetch the tokenizer from the workers (GetTokenizer).
+    for gateway in gateways[:2]:
+        argv = gateway.argv(9000, 9001, ["grpc://127.0.0.1:5001"])
+        assert argv[argv.index("--worker-urls") + 1] == "grpc://127.0.0.1:5001" and "--tokenizer-path" not in argv
+
+
+def test_grpc_fleet_gives_gateways_the_grpc_urls_and_reads_the_sidecars() -> None:
+    for pd in (False, True):
+        fleet = Fleet(Settings(grpc=True, pd=pd))
+        try:
+            for i, group in enumerate(fleet.groups.values()):
+                group.urls = [f"grpc://127.0.0.1:{5000 + i}"]
+                group.http_urls = [f"http://127.0.0.1:{15000 + i}"]
+                group.bootstrap_ports = [None]
+            assert all(url.startswith("grpc://") for url in fleet.urls())
+            assert all(url.startswith("grpc://") for url in fleet.gateway_args() if "://" in url)
+            assert list(fleet.control_urls()) == [f"http://127.0.0.1:{15000 + i}" for i in range(len(fleet.groups))]
+        finally:
+            fleet.stop()
+
+
+def test_grpc_replay_is_what_the_gateway_sends_with_the_workers_bpe() -> None:
+    settings = Settings(grpc=True, clients=2, rounds=2, first_tokens=32, turn_tokens=8, answer_tokens=4,
+                        conversation_system_tokens=16)  # fmt: skip
+    workload = build_workload("multi-turn", settings)
+    turns = list(grpc_replay(workload, 0))
+    assert len(turns) == workload.requests and all(len(answer) == 4 for _, answer in turns)
+    http = list(workload.replay(0))
+    # The chat template adds its markers, and the BPE splits most of the workloads' words into several ids.
+    assert all(len(g) > 1.5 * len(h) for (g, _), (h, _) in zip(turns, http, strict=True))
+    # A conversation's second turn extends its first: the first prompt and its answer, then the new turn.
+    first, second = turns[0], turns[2]
+    assert second[0][: len(first[0])] == first[0]
+    assert bounds(workload, settings)["prompt_tokens"] == sum(len(p) for p, _ in turns)
+    virtual = bounds(workload, replace(settings, virtual=True))  # virtual engines take the simulator's ids
+    assert virtual["prompt_tokens"] == sum(len(p) for p, _ in http)
 
 
 TRACE_LINES = "".join(
@@ -184,6 +239,18 @@ def test_figures_take_hit_rate_and_share_from_the_worker_logs() -> None:
     )
     assert pd["hit_rate"] == pytest.approx(0.5)
     assert pd["prefill_share_max_mean"] == 1.0 and pd["decode_share_max_mean"] == 2.0
+    assert "worker_rpcs" not in f
+
+
+def test_figures_count_generate_calls_on_grpc_workers() -> None:
+    def grpc_log(count: int, prompt: int, cached: int) -> dict:
+        rpcs = {GENERATE_RPC: count, "/sglang.grpc.scheduler.SglangScheduler/GetLoads": 2, "/get_load": 5}
+        return {"counts": rpcs, "prompt_tokens": prompt, "cached_tokens": cached}
+
+    logs = {"regular": [grpc_log(3, 600, 300), grpc_log(1, 400, 100)]}
+    f = figures(run_with([0.1, 0.2], [200, 200]), logs, "regular")
+    assert f["worker_requests"] == [3, 1] and f["share_max_mean"] == 1.5 and f["hit_rate"] == pytest.approx(0.4)
+    assert f["worker_rpcs"] == rpc_counts(logs) == {"Generate": 4, "GetLoads": 4}
 
 
 def gateway_figures(hit: float, p99: float, share_: float, name: str = SHEPHERD, replicas: int = 1) -> dict:
@@ -236,6 +303,17 @@ def test_replica_scaling_is_the_hit_rate_over_one_replicas() -> None:
     text = render(doc)
     assert "0.760 (0.95x)" in text and "0.600 (0.75x)" in text and "within 5%" in text
     assert document(gateway_figures(0.8, 40.0, 1.0), None)["replica_scaling"] == {}
+
+
+def test_grpc_documents_judge_the_goal_without_sglang_router_and_say_so() -> None:
+    doc = document(gateway_figures(0.9, 40.0, 1.2), gateway_figures(0.8, 60.0, 1.0, SMG))
+    assert doc["goal"]["shared-prefix"]["met"] is None  # HTTP workers: sglang-router is a peer
+    doc["goal"] = goal(doc["results"], [SMG])
+    doc["settings"]["grpc"] = True
+    doc["not_measured"] = {SGLANG_ROUTER: GRPC_UNSUPPORTED}
+    assert doc["goal"]["shared-prefix"]["met"] is True
+    text = render(doc)
+    assert "8 gRPC workers" in text and f"Not measured: {SGLANG_ROUTER} ({GRPC_UNSUPPORTED})" in text
 
 
 def test_render_prints_figures_bounds_and_the_goal() -> None:

@@ -40,6 +40,11 @@ Per gateway and workload:
 - and per workload the bounds a router cannot beat (`shepherd.bench.cache_bounds`): the infinite-cache oracle and
   the optimal (Belady) cache of the fleet's total capacity, next to the workload's prefix set and distinct tokens.
 
+`--grpc`: the workers are SGLang gRPC engines (`shepherd sim --grpc --kv-events`: URLs grpc://, prefix-cache
+events published on `SubscribeKvEvents`), the gateways are given those URLs and fetch the tokenizer from the
+workers (`GetTokenizer`), so they render the chat template, tokenize and detokenize themselves. The benchmark reads
+the workers' counters on their HTTP sidecars. sglang-router (0.3.2) does not drive gRPC workers and is not measured.
+
 `--pd`: 2 prefill + 2 decode workers (`--prefill-workers`, `--decode-workers`) of 32,768 KV tokens each (the
 default regular fleet's total on the prefill side) at 48 req/s, gateways in PD mode (`{worker_urls}` then stands for
 `--prefill URL BOOTSTRAP_PORT ... --decode URL ...`); hit rate from the prefill workers, share reported per role.
@@ -54,8 +59,10 @@ import functools
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -77,6 +84,11 @@ from shepherd.bench.fleet import FleetError, GatewayProcess, GatewayTemplate, Si
 from shepherd.bench.report import fmt, render_table, run_and_report, run_metadata
 
 CHAT_PATH = "/v1/chat/completions"
+GENERATE_RPC = "/sglang.grpc.scheduler.SglangScheduler/Generate"  # what a gRPC worker's /__log counts instead
+REQUEST_PATHS = (CHAT_PATH, GENERATE_RPC)  # a worker's served requests, over HTTP or gRPC
+# `--grpc` workers: SGLang's gRPC service (URLs grpc://, the HTTP app on the sidecar port), publishing their prefix
+# cache's KV events on `SubscribeKvEvents` as SGLang does with --kv-events-config, for the gateways that subscribe.
+GRPC_SIM_ARGS = ("--grpc", "--kv-events")
 SIM_SEED = 0  # the simulators' seed: their answers, and so the multi-turn histories, follow from it
 REFERENCE_SMG = "/work/refvenv/bin/smg"
 SHEPHERD_PREFIX = "shepherd-"  # gateways named so are Shepherd's: the ones --replicas multiplies
@@ -93,6 +105,7 @@ TRACE_KV_FACTOR = 4  # trace workers' KV over --kv-tokens: its prompts are about
 # Shepherd cache_aware against each peer: (hit rate ratio at least, TTFT p99 ratio at most), and the peer's short name.
 PEER_GOALS = {SMG: (1.1, 0.8), SGLANG_ROUTER: (1.0, 1.0)}
 _PEER_LABELS = {SMG: "SMG", SGLANG_ROUTER: "sglang-router"}
+GRPC_UNSUPPORTED = "sglang-router 0.3.2 does not drive gRPC workers"
 GOAL_SHARE = 1.3  # busiest worker's share over the mean, at most
 GOAL_REPLICA_HIT = 0.95  # hit rate of N replicas over one replica's, at least
 
@@ -151,6 +164,7 @@ class Settings:
     seed: int = 0
     replicas: tuple[int, ...] = (1,)
     virtual: bool = False  # in virtual time, in-process (`virtual_time`): Shepherd's gateways only
+    grpc: bool = False  # SGLang gRPC workers (`GRPC_SIM_ARGS`): the gateways tokenize; no sglang-router
     timeout_secs: float = 60.0
     startup_timeout: float = 60.0
 
@@ -161,7 +175,8 @@ class Settings:
             "--kv-tokens", str(self.kv_tokens), "--page-size", str(self.page_size),
             "--max-running-requests", str(self.max_running_requests),
             "--prefill-tokens-per-ms", str(self.prefill_tokens_per_ms), "--decode-step-ms", str(self.decode_step_ms),
-            "--decode-step-ms-per-request", str(self.decode_step_ms_per_request), *self.sim_args,
+            "--decode-step-ms-per-request", str(self.decode_step_ms_per_request),
+            *(GRPC_SIM_ARGS if self.grpc else ()), *self.sim_args,
         ]  # fmt: skip
 
     @property
@@ -244,9 +259,46 @@ _cached_multi_turn_think = functools.lru_cache(maxsize=2)(wl.multi_turn_think)
 _cached_build_trace = functools.lru_cache(maxsize=2)(build_trace)
 
 
+def replay(workload: wl.Workload, settings: Settings) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of every turn in nominal order, as the workers see them: `Workload.replay` for HTTP
+    workers (and in virtual time, whose engines take the simulator's ids either way); for real gRPC workers, the
+    gateway's own tokenization (`grpc_replay`)."""
+    grpc = settings.grpc and not settings.virtual
+    return list(grpc_replay(workload, SIM_SEED) if grpc else workload.replay(SIM_SEED))
+
+
+@functools.cache
+def _grpc_tokenizers() -> tuple[Any, Any]:
+    """The gRPC simulator's BPE, and Shepherd's tokenizer loaded from the directory the workers hand out."""
+    from shepherd.sim.bpe import build
+    from shepherd.tokenizer.loader import load_tokenizer
+
+    sim = build()  # deterministic: the workers train the same one
+    with tempfile.TemporaryDirectory(prefix="bench-routing-tokenizer-") as directory:
+        sim.write_dir(Path(directory))
+        return sim, load_tokenizer(directory)
+
+
+def grpc_replay(workload: wl.Workload, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+    """`Workload.replay` for gRPC workers: each prompt is what a gateway sends in `Generate` (the workers' chat
+    template, encoded with their BPE, as `chat_prompt` does), each answer the gRPC simulator's ids for it, and the
+    answer text fed back is what the gateway decodes them to. The BPE splits most of the workloads' 1-4 letter words
+    into several ids, so the workers see more tokens than over HTTP."""
+    from shepherd.generation.prompt import chat_prompt
+    from shepherd.sim.tokenizer import OUTPUT_VOCAB, word_draws
+
+    sim, tokenizer = _grpc_tokenizers()
+    answers: list[list[str]] = [[] for _ in workload.conversations]
+    for index, turn in workload.nominal_order():
+        prompt = chat_prompt({"messages": wl.messages(workload.conversations[index], turn, answers[index])}, tokenizer)
+        draws = word_draws(prompt, workload.answer_tokens(index), seed)
+        answers[index].append("".join(OUTPUT_VOCAB[b] for b in draws))  # one BPE id per output word
+        yield prompt, [sim.word_ids[b] for b in draws]
+
+
 def bounds(workload: wl.Workload, settings: Settings) -> dict[str, Any]:
     """The hit rates no router can beat on `workload` with this fleet, and its prefix set (see `cache_bounds`)."""
-    turns = list(workload.replay(SIM_SEED))
+    turns = replay(workload, settings)
     if settings.pd:  # a prefill worker generates only the first token: that is all it leaves behind of an answer
         turns = [(prompt, answer[:1]) for prompt, answer in turns]
     capacity = settings.cache_workers * settings.kv_tokens
@@ -364,8 +416,15 @@ class Fleet:
             group.stop()
 
     def urls(self) -> Iterator[str]:
+        """The workers' URLs, as the gateways are given them (grpc:// for gRPC workers)."""
         for group in self.groups.values():
             yield from group.urls
+
+    def control_urls(self) -> Iterator[str]:
+        """Each worker's HTTP app (`/get_load`, `/flush_cache`, `/__log`): the worker URL itself, or for a gRPC
+        worker its sidecar."""
+        for group in self.groups.values():
+            yield from group.http_urls
 
     def gateway_args(self) -> list[str]:
         """What `{worker_urls}` stands for in a gateway template."""
@@ -381,18 +440,24 @@ class Fleet:
 
     def wait_idle(self, timeout: float) -> None:
         """Until no worker runs or queues a request (a stream can end at the client before its worker is done)."""
-        wait_until(lambda: all(_idle(url) for url in self.urls()), timeout, "the simulated workers to go idle", 0.05)
+        wait_until(
+            lambda: all(_idle(url) for url in self.control_urls()), timeout, "the simulated workers to go idle", 0.05
+        )
 
     def reset(self, timeout: float) -> None:
         """Once idle, flush every prefix cache and clear every log."""
         self.wait_idle(timeout)
-        for url in self.urls():
+        for url in self.control_urls():
             _call("POST", url + "/flush_cache")
+        self.clear_logs()
+
+    def clear_logs(self) -> None:
+        for url in self.control_urls():
             _call("DELETE", url + "/__log")
 
     def logs(self) -> dict[str, list[dict[str, Any]]]:
         """Each worker's `/__log` counters, per role."""
-        return {role: [_log_counters(url) for url in group.urls] for role, group in self.groups.items()}
+        return {role: [_log_counters(url) for url in group.http_urls] for role, group in self.groups.items()}
 
 
 def _call(method: str, url: str) -> bytes:
@@ -444,14 +509,27 @@ def figures(run: WorkloadRun, logs: dict[str, list[dict[str, Any]]], cache_role:
         "ttft_ms": summary.get("ttft_ms"),
     }
     for role, role_logs in logs.items():
-        counts = [log["counts"].get(CHAT_PATH, 0) for log in role_logs]
+        counts = [sum(log["counts"].get(path, 0) for path in REQUEST_PATHS) for log in role_logs]
         key = "" if role == "regular" else f"{role}_"
         out[f"{key}worker_requests"] = counts
         out[f"{key}share_max_mean"] = share(counts)
+    if rpcs := rpc_counts(logs):
+        out["worker_rpcs"] = rpcs
     for key in ("failed_statuses", "errors"):
         if key in summary:
             out[key] = summary[key]
     return out
+
+
+def rpc_counts(logs: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """The gRPC calls the workers received, by method name, summed over every worker; empty for HTTP workers."""
+    out: Counter[str] = Counter()
+    for role_logs in logs.values():
+        for log in role_logs:
+            for path, count in log["counts"].items():
+                if path.startswith(("/sglang.grpc.", "/grpc.")):
+                    out[path.rsplit("/", 1)[-1]] += count
+    return dict(sorted(out.items()))
 
 
 def measure(gateway: GatewayRun, fleet: Fleet, workload: wl.Workload, settings: Settings) -> dict[str, Any]:
@@ -461,10 +539,15 @@ def measure(gateway: GatewayRun, fleet: Fleet, workload: wl.Workload, settings: 
 
     probe = orjson.dumps({"model": settings.model, "messages": [{"role": "user", "content": " ping"}], "max_tokens": 1})
     processes: list[GatewayProcess] = []
+    if settings.grpc:
+        fleet.clear_logs()  # the previous run's calls: what follows is this gateway's start
     try:
         for _ in range(gateway.replicas):
             processes.append(GatewayProcess(gateway.gateway, fleet.gateway_args()))
             processes[-1].start(CHAT_PATH, probe, settings.startup_timeout)
+        # What the gateways called on the gRPC workers as they started: model info, tokenizer, KV-event
+        # subscriptions, the probe's Generate...
+        startup = rpc_counts(fleet.logs()) if settings.grpc else {}
         fleet.reset(settings.timeout_secs)
         load = (None, None) if workload.timed else (settings.concurrency, settings.rate)
         run = uvloop.run(
@@ -475,7 +558,8 @@ def measure(gateway: GatewayRun, fleet: Fleet, workload: wl.Workload, settings: 
     finally:
         for process in processes:
             process.stop()
-    return {**figures(run, logs, fleet.cache_role), "gateway": gateway.gateway.name, "replicas": gateway.replicas}
+    out = {**figures(run, logs, fleet.cache_role), "gateway": gateway.gateway.name, "replicas": gateway.replicas}
+    return {**out, "startup_rpcs": startup} if startup else out
 
 
 def run_routing(
@@ -484,11 +568,10 @@ def run_routing(
     """Every workload through every gateway, on one fleet per KV size; the JSON document of the run."""
     results: dict[str, Any] = {}
     runs = gateway_runs(gateways, settings.replicas)
-    if settings.virtual:
-        skipped = [run.name for run in runs if not is_shepherd(run.gateway)]
-        runs = [run for run in runs if is_shepherd(run.gateway)]
-        if skipped:
-            progress(f"virtual time runs Shepherd's gateways only; not measured: {', '.join(skipped)}")
+    not_measured = unsupported(runs, settings)
+    runs = [run for run in runs if run.name not in not_measured]
+    for name, why in not_measured.items():
+        progress(f"not measured: {name} ({why})")
     fleet: Fleet | None = None
     fleet_kv = 0
     try:
@@ -533,10 +616,23 @@ def run_routing(
             **{f.name: getattr(settings, f.name) for f in fields(settings)},
             "gateways": {g.name: g.template for g in gateways},
         },
+        "workers": "gRPC" if settings.grpc else "HTTP",
+        "not_measured": not_measured,
         "results": results,
-        "goal": goal(results),
+        "goal": goal(results, [peer for peer in PEER_GOALS if not (settings.grpc and peer == SGLANG_ROUTER)]),
         "replica_scaling": replica_scaling(results),
     }
+
+
+def unsupported(runs: Sequence[GatewayRun], settings: Settings) -> dict[str, str]:
+    """The runs these settings cannot measure, each with the reason: peers in virtual time, sglang-router on gRPC."""
+    out: dict[str, str] = {}
+    for run in runs:
+        if settings.grpc and run.gateway.name == SGLANG_ROUTER:
+            out[run.name] = GRPC_UNSUPPORTED
+        elif settings.virtual and not is_shepherd(run.gateway):
+            out[run.name] = "virtual time runs Shepherd's gateways only"
+    return out
 
 
 def is_shepherd(gateway: GatewayTemplate) -> bool:
@@ -561,9 +657,9 @@ def _progress_line(f: dict[str, Any]) -> str:
     )
 
 
-def goal(results: dict[str, Any]) -> dict[str, Any]:
+def goal(results: dict[str, Any], peers: Sequence[str] = tuple(PEER_GOALS)) -> dict[str, Any]:
     """Shepherd cache_aware per workload against each peer and the capacity bound: the issue's targets. `met` is
-    None unless every peer ran."""
+    None unless every one of `peers` (the peers that can run: no sglang-router on gRPC workers) ran."""
     out: dict[str, Any] = {}
     for name, result in results.items():
         measured = result["gateways"]
@@ -586,7 +682,7 @@ def goal(results: dict[str, Any]) -> dict[str, Any]:
                 checks += [hit is not None and hit >= min_hit, ttft is not None and ttft <= max_ttft]
             entry[f"hit_rate_vs_{peer}"] = hit
             entry[f"ttft_p99_vs_{peer}"] = ttft
-        entry["met"] = all(checks) if all(peer in measured for peer in PEER_GOALS) else None
+        entry["met"] = all(checks) if all(peer in measured for peer in peers) else None
         out[name] = entry
     return out
 
@@ -633,9 +729,10 @@ def render(document: dict[str, Any]) -> str:
                  fmt(ttft.get("p50"), 1), fmt(ttft.get("p99"), 1), fmt(latency["p50"], 1), fmt(latency["p99"], 1),
                  fmt(f["rps"], 1), *(fmt(s, 2) for s in shares), str(f["failed"] + f["skipped"])]
             )  # fmt: skip
+        kind = "gRPC " if settings.get("grpc") else ""
         fleet = (
-            f"{settings['prefill_workers']} prefill + {settings['decode_workers']} decode workers" if pd
-            else f"{settings['workers']} workers"
+            f"{settings['prefill_workers']} prefill + {settings['decode_workers']} decode {kind}workers" if pd
+            else f"{settings['workers']} {kind}workers"
         )  # fmt: skip
         title = (
             f"{name}{' (PD)' if pd else ''}: {result['description']}; {result['requests']} requests, {fleet} of"
@@ -647,6 +744,8 @@ def render(document: dict[str, Any]) -> str:
             f" of bound = hit rate / the fleet-capacity bound; times in ms; share = busiest worker's requests / mean"
         )
         parts.append(render_table(headers, rows, title))
+    if document.get("not_measured"):
+        parts.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in document["not_measured"].items()))
     if document["goal"]:
         parts.append(_render_goal(document["goal"]))
     if document["replica_scaling"]:
@@ -802,6 +901,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f = p.add_argument_group("simulated fleet")
     f.add_argument("--workers", type=int, default=d.workers, help="(default: %(default)s)")
     f.add_argument("--pd", action="store_true", help="prefill-decode disaggregation")
+    f.add_argument(
+        "--grpc", action="store_true",
+        help=f"SGLang gRPC workers (`shepherd sim {' '.join(GRPC_SIM_ARGS)}`, URLs grpc://): the gateways tokenize"
+        " with the workers' tokenizer; sglang-router is not measured",
+    )  # fmt: skip
     f.add_argument("--prefill-workers", type=int, default=d.prefill_workers, help="PD (default: %(default)s)")
     f.add_argument("--decode-workers", type=int, default=d.decode_workers, help="PD (default: %(default)s)")
     f.add_argument("--sim-processes", type=int, default=d.sim_processes, help="(default: %(default)s)")
@@ -883,6 +987,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         replicas=tuple(sorted({1, *args.replicas})),
         virtual=args.virtual,
+        grpc=args.grpc,
         timeout_secs=args.timeout_secs,
         startup_timeout=args.startup_timeout,
     )

@@ -38,6 +38,7 @@ from shepherd.sim.metrics import WorkerStats
 from shepherd.sim.parsing import chat_prompt_text
 from shepherd.sim.tokenizer import generate, tokenize
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, KvEvent
 from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.worker import Worker
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from shepherd.bench.fleet import GatewayTemplate
     from shepherd.bench.routing import Settings
     from shepherd.bench.workloads import Workload
+    from shepherd.routing.policies.base import Policy
 
 
 class _JumpingSelector(selectors.DefaultSelector):
@@ -88,7 +90,8 @@ def run_virtual(gateway: GatewayTemplate, replicas: int, workload: Workload, set
     as `routing.figures` gives them."""
     from shepherd.bench.routing import figures
 
-    urls = [f"http://virtual-worker-{i}:8000" for i in range(settings.workers)]
+    scheme = "grpc" if settings.grpc else "http"
+    urls = [f"{scheme}://virtual-worker-{i}:8000" for i in range(settings.workers)]
     config = gateway_config(gateway.argv(0, 0, urls))
     loop = VirtualClockLoop()
     try:
@@ -105,10 +108,11 @@ async def _run(
 
     clock = asyncio.get_running_loop().time
     latency = LatencyModel(settings.prefill_tokens_per_ms, settings.decode_step_ms, settings.decode_step_ms_per_request)
+    feeds = [_EventFeed() for _ in urls] if settings.grpc else [None] * len(urls)
     engines = [
-        Engine(PrefixCache(settings.kv_tokens, settings.page_size), WorkerStats(), settings.max_running_requests,
+        Engine(PrefixCache(settings.kv_tokens, settings.page_size, feed), WorkerStats(), settings.max_running_requests,
                latency, clock=clock)
-        for _ in urls
+        for feed in feeds
     ]  # fmt: skip
     labels = {
         "max_total_num_tokens": str(settings.kv_tokens),
@@ -120,6 +124,10 @@ async def _run(
                         for url in urls)  # fmt: skip
         gateways.append((workers, create_policy(config.policy, config)))
     engine_of = {worker: engine for workers, _ in gateways for worker, engine in zip(workers, engines, strict=True)}
+    for workers, policy in gateways:
+        for worker, feed in zip(workers, feeds, strict=True):
+            if feed is not None and policy.reads_kv_events:
+                feed.follow(worker, policy)
     log_of: dict[Worker, dict[str, Any]] = {}
     logs = [{"prompt_tokens": 0, "cached_tokens": 0, "counts": {CHAT_PATH: 0}} for _ in urls]
     for workers, _ in gateways:
@@ -131,8 +139,10 @@ async def _run(
         workers, policy = gateways[issued % replicas]
         issued += 1
         ctx = RequestContext(CHAT, orjson.dumps(body), f"virtual-{issued}")
-        worker = policy.pick(workers, ctx)
         prompt = tokenize(chat_prompt_text(body["messages"]))
+        if settings.grpc:  # a gRPC gateway routes by the token ids it sends
+            ctx.route_by_tokens(prompt)
+        worker = policy.pick(workers, ctx)
         completion = generate(prompt, body["max_tokens"], SIM_SEED)
         seq = Sequence(prompt, completion)
         group = SequenceGroup([seq])
@@ -168,3 +178,28 @@ async def _run(
     for engine in engines:
         await engine.close()
     return run, logs
+
+
+class _EventFeed:
+    """One engine's KV events, delivered to every gateway replica's policy at once (`--grpc`: what each replica's
+    `SubscribeKvEvents` stream gives it, without the stream's latency)."""
+
+    def __init__(self) -> None:
+        self._followers: list[tuple[Worker, Policy]] = []
+
+    def follow(self, worker: Worker, policy: Policy) -> None:
+        self._followers.append((worker, policy))
+        policy.on_kv_events(worker, [CacheCleared()])
+
+    def _send(self, events: list[KvEvent]) -> None:
+        for worker, policy in self._followers:
+            policy.on_kv_events(worker, events)
+
+    def stored(self, parent: int | None, pages: list[tuple[int, list[int]]]) -> None:
+        self._send([BlocksStored(parent, tuple((key, tuple(ids)) for key, ids in pages))])
+
+    def removed(self, keys: list[int]) -> None:
+        self._send([BlocksRemoved(tuple(keys))])
+
+    def cleared(self) -> None:
+        self._send([CacheCleared()])
