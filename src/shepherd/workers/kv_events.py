@@ -115,7 +115,7 @@ class KvEventFeed:
 
     def _on_removed(self, worker: Worker) -> None:
         url = worker.base_url
-        if any(other.base_url == url for other in self._registry.all()):
+        if self._registry.at_base_url(url):
             return
         task = self._streams.pop(url, None)
         if task is not None:
@@ -123,7 +123,7 @@ class KvEventFeed:
 
     def _workers(self, url: str, dp_rank: int | None) -> list[Worker]:
         """The workers a batch is about: the rank's worker of a DP engine, else every worker of the engine."""
-        workers = [worker for worker in self._registry.all() if worker.base_url == url]
+        workers = self._registry.at_base_url(url)
         if dp_rank is not None:
             ranked = [worker for worker in workers if worker.dp_rank == dp_rank]
             if ranked:
@@ -146,6 +146,7 @@ class KvEventFeed:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     log.info("%s publishes no KV events: cache_aware models its cache from the traffic", url)
+                    self._emit(url, None, [FeedLost()])
                     return
                 log.debug("KV events of %s: %s", url, exc.details())
             except _SequenceGap as gap:
