@@ -51,14 +51,14 @@ def test_blocks_are_found_by_the_requests_own_tokens_whatever_the_engines_hashes
     prompt = tokens(1, 5 * BLOCK + 3)
     cache.apply(a, [CacheCleared(), stored(prompt[: 3 * BLOCK], first_hash=7)])
     cache.apply(b, [CacheCleared(), stored(prompt[: 2 * BLOCK], first_hash=-99)])  # other hashes, same blocks
-    blocks, common = cache.walk(text_of(prompt), everyone=2)
-    assert len(blocks) == 3 and common == 2
-    assert cache.depth(a, blocks) == 3 and cache.depth(b, blocks) == 2
-    assert cache.holders(blocks[-1]) == {a}
+    keys = cache.keys(text_of(prompt))
+    assert len(keys) == 5 and cache.match(keys, everyone=2) == (3, 2)
+    assert cache.depth(a, keys, 3) == 3 and cache.depth(b, keys, 3) == 2
+    assert cache.holders(keys[2]) == {a}
     # A stored event continuing a chain names its parent by the engine's hash.
     cache.apply(b, [stored(prompt[2 * BLOCK : 4 * BLOCK], parent=-98, first_hash=500)])
-    blocks, _ = cache.walk(text_of(prompt), everyone=2)
-    assert len(blocks) == 4 and cache.depth(b, blocks) == 4 and cache.depth(a, blocks) == 3
+    assert cache.match(keys, everyone=2) == (4, 3)
+    assert cache.depth(b, keys, 4) == 4 and cache.depth(a, keys, 4) == 3
 
 
 def test_removed_blocks_and_unknown_parents_and_lost_feeds():
@@ -68,13 +68,14 @@ def test_removed_blocks_and_unknown_parents_and_lost_feeds():
     cache.apply(a, [CacheCleared(), stored(prompt)])
     assert cache.observes([a]) and cache.blocks_held(a) == 4
     cache.apply(a, [BlocksRemoved((1002, 1003))])
-    assert cache.depth(a, cache.walk(text_of(prompt), 1)[0]) == 2
+    keys = cache.keys(text_of(prompt))
+    assert cache.match(keys, 1) == (2, 2) and cache.depth(a, keys, 2) == 2
     cache.apply(a, [stored(prompt[3 * BLOCK :], parent=1002)])  # its parent is gone: unreachable, not indexed
     assert cache.blocks_held(a) == 2
     version = cache.version
     cache.apply(a, [FeedLost()])
     assert not cache.observes([a]) and cache.blocks_held(a) == 0 and cache.version > version
-    assert cache.walk(text_of(prompt), 1) == ([], 0)
+    assert cache.match(keys, 1) == (0, 0)
 
 
 def test_placed_blocks_count_as_held_until_unplaced():
@@ -83,14 +84,14 @@ def test_placed_blocks_count_as_held_until_unplaced():
     cache.apply(a, [CacheCleared(), stored(tokens(3, BLOCK))])  # learns the block size
     prompt = text_of(tokens(4, 3 * BLOCK))
     keys = cache.keys(prompt)
-    assert len(keys) == 3 and cache.walk(prompt, 2) == ([], 0)
+    assert len(keys) == 3 and cache.match(keys, 2) == (0, 0)
     cache.place(b, keys)
     cache.place(b, keys)
-    assert cache.depth(b, cache.walk(prompt, 2)[0]) == 3
+    assert cache.match(keys, 2) == (3, 0) and cache.depth(b, keys, 3) == 3
     cache.unplace(b, keys)
-    assert cache.depth(b, cache.walk(prompt, 2)[0]) == 3
+    assert cache.depth(b, keys, 3) == 3
     cache.unplace(b, keys)
-    assert cache.walk(prompt, 2) == ([], 0)
+    assert cache.match(keys, 2) == (0, 0)
 
 
 def test_a_kv_event_batch_becomes_plain_events():
@@ -148,7 +149,8 @@ def test_a_prefix_in_flight_is_followed_before_the_engine_reports_it():
     for ctx in later:  # the first request is still prefilling: no event yet, its blocks count as placed
         assert p.pick(fleet, ctx) is chosen
     p.on_request_done(chosen, first, True)
-    assert p._engines.walk(routed(system).routing_text, 4)[0]  # the later requests are still in flight
+    keys = p._engines.keys(routed(system).routing_text)
+    assert p._engines.match(keys, 4)[0] == len(keys)  # the later requests are still in flight
     for ctx in later:
         p.on_request_done(chosen, ctx, True)
-    assert p._engines.walk(routed(system).routing_text, 4) == ([], 0)  # ended, and no engine reported the blocks
+    assert p._engines.match(keys, 4) == (0, 0)  # ended, and no engine reported the blocks

@@ -142,24 +142,20 @@ class EngineCache:
                     del placed[key]
 
     # --- lookups -----------------------------------------------------------------------------------------
-    def walk(self, text: str, everyone: int) -> tuple[list[int], int]:
-        """(keys, common): the keys of the blocks of `text` some worker holds or was sent, from the root; and how
-        many leading ones at least `everyone` workers hold."""
-        size = self.block_chars
+    def match(self, keys: list[int], everyone: int) -> tuple[int, int]:
+        """(depth, common): how many of `keys` (a prompt's, from `keys`) some worker holds or was sent, from the
+        root; and how many leading ones at least `everyone` workers hold."""
         held, placed = self._held, self._placed
-        keys: list[int] = []
-        common = 0
-        key = 0
-        for start in range(0, len(text) - size + 1, size):
-            key = hash((key, text[start : start + size]))
+        depth = common = 0
+        for key in keys:
             holders = held.get(key)
             sent = placed.get(key)
             if holders is None and sent is None:
                 break
-            keys.append(key)
-            if common + 1 == len(keys) and len(holders or ()) + len(sent or ()) >= everyone:
-                common = len(keys)
-        return keys, common
+            depth += 1
+            if common + 1 == depth and len(holders or ()) + len(sent or ()) >= everyone:
+                common = depth
+        return depth, common
 
     def holds(self, worker: Worker, key: int) -> bool:
         holders = self._held.get(key)
@@ -171,10 +167,10 @@ class EngineCache:
     def holders(self, key: int) -> set[Worker]:
         return self._held.get(key, set()) | self._placed.get(key, {}).keys()
 
-    def depth(self, worker: Worker, keys: list[int]) -> int:
-        """How many of `keys` (a walk's) the worker holds from the root (a binary search: an engine evicts a block's
-        descendants before the block, so what one worker holds is a prefix of the chain)."""
-        low, high = 0, len(keys)
+    def depth(self, worker: Worker, keys: list[int], limit: int) -> int:
+        """How many of the first `limit` of `keys` the worker holds from the root (a binary search: an engine evicts a
+        block's descendants before the block, so what one worker holds is a prefix of the chain)."""
+        low, high = 0, limit
         while low < high:
             mid = (low + high + 1) // 2
             if self.holds(worker, keys[mid - 1]):

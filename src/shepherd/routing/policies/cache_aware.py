@@ -144,12 +144,13 @@ class CacheAwarePolicy:
         if len(view.entries) == 1:
             target = view.entries[0]
         else:
-            target, expected = self._choose(index, view, text, keys, ends)
+            blocks = self._engines.keys(text) if self._observed(view) else None
+            target, expected = self._choose(index, view, text, keys, ends, blocks)
             prediction = Prediction(index, target, expected, (ends[-1] if keys else 0) - expected)
             target.worker.prefill_pending += prediction.prefill
-            if self._observed(view):  # the next request with this prefix follows it before the engine reports it
-                prediction.blocks = self._engines.keys(text)
-                self._engines.place(target.worker, prediction.blocks)
+            if blocks:  # the next request with this prefix follows it before the engine reports it
+                prediction.blocks = blocks
+                self._engines.place(target.worker, blocks)
             if ctx.predictions is None:
                 ctx.predictions = {target.worker: prediction}
             else:
@@ -171,7 +172,8 @@ class CacheAwarePolicy:
             return {**explained, "worker": view.entries[0].worker.url, "reason": "the only candidate"}
         report: dict[str, Any] = {}
         examined = self.examined
-        target, matched = self._choose(index, view, text, keys, ends, report)
+        blocks = self._engines.keys(text) if self._observed(view) else None
+        target, matched = self._choose(index, view, text, keys, ends, blocks, report)
         self.examined = examined  # not a decision: the cost accounting counts decisions only
         return {
             **explained,
@@ -367,11 +369,13 @@ class CacheAwarePolicy:
         text: str,
         keys: list[int],
         ends: list[int],
+        blocks: list[int] | None = None,
         report: dict[str, Any] | None = None,
     ) -> tuple[WorkerEntry, int]:
         """The cheapest candidate, and how much of the prompt the index believes it holds (characters).
 
-        With `report` (`explain`): fills it with every candidate's terms and changes nothing."""
+        `blocks`: the prompt's engine-block keys, when every candidate's engine reports its cache (they decide what
+        each holds). With `report` (`explain`): fills it with every candidate's terms and changes nothing."""
         entries = view.entries
         least, mean_load, pool = self._least(entries)
         if not keys:
@@ -380,13 +384,13 @@ class CacheAwarePolicy:
             return least, 0
         length = ends[-1]
         engines = self._engines
-        observed = self._observed(view)
-        if observed:  # the engines say what they hold: their blocks replace the index's model of their caches
-            blocks, common_blocks = engines.walk(text, len(entries))
+        observed = blocks is not None
+        if blocks is not None:  # the engines say what they hold: their blocks replace the index's model of them
+            depth, common_blocks = engines.match(blocks, len(entries))
             block_chars = engines.block_chars
-            depth, known = len(blocks), len(blocks) * block_chars
+            known = depth * block_chars
             specific = depth > common_blocks
-            holders = self._engine_holders(index, view, blocks[-1]) if blocks else []
+            holders = self._engine_holders(index, view, blocks[depth - 1]) if depth else []
             common = bisect.bisect_right(ends, common_blocks * block_chars)
         else:
             depth, holders, common = index.longest_match(keys, view.members, HOLDERS_PROBED, len(entries))
@@ -437,8 +441,8 @@ class CacheAwarePolicy:
                         costed.append({"worker": worker.url, "load": load, "excluded": excluded})
                     continue
             expected = entry.traffic * per_traffic
-            if observed:
-                matched = known if depth and entry in holders else engines.depth(worker, blocks) * block_chars
+            if blocks is not None:
+                matched = known if depth and entry in holders else engines.depth(worker, blocks, depth) * block_chars
                 fill = engines.blocks_held(worker) * block_chars / self._cache_chars(worker)
             else:
                 matched = known if depth and entry in holders else entry.matched(keys, ends, depth)
