@@ -43,6 +43,8 @@ def test_a_prefix_another_gateway_placed_is_found_through_the_engines_events(tmp
         for g in (other, gw):
             g.process.wait_for(lambda g=g: g.get("/v1/models")[0] == 200, 20, "the tokenizer")
         gw.process.wait_for(lambda: subscriptions(fleet) == 3, 15, "a KV event stream from every worker")
+        gw.wait_workers(lambda ws: [w["kv_events"] for w in ws] == ["live"] * 3, "live KV event streams")
+        assert [w["kv_events"] for w in other.workers()] == [None] * 3  # round_robin reads no events
         placed = {prompt: routed_to(other, prompt)[0] for prompt in prompts}  # round robin: one per worker
         assert len(set(placed.values())) == 3
         for prompt in prompts:

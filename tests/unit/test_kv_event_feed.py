@@ -80,6 +80,7 @@ async def test_a_skipped_sequence_number_resubscribes_and_unimplemented_stops(mo
     feed.subscribe(listener)
     feed.start()
     await asyncio.wait_for(done.wait(), 5)
+    assert worker.kv_events == "unpublished" and worker.to_json()["kv_events"] == "unpublished"
     stored = [e.blocks[0][0] for e in seen if isinstance(e, BlocksStored)]
     assert stored == [11, 12, 13, 21]  # 14 came after the gap: not applied
     kinds = [type(e).__name__ for e in seen if not isinstance(e, BlocksStored)]

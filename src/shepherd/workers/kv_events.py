@@ -130,6 +130,10 @@ class KvEventFeed:
                 return ranked
         return workers
 
+    def _set_state(self, url: str, state: str) -> None:
+        for worker in self._registry.at_base_url(url):
+            worker.kv_events = state
+
     def _emit(self, url: str, dp_rank: int | None, events: list[KvEvent]) -> None:
         for worker in self._workers(url, dp_rank):
             for listener in self._listeners:
@@ -147,12 +151,14 @@ class KvEventFeed:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     log.info("%s publishes no KV events: cache_aware models its cache from the traffic", url)
                     self._emit(url, None, [FeedLost()])
+                    self._set_state(url, "unpublished")
                     return
                 log.debug("KV events of %s: %s", url, exc.details())
             except _SequenceGap as gap:
                 log.info("KV events of %s skipped from %d to %d: subscribing again", url, gap.expected, gap.got)
                 delay = RETRY_FIRST_SECS
             self._emit(url, None, [FeedLost()])
+            self._set_state(url, "lost")
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_SECS)
 
@@ -175,6 +181,7 @@ class KvEventFeed:
                 if not started:  # the snapshot starts from nothing, whatever was known before
                     started = True
                     self._emit(url, None, [CacheCleared()])
+                    self._set_state(url, "live")
                 events = batch_events(batch)
                 if events:
                     self._emit(url, rank, events)

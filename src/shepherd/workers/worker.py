@@ -65,6 +65,7 @@ class Worker:
         "health_probes",
         "health_successes",
         "id",
+        "kv_events",
         "labels",
         "latencies",
         "load",
@@ -131,6 +132,9 @@ class Worker:
         self.engine_load: dict[str, Any] | None = None  # gRPC workers: the last GetLoads answer
         self.engine_ranks: tuple[RankLoad, ...] | None = None  # the last load poll, rank by rank (None: it failed)
         self.engine_polls = 0  # load polls it answered
+        # Its engine's KV event stream (workers/kv_events.py): "live", "lost" (subscribing again), "unpublished"
+        # (the engine publishes none); None: not followed (HTTP workers, or no policy reads the events).
+        self.kv_events: str | None = None
 
     @property
     def engine_requests(self) -> int | None:
@@ -172,6 +176,7 @@ class Worker:
             "load": self.load,
             "prefill_pending_chars": self.prefill_pending,
             "engine_requests": self.engine_requests,
+            "kv_events": self.kv_events,
             "latency_p99_ms": self.latency_p99_ms(),
             "circuit_state": self.breaker.state.value,
             "routing_hold": self.routing_hold,
