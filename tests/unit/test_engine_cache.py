@@ -7,7 +7,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
 from shepherd.routing.context import GENERATE, RequestContext
-from shepherd.routing.engine_cache import EngineCache
+from shepherd.routing.engine_cache import BLOCK_BYTES, EngineCache
 from shepherd.routing.policies.cache_aware import CacheAwarePolicy
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, batch_events
@@ -76,6 +76,28 @@ def test_removed_blocks_and_unknown_parents_and_lost_feeds():
     cache.apply(a, [FeedLost()])
     assert not cache.observes([a]) and cache.blocks_held(a) == 0 and cache.version > version
     assert cache.match(keys, 1) == (0, 0)
+
+
+def test_a_worker_reporting_more_than_its_share_of_the_budget_is_no_longer_observed():
+    cache = EngineCache(budget_bytes=2 * 10 * BLOCK_BYTES)  # two workers: 10 blocks each
+    a, b = grpc_workers(2)
+    cache.apply(a, [CacheCleared(), stored(tokens(30, 8 * BLOCK))])
+    cache.apply(b, [CacheCleared(), stored(tokens(31, 8 * BLOCK))])
+    assert cache.observes([a, b])
+    cache.apply(b, [stored(tokens(32, 3 * BLOCK), first_hash=5000)])
+    assert not cache.observes([a, b]) and cache.observes([a]) and cache.blocks_held(b) == 0
+    cache.apply(b, [stored(tokens(33, BLOCK), first_hash=6000)])
+    assert cache.blocks_held(b) == 0  # ignored until its feed starts over
+    cache.apply(b, [CacheCleared(), stored(tokens(33, BLOCK), first_hash=6000)])
+    assert cache.observes([a, b]) and cache.blocks_held(b) == 1
+
+
+def test_engines_with_blocks_under_16_tokens_are_not_followed():
+    cache = EngineCache()
+    (a,) = grpc_workers(1)
+    page_of_one = BlocksStored(None, tuple((i, (token,)) for i, token in enumerate(tokens(34, 40))))
+    cache.apply(a, [CacheCleared(), page_of_one])
+    assert cache.block_chars == 0 and not cache.observes([a]) and cache.blocks_held(a) == 0
 
 
 def test_placed_blocks_count_as_held_until_unplaced():

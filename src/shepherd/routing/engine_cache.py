@@ -12,32 +12,49 @@ blocks of every request in flight count as held by its worker until the request 
 
 Observed workers. A worker is observed from its feed's first batch (which starts with `CacheCleared`) until the feed
 is lost; cache_aware trusts this index for a fleet whose every candidate is observed, and its own model otherwise.
+
+Bounds. Each block costs about BLOCK_BYTES; the index keeps at most `budget_bytes` (--max-tree-size, the same budget
+as the prefix index's), divided evenly among the workers it follows. A worker whose engine reports more blocks than
+its share is no longer observed (until its feed starts over): the policy's own bounded model takes over, with one
+warning. Engines with blocks under MIN_BLOCK_TOKENS tokens (SGLang's default page size is 1) are not followed at
+all: one key per token would cost a hash per token on every decision and a block per token in memory.
 """
 
 from __future__ import annotations
 
+import logging
 from array import array
 from collections.abc import Iterable, Sequence
 
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, KvEvent
 from shepherd.workers.worker import Worker
 
+log = logging.getLogger(__name__)
+
+# Bytes one block costs when no other worker holds it, measured with tracemalloc: its entry in the feed's map from
+# engine hash to key (about 100) and its own set of holders (about 260).
+BLOCK_BYTES = 384
+MIN_BLOCK_TOKENS = 16
+
 
 class _Feed:
-    __slots__ = ("keys", "observed")
+    __slots__ = ("keys", "observed", "overflowed")
 
     def __init__(self) -> None:
         self.keys: dict[int, int] = {}  # engine block hash -> this index's key
         self.observed = False
+        self.overflowed = False  # it reported more than its share of the budget: ignored until it starts over
 
 
 class EngineCache:
-    def __init__(self) -> None:
+    def __init__(self, budget_bytes: int = 2**26) -> None:
+        self.budget_bytes = budget_bytes
         self.block_chars = 0  # characters of routing text per engine block (0: no block seen yet)
         self._held: dict[int, set[Worker]] = {}  # key -> workers whose engines reported the block
         self._placed: dict[int, dict[Worker, int]] = {}  # key -> workers it was sent to (requests in flight)
         self._feeds: dict[Worker, _Feed] = {}
         self.version = 0  # counts changes of which workers are observed
+        self._small_blocks_logged = False
 
     # --- events ------------------------------------------------------------------------------------------
     def apply(self, worker: Worker, events: Iterable[KvEvent]) -> None:
@@ -51,13 +68,28 @@ class EngineCache:
                 self._removed(worker, feed, event.hashes)
             elif isinstance(event, CacheCleared | FeedLost):
                 self._removed(worker, feed, list(feed.keys))
-                observed = isinstance(event, CacheCleared)
-                if feed.observed != observed:
-                    feed.observed = observed
-                    self.version += 1
+                feed.overflowed = False
+                self._observe(feed, isinstance(event, CacheCleared))
+
+    def _observe(self, feed: _Feed, observed: bool) -> None:
+        if feed.observed != observed:
+            feed.observed = observed
+            self.version += 1
 
     def _stored(self, worker: Worker, feed: _Feed, event: BlocksStored) -> None:
         keys = feed.keys
+        if feed.overflowed:
+            return
+        if len(keys) + len(event.blocks) > self.budget_bytes // max(1, len(self._feeds)) // BLOCK_BYTES:
+            log.warning(
+                "%s reports more KV blocks than its share of --max-tree-size (%d bytes): routing models its cache",
+                worker.url,
+                self.budget_bytes,
+            )
+            self._removed(worker, feed, list(keys))
+            feed.overflowed = True
+            self._observe(feed, False)
+            return
         if event.parent is None:
             key = 0
         else:
@@ -69,6 +101,12 @@ class EngineCache:
         for engine_hash, token_ids in event.blocks:
             text = array("I", token_ids).tobytes().decode("latin-1")
             if not self.block_chars:
+                if len(token_ids) < MIN_BLOCK_TOKENS:
+                    if not self._small_blocks_logged:
+                        self._small_blocks_logged = True
+                        log.info("KV blocks of %d tokens are too small to follow: routing models the caches",
+                                 len(token_ids))  # fmt: skip
+                    return
                 self.block_chars = len(text)
             elif len(text) != self.block_chars:
                 return  # a partial block is never matched by a lookup

@@ -127,7 +127,7 @@ class CacheAwarePolicy:
         self._max_share = config.max_share  # 0: no cap
         self._pending_prefill_weight = config.pending_prefill_weight
         self._indexes: dict[str | None, PrefixIndex] = {}
-        self._engines = EngineCache()  # what the engines report they hold, where they publish KV events
+        self._engines = EngineCache(config.max_tree_size)  # what the engines report they hold, where they publish
         self._running_limits: dict[Worker, int] = {}
         self._engine_chars: dict[Worker, int] = {}  # each worker's whole KV cache, in characters
         self._sharers = 1.0  # how many gateways (or other clients) fill the workers' caches as much as this one
