@@ -148,9 +148,9 @@ class CacheAwarePolicy:
             target, expected = self._choose(index, view, text, keys, ends, blocks)
             prediction = Prediction(index, target, expected, (ends[-1] if keys else 0) - expected)
             target.worker.prefill_pending += prediction.prefill
-            if blocks:  # the next request with this prefix follows it before the engine reports what it lacked
-                prediction.blocks = blocks[expected // self._engines.block_chars :]
-                self._engines.place(target.worker, prediction.blocks)
+            if blocks:  # the next request with this prefix follows it before the engine reports it
+                prediction.blocks = blocks
+                self._engines.place(target.worker, blocks)
             if ctx.predictions is None:
                 ctx.predictions = {target.worker: prediction}
             else:
