@@ -169,6 +169,7 @@ def test_a_prefix_in_flight_is_followed_before_the_engine_reports_it():
     chosen = p.pick(fleet, first)
     later = [routed(system + tokens(20 + q, 10)) for q in range(5)]
     for ctx in later:  # the first request is still prefilling: no event yet, its blocks count as placed
+        assert p.explain(fleet, ctx)["known_chars"] == len(system) * 4
         assert p.pick(fleet, ctx) is chosen
     p.on_request_done(chosen, first, True)
     keys = p._engines.keys(routed(system).routing_text)
