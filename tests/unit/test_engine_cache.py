@@ -11,6 +11,7 @@ from shepherd.routing.engine_cache import BLOCK_BYTES, EngineCache
 from shepherd.routing.policies.cache_aware import CacheAwarePolicy
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, batch_events
+from shepherd.workers.load_monitor import RankLoad
 from shepherd.workers.worker import Worker
 
 BLOCK = 16  # tokens per engine block
@@ -177,3 +178,30 @@ def test_a_prefix_in_flight_is_followed_before_the_engine_reports_it():
     for ctx in later:
         p.on_request_done(chosen, ctx, True)
     assert p._engines.match(keys, 4) == (0, 0)  # ended, and no engine reported the blocks
+
+
+def test_replicas_following_the_engines_home_a_new_prefix_where_the_engines_store_least():
+    # Other replicas route to these workers (the engines report twice this gateway's requests), so the ring home
+    # would keep replicas in agreement; but all of them read the same engines: a prompt nobody holds goes to the
+    # worker whose engine stored least lately (relative to its cache), which every replica computes alike.
+    fleet = grpc_workers(3)
+    p = observed_policy(fleet)
+    for worker in fleet:
+        worker.load = 2
+        worker.engine_ranks = (RankLoad(0, 4, 0),)
+    p.on_engine_loads(list(fleet))
+    for worker in fleet:
+        worker.load = 0
+    prompt = routed(tokens(40, 20 * BLOCK))
+    for n, worker in enumerate(fleet):  # one block each: a tie, which the ring decides
+        p.on_kv_events(worker, [stored(tokens(41 + n, BLOCK), first_hash=100 * n)])
+    ring = p.explain(fleet, prompt)
+    assert ring["home_on_ring"] is True
+    ring_home = next(w for w in fleet if w.url == ring["home"])
+    busy = [w for w in fleet if w is not ring_home]
+    for n, worker in enumerate(busy):  # the engines of the other two stored less than the ring home's
+        p.on_kv_events(worker, [stored(tokens(50 + n, 4 * BLOCK), first_hash=7000 + 100 * n)])
+    p.on_kv_events(ring_home, [stored(tokens(60, 40 * BLOCK), first_hash=9000)])
+    explained = p.explain(fleet, prompt)
+    assert explained["home"] != ring_home.url and not explained["home_on_ring"]
+    assert p.pick(fleet, prompt).url == explained["home"]

@@ -37,13 +37,18 @@ BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
 
 
+HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
+_RENORMALIZE_AT = 1e18
+
+
 class _Feed:
-    __slots__ = ("keys", "observed", "overflowed")
+    __slots__ = ("keys", "observed", "overflowed", "stored")
 
     def __init__(self) -> None:
         self.keys: dict[int, int] = {}  # engine block hash -> this index's key
         self.observed = False
         self.overflowed = False  # it reported more than its share of the budget: ignored until it starts over
+        self.stored = 0.0  # decayed count of blocks its engine stored, in units of EngineCache._unit
 
 
 class EngineCache:
@@ -54,6 +59,7 @@ class EngineCache:
         self._placed: dict[int, dict[Worker, int]] = {}  # key -> workers it was sent to (requests in flight)
         self._feeds: dict[Worker, _Feed] = {}
         self.version = 0  # counts changes of which workers are observed
+        self._unit = 1.0  # weight of the next stored block; grows so that older ones decay
         self._small_blocks_logged = False
 
     # --- events ------------------------------------------------------------------------------------------
@@ -98,6 +104,13 @@ class EngineCache:
                 return  # its parent was evicted: unreachable from the root, as in the engine's own lookups
             key = parent
         held = self._held
+        count = len(event.blocks)
+        feed.stored += count * self._unit
+        self._unit *= 2.0 ** (count / (HALF_LIFE_BLOCKS_PER_WORKER * len(self._feeds)))
+        if self._unit > _RENORMALIZE_AT:
+            for other in self._feeds.values():
+                other.stored /= self._unit
+            self._unit = 1.0
         for engine_hash, token_ids in event.blocks:
             text = array("I", token_ids).tobytes().decode("latin-1")
             if not self.block_chars:
@@ -142,6 +155,12 @@ class EngineCache:
             if feed is None or not feed.observed:
                 return False
         return bool(workers) and self.block_chars > 0
+
+    def stored(self, worker: Worker) -> float:
+        """Blocks the worker's engine stored lately (decayed), in a unit shared by all workers: comparable between
+        them, the same in every gateway that follows the same engines."""
+        feed = self._feeds.get(worker)
+        return feed.stored if feed is not None else 0.0
 
     def blocks_held(self, worker: Worker) -> int:
         feed = self._feeds.get(worker)

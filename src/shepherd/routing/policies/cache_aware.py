@@ -35,7 +35,8 @@ goes home unless the home is busier than that, and every replica agrees. A gatew
 the whole prompt: the other replicas sent it there, and only the hard limits below send it elsewhere. A gateway
 that knows it is alone (its load polls show the engines' requests are its own) needs no agreement: the home of a
 prompt nobody holds is then the candidate whose cache turns over slowest (characters recently inserted over its
-capacity), where the prefix will stay cached longest, the ring's choice on a tie.
+capacity), where the prefix will stay cached longest, the ring's choice on a tie. Replicas that all read the
+engines' KV events agree on that without the ring: they compare what each engine reported storing lately.
 
 Candidates: the least loaded worker (exactly over up to 32 candidates, else the best of 8 random ones), the home and
 the deepest holders of the prompt (up to 8). Three hard limits keep a request off an overloaded worker whatever its
@@ -132,6 +133,7 @@ class CacheAwarePolicy:
         self._engine_chars: dict[Worker, int] = {}  # each worker's whole KV cache, in characters
         self._sharers = 1.0  # how many gateways (or other clients) fill the workers' caches as much as this one
         self._alone = False  # the polls showed no other gateway replica: homes need not follow the ring
+        self._polled = False  # the polls have shown whether other replicas share the workers
         self._polled_engine = self._polled_own = 0.0  # decayed sums of requests polled from engines, and our own
         self._timer: asyncio.TimerHandle | None = None
         self._timer_checked = False
@@ -239,6 +241,7 @@ class CacheAwarePolicy:
             return
         sharers = max(1.0, self._polled_engine / self._polled_own)
         self._alone = sharers < ALONE_BELOW
+        self._polled = True
         if abs(sharers - self._sharers) > SHARERS_STEP * self._sharers:
             factor = self._sharers / sharers
             self._sharers = sharers
@@ -397,10 +400,12 @@ class CacheAwarePolicy:
             known = ends[depth - 1] if depth else 0
             specific = depth > common
         home = ring_home = self.home(view, text, keys, ends, common)
-        if self._alone and not specific:
-            # No other replica follows the ring: a prompt nobody holds goes where it will stay cached longest.
-            slowest = min(pool, key=_turnover)
-            if slowest.turnover < home.turnover:
+        if not specific and (self._alone or (observed and self._polled)):
+            # No other replica follows the ring, or all see the engines' own reports: a prompt nobody holds goes
+            # where it will stay cached longest.
+            turnover = _turnover if self._alone else self._engine_turnover
+            slowest = min(pool, key=turnover)
+            if turnover(slowest) < turnover(home):
                 home = slowest
         # What this replica has not seen of the prompt may be at its home, but only when it knows nothing specific
         # about the prompt (no holder beyond what every worker holds): a known holder is better evidence.
@@ -480,6 +485,11 @@ class CacheAwarePolicy:
         if depth and best_matched == known and not observed:
             index.rotate_holder(best, keys[depth - 1])
         return best, best_matched
+
+    def _engine_turnover(self, entry: WorkerEntry) -> float:
+        """What the entry's engine stored lately over its cache size: how soon a prefix placed there is evicted."""
+        worker = entry.worker
+        return self._engines.stored(worker) / self._cache_chars(worker)
 
     def _engine_holders(self, index: PrefixIndex, view: FleetView, key: int) -> list[WorkerEntry]:
         """Up to HOLDERS_PROBED candidates whose engines hold (or were just sent) the block `key`."""
