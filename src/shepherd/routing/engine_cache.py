@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 # engine hash to key (about 100) and its own set of holders (about 260).
 BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
-
-
 HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
 _RENORMALIZE_AT = 1e18
 
