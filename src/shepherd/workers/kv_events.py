@@ -157,6 +157,8 @@ class KvEventFeed:
             except _SequenceGap as gap:
                 log.info("KV events of %s skipped from %d to %d: subscribing again", url, gap.expected, gap.got)
                 delay = RETRY_FIRST_SECS
+            except Exception as exc:  # a closed channel, a malformed batch: the stream is lost, not the gateway
+                log.warning("KV events of %s: %r", url, exc)
             self._emit(url, None, [FeedLost()])
             self._set_state(url, "lost")
             await asyncio.sleep(delay)
@@ -165,7 +167,8 @@ class KvEventFeed:
     async def _stream(self, url: str) -> None:
         from smg_grpc_proto.generated import common_pb2
 
-        client = self._grpc_clients.get(url, self._api_key)
+        workers = self._registry.at_base_url(url)
+        client = self._grpc_clients.get(url, (workers[0].api_key if workers else None) or self._api_key)
         request = common_pb2.SubscribeKvEventsRequest(start_sequence_number=0, load_records_before_first_batch=True)
         call: grpc.aio.UnaryStreamCall = client.stub.SubscribeKvEvents(request, metadata=client.metadata)
         try:
