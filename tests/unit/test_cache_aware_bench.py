@@ -10,9 +10,12 @@ def test_bench_policy_reports_every_policy_and_fleet_size(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "µs per routing decision" in printed and "naive_scan" in printed
     results = orjson.loads(out.read_bytes())["results"]
+    policies = ("cache_aware", "cache_aware_events", "naive_scan", "round_robin")
     assert {(r["policy"], r["workers"]) for r in results} == {
-        (policy, workers) for policy in ("cache_aware", "naive_scan", "round_robin") for workers in (4, 40)
+        (policy, workers) for policy in policies for workers in (4, 40)
     }
     assert all(r["decisions"] == 60 and 0 < r["p50_us"] <= r["p99_us"] for r in results)
     cache_aware = [r for r in results if r["policy"] == "cache_aware"]
     assert all(r["index_probes_per_decision"] > 0 and r["indexed_chars"] > 0 for r in cache_aware)
+    events = [r for r in results if r["policy"] == "cache_aware_events"]
+    assert all(r["prompt_tokens"] > 0 and r["engine_blocks"] > 0 for r in events)  # routed on the engines' reports

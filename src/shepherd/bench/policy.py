@@ -8,6 +8,11 @@ worker and the oldest in-flight request completes.
 
 Policies:
 - cache_aware: Shepherd's (prefix index keyed by chained block hashes, sampled least-loaded selection);
+- cache_aware_events: the same policy over gRPC workers whose engines publish KV events: each prompt is routed by
+  its token ids (the simulator's tokenizer, outside the timed call, as the gateway tokenizes before routing), and
+  after each decision the chosen worker's engine reports the prompt's 16-token blocks stored, evicting its least
+  recently used blocks beyond `--engine-blocks` (an LRU per engine; the budget is raised to hold them all). The
+  timed call includes matching the engines' blocks and placing the request's blocks in flight;
 - naive_scan: what a per-worker prefix store costs: every worker's set of 64-character block keys is walked per
   request and the least-loaded worker is found by a full scan (unbounded, no eviction);
 - round_robin: the floor, no text work at all.
@@ -22,7 +27,7 @@ import argparse
 import random
 import statistics
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +37,18 @@ import orjson
 from shepherd.bench.report import fmt, render_table, run_metadata, write_json
 from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
 from shepherd.routing.context import CHAT, RequestContext
+from shepherd.routing.engine_cache import BLOCK_BYTES
 from shepherd.routing.policies.base import Policy, StatelessPolicy
 from shepherd.routing.policies.cache_aware import CacheAwarePolicy
 from shepherd.routing.policies.round_robin import RoundRobinPolicy
+from shepherd.sim.parsing import chat_prompt_text
+from shepherd.sim.tokenizer import tokenize
 from shepherd.workers.breaker import CircuitBreaker
+from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, KvEvent
 from shepherd.workers.worker import Worker
 
-POLICIES = ("cache_aware", "naive_scan", "round_robin")
+POLICIES = ("cache_aware", "cache_aware_events", "naive_scan", "round_robin")
+ENGINE_BLOCK_TOKENS = 16
 _VOCABULARY = (
     "the gateway routes each request to a worker whose prefix cache probably holds the prompt while keeping load "
     "balanced across engines that batch tokens pages memory queue latency throughput model system user assistant"
@@ -93,6 +103,7 @@ class Settings:
     decisions: int = 5000
     warmup: int = 2000
     inflight_per_worker: int = 4
+    engine_blocks: int = 512  # cache_aware_events: each engine's KV cache, in 16-token blocks (8,192 tokens)
     seed: int = 0
 
 
@@ -122,9 +133,43 @@ def _bodies(settings: Settings) -> list[bytes]:
     return bodies
 
 
-def _make_policy(name: str) -> Policy:
+class _Engine:
+    """A worker's KV cache as its KV events describe it: 16-token blocks in an LRU, reported stored and evicted."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def serve(self, ids: list[int]) -> list[KvEvent]:
+        """The events of caching the full blocks of `ids`."""
+        blocks, parent, run, run_parent = self.blocks, 0, [], None
+        for start in range(0, len(ids) - ENGINE_BLOCK_TOKENS + 1, ENGINE_BLOCK_TOKENS):
+            chunk = tuple(ids[start : start + ENGINE_BLOCK_TOKENS])
+            block = hash((parent, chunk))
+            if block in blocks:
+                blocks.move_to_end(block)
+            else:
+                if not run:
+                    run_parent = parent or None
+                run.append((block, chunk))
+                blocks[block] = None
+            parent = block
+        events: list[KvEvent] = [BlocksStored(run_parent, tuple(run))] if run else []
+        evicted = []
+        while len(blocks) > self.capacity:
+            evicted.append(blocks.popitem(last=False)[0])
+        if evicted:
+            events.append(BlocksRemoved(tuple(evicted)))
+        return events
+
+
+def _make_policy(name: str, workers: int = 0, settings: Settings | None = None) -> Policy:
     if name == "cache_aware":
         return CacheAwarePolicy(CacheAwareConfig(), random.Random(0))
+    if name == "cache_aware_events":
+        assert settings is not None
+        budget = max(CacheAwareConfig().max_tree_size, 2 * workers * settings.engine_blocks * BLOCK_BYTES)
+        return CacheAwarePolicy(CacheAwareConfig(max_tree_size=budget), random.Random(0))
     if name == "naive_scan":
         return NaiveScanPolicy()
     return RoundRobinPolicy()
@@ -133,8 +178,14 @@ def _make_policy(name: str) -> Policy:
 def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) -> dict[str, Any]:
     """Time every decision after the warmup; returns the figures of one (policy, fleet size) cell."""
     breaker_config = CircuitBreakerConfig()
-    fleet = tuple(Worker(f"http://worker-{i}:8000", CircuitBreaker(breaker_config)) for i in range(workers))
-    policy = _make_policy(name)
+    events = name == "cache_aware_events"
+    scheme = "grpc" if events else "http"
+    fleet = tuple(Worker(f"{scheme}://worker-{i}:8000", CircuitBreaker(breaker_config)) for i in range(workers))
+    policy = _make_policy(name, workers, settings)
+    engines = {worker: _Engine(settings.engine_blocks) for worker in fleet} if events else {}
+    for worker in engines:
+        policy.on_kv_events(worker, [CacheCleared()])
+    prompts = [tokenize(chat_prompt_text(orjson.loads(body)["messages"])) for body in bodies] if events else []
     inflight: deque[tuple[Worker, RequestContext]] = deque()
     limit = settings.inflight_per_worker * workers
     samples: list[int] = []
@@ -142,10 +193,14 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
     for i, body in enumerate(bodies):
         ctx = RequestContext(CHAT, body, f"bench-{i}")
         started = clock()
+        if events:
+            ctx.route_by_tokens(prompts[i])
         worker = policy.pick(fleet, ctx)
         elapsed = clock() - started
         if i >= settings.warmup:
             samples.append(elapsed)
+        if events:
+            policy.on_kv_events(worker, engines[worker].serve(prompts[i]))
         worker.load += 1
         inflight.append((worker, ctx))
         if len(inflight) > limit:
@@ -161,6 +216,9 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
         "p50_us": samples[len(samples) // 2] / 1000,
         "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000,
     }
+    if isinstance(policy, CacheAwarePolicy) and events:
+        result["prompt_tokens"] = statistics.fmean(len(ids) for ids in prompts)
+        result["engine_blocks"] = sum(policy.engines.blocks_held(worker) for worker in fleet)
     if isinstance(policy, CacheAwarePolicy):
         index = policy.index_for("bench-model")
         total = len(bodies)
@@ -218,6 +276,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decisions", type=int, default=d.decisions, help="timed decisions per cell")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decisions first (fill the index)")
     p.add_argument("--inflight-per-worker", type=int, default=d.inflight_per_worker)
+    p.add_argument("--engine-blocks", type=int, default=d.engine_blocks,
+                   help="cache_aware_events: each engine's KV cache in 16-token blocks (default: 512)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results here")
     p.set_defaults(run=_run_from_args)
@@ -235,6 +295,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
         decisions=args.decisions,
         warmup=args.warmup,
         inflight_per_worker=args.inflight_per_worker,
+        engine_blocks=args.engine_blocks,
         seed=args.seed,
     )
     return run(settings, args.json_path)

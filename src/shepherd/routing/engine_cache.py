@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, KvEvent
 from shepherd.workers.worker import Worker
@@ -219,8 +219,10 @@ class EngineCache:
         sent = self._placed.get(key)
         return sent is not None and worker in sent
 
-    def holders(self, key: int) -> set[Worker]:
-        return self._held.get(key, set()) | self._placed.get(key, {}).keys()
+    def holders(self, key: int) -> Iterator[Worker]:
+        """The workers holding `key` or sent it (a worker may come twice)."""
+        yield from self._held.get(key, ())
+        yield from self._placed.get(key, ())
 
     def depth(self, worker: Worker, keys: list[int], limit: int) -> int:
         """How many of the first `limit` of `keys` the worker holds from the root (a binary search: an engine evicts a

@@ -260,6 +260,11 @@ class CacheAwarePolicy:
             index.remove(worker)
 
     # --- inspection and maintenance -------------------------------------------------------------------------
+    @property
+    def engines(self) -> EngineCache:
+        """What the engines reported they hold (KV events)."""
+        return self._engines
+
     def index_for(self, model: str | None) -> PrefixIndex:
         index = self._indexes.get(model)
         if index is None:
@@ -493,11 +498,11 @@ class CacheAwarePolicy:
 
     def _engine_holders(self, index: PrefixIndex, view: FleetView, key: int) -> list[WorkerEntry]:
         """Up to HOLDERS_PROBED candidates whose engines hold (or were just sent) the block `key`."""
-        found = []
+        found: list[WorkerEntry] = []
         entries, members = index.entries, view.members
         for worker in self._engines.holders(key):
             entry = entries.get(worker)
-            if entry is not None and entry in members:
+            if entry is not None and entry in members and entry not in found:
                 found.append(entry)
                 if len(found) == HOLDERS_PROBED:
                     break
