@@ -85,7 +85,6 @@ class KvEventFeed:
         self._api_key = api_key
         self._listeners: list[KvEventListener] = []
         self._streams: dict[str, asyncio.Task] = {}  # engine base URL -> its stream
-        self.batches = 0  # batches received, all engines (for tests and diagnostics)
 
     def subscribe(self, listener: KvEventListener) -> None:
         self._listeners.append(listener)
@@ -175,7 +174,6 @@ class KvEventFeed:
             expected: dict[int | None, int] = {}  # each DP rank numbers its batches (they interleave on the stream)
             started = False
             async for batch in call:
-                self.batches += 1
                 rank = batch.dp_rank if batch.HasField("dp_rank") else None
                 number = batch.sequence_number
                 if rank in expected and number != expected[rank]:
