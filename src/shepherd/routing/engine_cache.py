@@ -175,7 +175,7 @@ class EngineCache:
             keys.append(key)
         return keys
 
-    def place(self, worker: Worker, keys: list[int]) -> None:
+    def place(self, worker: Worker, keys: Sequence[int]) -> None:
         placed = self._placed
         for key in keys:
             workers = placed.get(key)
@@ -184,7 +184,7 @@ class EngineCache:
             else:
                 workers[worker] = workers.get(worker, 0) + 1
 
-    def unplace(self, worker: Worker, keys: list[int]) -> None:
+    def unplace(self, worker: Worker, keys: Sequence[int]) -> None:
         placed = self._placed
         for key in keys:
             workers = placed[key]

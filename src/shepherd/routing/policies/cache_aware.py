@@ -96,7 +96,7 @@ class Prediction:
         self.entry = entry
         self.expected = expected  # characters of the prompt the index believed the worker held
         self.prefill = prefill  # characters added to the worker's `prefill_pending`, until released
-        self.blocks: list[int] = []  # EngineCache keys placed on the worker until the attempt ends
+        self.blocks: Sequence[int] = ()  # EngineCache keys placed on the worker until the attempt ends
 
     def release(self) -> None:
         self.entry.worker.prefill_pending -= self.prefill
@@ -106,7 +106,7 @@ class Prediction:
         self.release()
         if self.blocks:
             engines.unplace(self.entry.worker, self.blocks)
-            self.blocks = []
+            self.blocks = ()
 
 
 _turnover = attrgetter("turnover")
