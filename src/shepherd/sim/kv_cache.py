@@ -19,6 +19,7 @@ it keeps nothing more and pays one check per call (per eviction in ``_make_room`
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -41,6 +42,17 @@ class ResidentPage(NamedTuple):
     key: int
     parent: int | None  # None: a first page
     tokens: list[int]
+
+
+def chain_runs(pages: Iterable[ResidentPage]) -> list[tuple[int | None, list[tuple[int, list[int]]]]]:
+    """``pages`` (parents before children) as runs of a chain, each page the child of the one before it: one
+    (parent of the run, [(key, tokens), ...]) per ``stored`` event."""
+    runs: list[tuple[int | None, list[tuple[int, list[int]]]]] = []
+    for page in pages:
+        if not runs or page.parent != runs[-1][1][-1][0]:
+            runs.append((page.parent, []))
+        runs[-1][1].append((page.key, page.tokens))
+    return runs
 
 
 @dataclass(slots=True)
@@ -172,8 +184,7 @@ class PrefixCache:
         assert events is not None
         refs, pages, ps = self._refs, self._pages, self.page_size
         pinned: list[int] = []
-        run: list[tuple[int, list[int]]] = []
-        run_parent: int | None = None
+        fresh: list[ResidentPage] = []
         parent: int | None = None
         for i, key in enumerate(keys):
             new = key not in refs
@@ -183,16 +194,11 @@ class PrefixCache:
             if new:
                 page = tokens[i * ps : (i + 1) * ps]
                 pages[key] = (parent, page)
-                if not run:
-                    run_parent = parent
-                run.append((key, page))
-            elif run:
-                events.stored(run_parent, run)
-                run = []
+                fresh.append(ResidentPage(key, parent, page))
             parent = key
-        if run:
-            # Pages evicted to make room were announced as removed first: none of them is in this run or its
-            # parent (both pinned now).
+        # Pages evicted to make room were announced as removed first: none of them is in these runs or their
+        # parents (all pinned now).
+        for run_parent, run in chain_runs(fresh):
             events.stored(run_parent, run)
         return pinned
 
@@ -214,17 +220,7 @@ class PrefixCache:
                 fresh.add(key)
         if not fresh:
             return
-        run: list[tuple[int, list[int]]] = []
-        run_parent: int | None = None
-        for i, key in enumerate(chain):
-            if key in fresh:
-                if not run:
-                    run_parent = chain[i - 1] if i else parent
-                run.append((key, pages[key][1]))
-            elif run:
-                events.stored(run_parent, run)
-                run = []
-        if run:
+        for run_parent, run in chain_runs(ResidentPage(key, *pages[key]) for key in chain if key in fresh):
             events.stored(run_parent, run)
         fresh.clear()
 

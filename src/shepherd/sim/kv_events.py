@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from smg_grpc_proto.generated import common_pb2
 
-from shepherd.sim.kv_cache import ResidentPage
+from shepherd.sim.kv_cache import ResidentPage, chain_runs
 
 MAX_BACKLOG = 10_000  # batches a subscriber may fall behind before it is dropped
 SNAPSHOT_CHUNK_BLOCKS = 4096  # blocks per snapshot chunk (fewer chunks when there are fewer sequence numbers)
@@ -151,17 +151,7 @@ class KvEventPublisher:
         for index in range(count):
             part = pages[index * size : (index + 1) * size]
             events = [common_pb2.KvCacheEvent(cleared=common_pb2.KvCacheCleared())] if index == 0 else []
-            run: list[tuple[int, list[int]]] = []
-            run_parent: int | None = None
-            for page in part:
-                if run and page.parent != run[-1][0]:
-                    events.append(common_pb2.KvCacheEvent(stored=_stored(run_parent, run)))
-                    run = []
-                if not run:
-                    run_parent = page.parent
-                run.append((page.key, page.tokens))
-            if run:
-                events.append(common_pb2.KvCacheEvent(stored=_stored(run_parent, run)))
+            events += [common_pb2.KvCacheEvent(stored=_stored(parent, run)) for parent, run in chain_runs(part)]
             chunks.append(
                 common_pb2.KvEventBatch(
                     sequence_number=self.sequence - count + 1 + index,
