@@ -277,14 +277,11 @@ class CacheAwarePolicy:
         gateway's share of it when others fill it too (`on_engine_loads`).
 
         Requests for gRPC workers are indexed by token ids, TOKEN_CHARS characters each (no estimate needed)."""
-        return int(self._whole_kv_chars(worker) / self._sharers)
-
-    def _whole_kv_chars(self, worker: Worker) -> float:
         tokens = self._config.worker_kv_tokens
         if not tokens:
             reported = worker.labels.get(KV_TOKENS_LABEL, "")
             tokens = int(reported) if reported.isdigit() else 0
-        return tokens * self._chars_per_token(worker)
+        return int(tokens * self._chars_per_token(worker) / self._sharers)
 
     def _observed(self, view: FleetView) -> bool:
         """Whether every candidate's engine reports its cache (KV events): remembered per view until a feed changes."""
@@ -302,7 +299,7 @@ class CacheAwarePolicy:
         fill."""
         chars = self._engine_chars.get(worker)
         if chars is None:
-            chars = self._engine_chars[worker] = int(self._whole_kv_chars(worker)) or 1
+            chars = self._engine_chars[worker] = int(self._kv_chars(worker) * self._sharers) or 1
         return chars
 
     def _chars_per_token(self, worker: Worker) -> float:
