@@ -32,7 +32,7 @@ from shepherd.workers.worker import Worker
 log = logging.getLogger(__name__)
 
 # Bytes one block costs when no other worker holds it, measured with tracemalloc: its entry in the feed's map from
-# engine hash to key (about 100) and its own set of holders (about 260).
+# engine hash to key (about 100) and its own map of holders (about 260).
 BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
 HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
@@ -53,7 +53,9 @@ class EngineCache:
     def __init__(self, budget_bytes: int = 2**26) -> None:
         self.budget_bytes = budget_bytes
         self.block_chars = 0  # characters of routing text per engine block (0: no block seen yet)
-        self._held: dict[int, set[Worker]] = {}  # key -> workers whose engines reported the block
+        # key -> workers whose engines reported the block (a dict, not a set: iterated in the same order in every
+        # process, so decisions do not depend on where Worker objects happen to live in memory)
+        self._held: dict[int, dict[Worker, None]] = {}
         self._placed: dict[int, dict[Worker, int]] = {}  # key -> workers it was sent to (requests in flight)
         self._feeds: dict[Worker, _Feed] = {}
         self.version = 0  # counts changes of which workers are observed
@@ -125,9 +127,9 @@ class EngineCache:
             keys[engine_hash] = key
             holders = held.get(key)
             if holders is None:
-                held[key] = {worker}
+                held[key] = {worker: None}
             else:
-                holders.add(worker)
+                holders[worker] = None
 
     def _removed(self, worker: Worker, feed: _Feed, hashes: Iterable[int]) -> None:
         held = self._held
@@ -135,7 +137,7 @@ class EngineCache:
             key = feed.keys.pop(engine_hash, None)
             holders = held.get(key) if key is not None else None
             if holders is not None:
-                holders.discard(worker)
+                holders.pop(worker, None)
                 if not holders:
                     del held[key]
 
