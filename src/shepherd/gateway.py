@@ -78,6 +78,7 @@ class Gateway:
             config,
             metrics=self.metrics,
             grpc=self.grpc_dispatcher,
+            tokenizer_for=self._tokenizer_for,
         )
         self.pd_router = (
             PDRouter(
@@ -131,8 +132,11 @@ class Gateway:
         self.registry.set_tokenized_models(self.tokenizer_registry().names())
 
     def _on_worker_added(self, worker: Worker) -> None:
-        """A gRPC worker gets a tokenizer for its model, named after the model, unless one is loaded or loading."""
-        if not is_grpc_url(worker.base_url) or not self.config.tokenizer.autoload:
+        """A gRPC worker gets a tokenizer for its model, named after the model, unless one is loaded or loading; so
+        does an HTTP worker whose engine publishes KV events while routing reads them (its requests are matched by
+        token ids: routing/engine_tokens.py)."""
+        tokenized = is_grpc_url(worker.base_url) or (worker.kv_events_endpoints and self.kv_events.listening)
+        if not tokenized or not self.config.tokenizer.autoload:
             return
         tokenizers = self.tokenizer_registry()
         name = worker.model_id

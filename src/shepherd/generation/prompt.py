@@ -10,9 +10,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from shepherd.generation.sampling import boolean, integer
-from shepherd.routing.context import InvalidRequest
+from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, Endpoint, InvalidRequest
 from shepherd.tokenizer.chat_template import ChatTemplateError, prepare_messages
 from shepherd.tokenizer.loader import LoadedTokenizer
+
+
+def prompt_ids(endpoint: Endpoint, payload: Mapping[str, Any], tokenizer: LoadedTokenizer) -> list[int]:
+    """The prompt's token ids for a chat, completions or /generate body; InvalidRequest for any other or a bad one."""
+    build = _BUILDERS.get(endpoint)
+    if build is None:
+        raise InvalidRequest(f"{endpoint.path} has no prompt", "invalid_request")
+    return build(payload, tokenizer)
 
 
 def chat_prompt(payload: Mapping[str, Any], tokenizer: LoadedTokenizer) -> list[int]:
@@ -97,3 +105,6 @@ def _non_empty(ids: list[int], param: str) -> list[int]:
     if not ids:
         raise InvalidRequest(f"'{param}' must not be empty", "invalid_value", param)
     return ids
+
+
+_BUILDERS = {CHAT: chat_prompt, COMPLETIONS: completion_prompt, GENERATE: generate_prompt}

@@ -53,7 +53,6 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _JSON = "application/json"
 _DEFAULT_BOOTSTRAP_PORT = 8998
 _START_FAILED = "start_generation_failed"
-OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are tokenized in a worker thread
 _MAX_ROOM = 2**31 - 1
 
 
@@ -80,6 +79,7 @@ class GrpcDispatcher:
         if cached is not None and cached[0] == worker.model_id:
             return cached[1]
         from shepherd.generation import build_plan
+        from shepherd.tokenizer.loader import OFF_LOOP_BYTES
 
         kind = _KINDS.get(ctx.endpoint)
         if kind is None:
@@ -87,7 +87,6 @@ class GrpcDispatcher:
         tokenizer = self._tokenizer(worker)
         args = (kind, ctx.payload, tokenizer, self.request_id(ctx), _defaults(worker))
         try:
-            # A large prompt is tokenized off the event loop (about 1 ms per 1k tokens here), a small one inline.
             plan = await asyncio.to_thread(build_plan, *args) if len(ctx.body) > OFF_LOOP_BYTES else build_plan(*args)
         except InvalidRequest as exc:  # chat template failures included
             raise GatewayError(400, exc.code, str(exc), param=exc.param) from None

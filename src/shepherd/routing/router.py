@@ -14,6 +14,7 @@ from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure, attempt_status
 from shepherd.routing.context import RequestContext
 from shepherd.routing.dispatch import DispatchLoop, WorkerCall, record_verdict
+from shepherd.routing.engine_tokens import TokenizerFor, route_by_engine_tokens
 from shepherd.routing.policies import Policy
 from shepherd.upstream.grpc_pool import is_grpc_url
 from shepherd.upstream.headers import response_lines
@@ -48,10 +49,12 @@ class Router(DispatchLoop[Worker]):
         config: GatewayConfig,
         metrics: GatewayMetrics,
         grpc: GrpcDispatcherSource | None = None,
+        tokenizer_for: TokenizerFor | None = None,
     ) -> None:
         super().__init__(config, metrics)
         self.registry = registry
         self._grpc = grpc
+        self._tokenizer_for = tokenizer_for  # HTTP engines publishing KV events: their requests are matched by ids
         self.policy = policy
         self._call = call
         registry.subscribe(on_removed=policy.on_worker_removed)
@@ -59,6 +62,9 @@ class Router(DispatchLoop[Worker]):
     async def prepare(self, ctx: RequestContext) -> None:
         if self._grpc is not None and self.registry.has_grpc(ctx.model):
             await self._grpc().prepare_routing(ctx, self.registry.candidates(WorkerType.REGULAR, ctx.model))
+        elif self._tokenizer_for is not None and self.policy.reads_kv_events:
+            workers = self.registry.candidates(WorkerType.REGULAR, ctx.model)
+            await route_by_engine_tokens(ctx, workers, self._tokenizer_for)
 
     def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure] = ()) -> Worker:
         """Pick a routable worker for `ctx`, preferring ones that have not failed it; 404/503 when there is none."""

@@ -31,6 +31,7 @@ from shepherd.tokenizer.encode import SegmentEncoder
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 MAX_ZIP_UNCOMPRESSED_BYTES = 512 * 1024 * 1024
+OFF_LOOP_BYTES = 64 * 1024  # request bodies larger than this are tokenized in a worker thread (~1 ms per 1k tokens)
 
 
 class TokenizerLoadError(Exception):

@@ -1,12 +1,15 @@
-"""Engines' KV-cache events: what each gRPC worker's engine says it stored and evicted (SGLang's `SubscribeKvEvents`).
+"""Engines' KV-cache events: what each engine says it stored and evicted.
 
-With the cache_aware policy, SMG subscribes to every gRPC worker's event stream and routes on the engines' actual
-cache contents; so does Shepherd. One `KvEventFeed` per gateway keeps one stream per engine (DP ranks share theirs:
-each batch names its rank). Every (re)subscription starts with `CacheCleared`, then the engine's snapshot of what it
-holds, then live batches, so a listener's view is exact from the first batch on. A stream that breaks or skips a
-sequence number is reported as `FeedLost` (the listener stops trusting that worker's view) and subscribed again
-after a backoff; an engine that does not publish events (`UNIMPLEMENTED`, SGLang without `--kv-events-config`) is
-left alone, and routing falls back to its own model of the cache, as SMG does.
+With the cache_aware policy, SMG subscribes to every gRPC worker's event stream (`SubscribeKvEvents`) and routes on
+the engines' actual cache contents; so does Shepherd, and it also follows HTTP engines that publish the same events
+over ZeroMQ (workers/kv_events_zmq.py). One `KvEventFeed` per gateway keeps one stream per gRPC engine (DP ranks
+share theirs: each batch names its rank) and one subscription per HTTP engine rank.
+
+A gRPC (re)subscription starts with `CacheCleared`, then the engine's snapshot of what it holds, then live batches,
+so a listener's view is exact from the first batch on. A stream that breaks or skips a sequence number is reported
+as `FeedLost` (the listener stops trusting that worker's view) and subscribed again after a backoff; an engine that
+does not publish events (`UNIMPLEMENTED`, SGLang without `--kv-events-config`) is left alone, and routing falls back
+to its own model of the cache, as SMG does.
 """
 
 from __future__ import annotations
@@ -77,14 +80,17 @@ def batch_events(batch: Any) -> list[KvEvent]:
 
 
 class KvEventFeed:
-    """One `SubscribeKvEvents` stream per gRPC engine of the registry, for as long as it has workers."""
+    """One event stream per engine of the registry, for as long as it has workers: `SubscribeKvEvents` for a gRPC
+    engine, a ZeroMQ subscription per DP rank for an HTTP engine that reports one (workers/kv_events_zmq.py)."""
 
     def __init__(self, registry: Registry, grpc_clients: GrpcClients, api_key: str | None) -> None:
         self._registry = registry
         self._grpc_clients = grpc_clients
         self._api_key = api_key
         self._listeners: list[KvEventListener] = []
-        self._streams: dict[str, asyncio.Task] = {}  # engine base URL -> its stream
+        self._streams: dict[str, asyncio.Task] = {}  # gRPC engine base URL or ZMQ endpoint -> its stream
+        self._zmq_workers: dict[str, list[Worker]] = {}  # ZMQ endpoint -> the workers it reports on
+        self._zmq_context: Any = None  # created with the first ZMQ subscription
 
     def subscribe(self, listener: KvEventListener) -> None:
         self._listeners.append(listener)
@@ -95,7 +101,7 @@ class KvEventFeed:
         return bool(self._listeners)
 
     def start(self) -> None:
-        """Follow the registry: a stream for every gRPC engine now and later, none for one whose workers all left."""
+        """Follow the registry: a stream for every engine now and later, none for one whose workers all left."""
         self._registry.subscribe(on_added=self._on_added, on_removed=self._on_removed)
         for worker in self._registry.all():
             self._on_added(worker)
@@ -106,22 +112,44 @@ class KvEventFeed:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._zmq_context is not None:
+            self._zmq_context.destroy(linger=0)  # also closes the sockets of streams cancelled but not yet unwound
+            self._zmq_context = None
 
     def _on_added(self, worker: Worker) -> None:
         url = worker.base_url
-        if is_grpc_url(url) and url not in self._streams:
-            self._streams[url] = asyncio.get_running_loop().create_task(self._follow(url))
+        if is_grpc_url(url):
+            if url not in self._streams:
+                self._streams[url] = asyncio.get_running_loop().create_task(self._follow(url))
+            return
+        for endpoint in worker.kv_events_endpoints:
+            self._zmq_workers.setdefault(endpoint, []).append(worker)
+            if endpoint not in self._streams:
+                self._streams[endpoint] = asyncio.get_running_loop().create_task(self._follow_zmq(endpoint))
 
     def _on_removed(self, worker: Worker) -> None:
         url = worker.base_url
-        if self._registry.at_base_url(url):
+        if is_grpc_url(url):
+            if not self._registry.at_base_url(url):
+                self._stop(url)
             return
-        task = self._streams.pop(url, None)
+        for endpoint in worker.kv_events_endpoints:
+            workers = self._zmq_workers.get(endpoint, [])
+            if worker in workers:
+                workers.remove(worker)
+            if not workers:
+                self._zmq_workers.pop(endpoint, None)
+                self._stop(endpoint)
+
+    def _stop(self, source: str) -> None:
+        task = self._streams.pop(source, None)
         if task is not None:
             task.cancel()
 
     def _workers(self, url: str, dp_rank: int | None) -> list[Worker]:
         """The workers a batch is about: the rank's worker of a DP engine, else every worker of the engine."""
+        if url in self._zmq_workers:
+            return self._zmq_workers[url]
         workers = self._registry.at_base_url(url)
         if dp_rank is not None:
             ranked = [worker for worker in workers if worker.dp_rank == dp_rank]
@@ -129,12 +157,12 @@ class KvEventFeed:
                 return ranked
         return workers
 
-    def _set_state(self, url: str, state: str) -> None:
-        for worker in self._registry.at_base_url(url):
+    def _set_state(self, source: str, state: str | None) -> None:
+        for worker in self._workers(source, None):
             worker.kv_events = state
 
-    def _emit(self, url: str, dp_rank: int | None, events: list[KvEvent]) -> None:
-        for worker in self._workers(url, dp_rank):
+    def _emit(self, source: str, dp_rank: int | None, events: list[KvEvent]) -> None:
+        for worker in self._workers(source, dp_rank):
             for listener in self._listeners:
                 listener(worker, events)
 
@@ -189,6 +217,48 @@ class KvEventFeed:
         finally:
             with contextlib.suppress(Exception):
                 call.cancel()
+
+    async def _follow_zmq(self, endpoint: str) -> None:
+        """Subscribe to one rank's PUB socket until the workers leave. ZeroMQ reconnects by itself, so the only
+        faults seen here are batches missed or undecodable: the view then starts over from the next batch."""
+        import zmq
+        import zmq.asyncio
+
+        from shepherd.workers.kv_events_zmq import decode_batch
+
+        if self._zmq_context is None:
+            self._zmq_context = zmq.asyncio.Context()
+        socket = self._zmq_context.socket(zmq.SUB)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        expected: int | None = None  # the next sequence number, once a batch was heard
+        try:
+            while True:
+                frames = await socket.recv_multipart()
+                try:
+                    if len(frames) != 3:
+                        raise ValueError(f"a KV event message has 3 frames, not {len(frames)}")
+                    number = int.from_bytes(frames[1], "big")
+                    events = decode_batch(frames[2])
+                except ValueError as exc:
+                    log.warning("KV events of %s: %s; starting over", endpoint, exc)
+                    if expected is not None:
+                        self._emit(endpoint, None, [FeedLost()])
+                        self._set_state(endpoint, "lost")
+                    expected = None
+                    continue
+                if number != expected:
+                    if expected is not None:
+                        log.info("KV events of %s went from %d to %d: starting over", endpoint, expected, number)
+                    self._emit(endpoint, None, [CacheCleared()])
+                    self._set_state(endpoint, "live")
+                expected = number + 1
+                if events:
+                    self._emit(endpoint, None, events)
+        finally:
+            socket.close()
+            self._set_state(endpoint, None)
 
 
 class _SequenceGap(Exception):

@@ -30,6 +30,7 @@ from shepherd.upstream.grpc_pool import GrpcClients, is_grpc_url
 from shepherd.urls import display_url, has_userinfo
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.grpc_info import grpc_worker_info
+from shepherd.workers.kv_events_zmq import zmq_endpoints
 from shepherd.workers.registry import Registry
 from shepherd.workers.worker import (
     UNKNOWN_MODEL,
@@ -371,8 +372,11 @@ class WorkerManager:
         model_id = spec.model_id or info.get("model_id") or resolve_model_id(server_info, info["models"])
         labels = discovered_labels(server_info, model_info)
         labels.update(spec.labels)
+        dp_size = server_info.get("dp_size")
+        engine_ranks = dp_size if isinstance(dp_size, int) and dp_size >= 1 else 1
 
         def make(url: str, worker_id: str, dp_rank: int | None = None, dp_size: int | None = None) -> Worker:
+            ranks = range(engine_ranks) if dp_rank is None else range(dp_rank, dp_rank + 1)
             breaker = CircuitBreaker(self._config.circuit_breaker, self.registry.breaker_listener(url))
             return Worker(
                 url,
@@ -389,12 +393,12 @@ class WorkerManager:
                 dp_size=dp_size,
                 source=spec.source,
                 worker_id=worker_id,
+                kv_events_endpoints=() if is_grpc_url(spec.url) else zmq_endpoints(server_info, spec.url, ranks),
             )
 
         shown = display_url(spec.url)
         if not self._config.dp_aware:
             return [make(shown, job.worker_id)]
-        dp_size = server_info.get("dp_size")
         if not isinstance(dp_size, int) or dp_size < 1:
             raise ValueError(f"--dp-aware: worker {shown} reports no dp_size in its server info")
         return [

@@ -66,6 +66,7 @@ class Worker:
         "health_successes",
         "id",
         "kv_events",
+        "kv_events_endpoints",
         "labels",
         "latencies",
         "load",
@@ -99,6 +100,7 @@ class Worker:
         dp_size: int | None = None,
         source: str = "static",
         worker_id: str | None = None,
+        kv_events_endpoints: tuple[str, ...] = (),
     ) -> None:
         self.id = worker_id or str(uuid.uuid4())
         self.url = url
@@ -133,8 +135,10 @@ class Worker:
         self.engine_ranks: tuple[RankLoad, ...] | None = None  # the last load poll, rank by rank (None: it failed)
         self.engine_polls = 0  # load polls it answered
         # Its engine's KV event stream (workers/kv_events.py): "live", "lost" (subscribing again), "unpublished"
-        # (the engine publishes none); None: not followed (HTTP workers, or no policy reads the events).
+        # (the engine publishes none); None: not followed (no policy reads the events, or an HTTP engine that
+        # reports no ZeroMQ publisher or has not published since it was subscribed to).
         self.kv_events: str | None = None
+        self.kv_events_endpoints = kv_events_endpoints  # HTTP engines: the ZeroMQ endpoints of its ranks' events
 
     @property
     def engine_requests(self) -> int | None:

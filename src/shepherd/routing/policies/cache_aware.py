@@ -303,7 +303,9 @@ class CacheAwarePolicy:
         return chars
 
     def _chars_per_token(self, worker: Worker) -> float:
-        return TOKEN_CHARS if is_grpc_url(worker.base_url) else self._config.chars_per_token
+        """Requests are matched by token ids for gRPC engines and for HTTP ones publishing KV events."""
+        by_ids = is_grpc_url(worker.base_url) or worker.kv_events_endpoints
+        return TOKEN_CHARS if by_ids else self._config.chars_per_token
 
     def _running_limit(self, worker: Worker) -> int:
         """How many requests the worker runs at once, as it reported at registration; 0 = unknown."""

@@ -1,0 +1,42 @@
+"""HTTP requests routed by the token ids their engine will cache, for engines that publish KV events.
+
+Engines report what they cache as token ids (workers/kv_events.py), and cache_aware matches a request against those
+reports by its own ids (`RequestContext.route_by_tokens`). A gRPC request is tokenized by the gateway anyway; an
+HTTP one is tokenized here, for routing only, with its model's tokenizer (loaded for such workers as for gRPC ones)
+and the same chat template and encoding the engine applies. The body goes to the worker as it came.
+
+A model's requests are matched either all by text or all by token ids (the prefix index must not mix the two):
+by ids once any of its workers reports a KV event publisher and its tokenizer is loaded. A body that cannot be
+tokenized (a batch, a malformed prompt) is matched by its text and left for the worker to judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from shepherd.routing.context import InvalidRequest, RequestContext
+from shepherd.tokenizer.loader import OFF_LOOP_BYTES, LoadedTokenizer
+from shepherd.workers.worker import Worker
+
+TokenizerFor = Callable[[str], LoadedTokenizer | None]
+
+
+async def route_by_engine_tokens(ctx: RequestContext, workers: Sequence[Worker], tokenizer_for: TokenizerFor) -> None:
+    """Match `ctx` on its token ids if `workers` (the model's) have engines publishing KV events over ZeroMQ."""
+    if not any(worker.kv_events_endpoints for worker in workers):
+        return
+    models = {worker.model_id for worker in workers}
+    if len(models) != 1:
+        return  # no model named and several served: each has its own tokenizer, so match on the text
+    tokenizer = tokenizer_for(models.pop())
+    if tokenizer is None:
+        return
+    from shepherd.generation.prompt import prompt_ids
+
+    args = (ctx.endpoint, ctx.payload, tokenizer)
+    try:
+        ids = await asyncio.to_thread(prompt_ids, *args) if len(ctx.body) > OFF_LOOP_BYTES else prompt_ids(*args)
+    except InvalidRequest:
+        return
+    ctx.route_by_tokens(ids)
