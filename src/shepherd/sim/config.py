@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from shepherd.sim.engine import LatencyModel
+from shepherd.sim.kv_zmq import KvEventsConfig
 
 ROLES = ("regular", "prefill", "decode")
 
@@ -21,9 +22,11 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--workers", type=int, default=1, help="workers served by this process")
     net.add_argument(
         "--ready-file",
-        help='write {"urls": [...], "http_urls": [...], "bootstrap_ports": [...], "tokenizer_dir": ..., "pid": N} '
-        "here (atomically) once every listener is bound (bootstrap ports are null unless --role prefill; "
-        "tokenizer_dir, the --grpc workers' tokenizer directory, is null without --grpc)",
+        help='write {"urls": [...], "http_urls": [...], "bootstrap_ports": [...], "tokenizer_dir": ..., '
+        '"kv_events_endpoints": [...], "pid": N} here (atomically) once every listener is bound (bootstrap ports '
+        "are null unless --role prefill; tokenizer_dir, the workers' BPE tokenizer directory, is null without "
+        "--grpc or a zmq --kv-events-config; kv_events_endpoints, each worker's resolved ZMQ endpoint, null "
+        "without a zmq --kv-events-config)",
     )
     net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and admin routes")
 
@@ -77,9 +80,20 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     grpc.add_argument(
         "--kv-events",
         action="store_true",
-        help="publish the prefix cache's changes (pages stored, evicted, flushed; one publisher per DP rank) as "
-        "KV events, as SGLang does with --kv-events-config; served over --grpc only, by SubscribeKvEvents: a "
-        "snapshot of the resident pages, then live batches (without this flag SubscribeKvEvents is UNIMPLEMENTED)",
+        help="with --grpc: serve the prefix cache's changes (pages stored, evicted, flushed; one publisher per DP "
+        "rank) on SubscribeKvEvents: a snapshot of the resident pages, then live batches (without this flag or "
+        "--kv-events-config with the zmq publisher, SubscribeKvEvents is UNIMPLEMENTED)",
+    )
+    events = parser.add_argument_group("KV events")
+    events.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help='publish the prefix cache\'s changes as SGLang does, e.g. \'{"publisher": "zmq", "endpoint": '
+        '"tcp://*:5557", "topic": ""}\' (also replay_endpoint, buffer_steps, hwm, max_queue_size; no replay): one '
+        "ZMQ PUB socket per DP rank at the endpoint's port + rank (worker i of the process: port + i * dp-size), "
+        "bound if the endpoint has '*' or '::' or is ipc/inproc, else connected; a wildcard port "
+        "(tcp://127.0.0.1:*) picks free ports. /get_server_info reports it with the endpoint resolved, and the BPE "
+        "tokenizer the engine then caches by as tokenizer_path. With --grpc it also serves SubscribeKvEvents",
     )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
@@ -114,7 +128,8 @@ class SimConfig:
     dp_size: int
     grpc: bool = False
     tokenizer_path_in_info: bool = False
-    kv_events: bool = False
+    kv_events: bool = False  # a publisher per DP rank: --kv-events, or --kv-events-config with the zmq publisher
+    kv_events_config: KvEventsConfig | None = None
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     tls_client_ca: str | None = None
@@ -131,6 +146,9 @@ class SimConfig:
             raise ValueError("--tls-cert-path and --tls-key-path go together: give both or neither")
         if args.tls_client_ca and not args.tls_cert_path:
             raise ValueError("--tls-client-ca needs --tls-cert-path and --tls-key-path")
+        events = None
+        if args.kv_events_config is not None:
+            events = KvEventsConfig.parse(args.kv_events_config, args.workers * args.dp_size)
         latency = None
         if args.latency_model == "batch":
             latency = LatencyModel(
@@ -159,11 +177,17 @@ class SimConfig:
             dp_size=args.dp_size,
             grpc=args.grpc,
             tokenizer_path_in_info=args.tokenizer_path_in_info,
-            kv_events=args.kv_events,
+            kv_events=args.kv_events or (events is not None and events.zmq),
+            kv_events_config=events,
             tls_cert_path=args.tls_cert_path,
             tls_key_path=args.tls_key_path,
             tls_client_ca=args.tls_client_ca,
         )
+
+    @property
+    def zmq_kv_events(self) -> bool:
+        """Whether KV events go out over ZMQ (and the engine caches by its BPE's ids)."""
+        return self.kv_events_config is not None and self.kv_events_config.zmq
 
     @property
     def tls(self) -> bool:

@@ -13,8 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from shepherd.sim.engine import SequenceGroup
-from shepherd.sim.parsing import chat_prompt_text, check_context, int_field, token_prompts
-from shepherd.sim.tokenizer import tokenize
+from shepherd.sim.parsing import check_context, int_field, token_prompts
 from shepherd.sim.wire import (
     RequestError,
     SseStream,
@@ -52,14 +51,14 @@ class OpenAiApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
-        prompts = [tokenize(chat_prompt_text(body.get("messages")))]
+        prompts = [self.worker.prompts.chat(body.get("messages"))]
         default_new = int_field(body, "max_tokens", self.worker.config.max_new_tokens_default)
         max_new = int_field(body, "max_completion_tokens", default_new)
         return await self._complete(request, body, prompts, max_new, chat=True, batch=False)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
-        prompts, batch = token_prompts(body.get("prompt"), "prompt")
+        prompts, batch = token_prompts(body.get("prompt"), "prompt", self.worker.prompts.text)
         max_new = int_field(body, "max_tokens", self.worker.config.max_new_tokens_default)
         return await self._complete(request, body, prompts, max_new, chat=False, batch=batch)
 
@@ -142,7 +141,7 @@ class OpenAiApi:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        prompts, _ = token_prompts(body.get("input"), "input")
+        prompts, _ = token_prompts(body.get("input"), "input", self.worker.prompts.text)
         dims = int_field(body, "dimensions", 16, minimum=1)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):

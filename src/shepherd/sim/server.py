@@ -5,6 +5,9 @@ process's event loop.  Listeners are plain sockets bound here, so a worker can s
 listening (``refuse`` fault: clients get ECONNREFUSED) and later listen on the same port again.
 With ``--grpc`` the worker port is a gRPC server instead (``shepherd.sim.grpc_server``) and the
 workers share one BPE tokenizer, trained at start-up and written to a temporary directory.
+With ``--kv-events-config`` and the zmq publisher, every worker publishes its KV events on ZMQ PUB
+sockets (``shepherd.sim.kv_zmq``; one zmq context for the process) and its engine tokenizes with that
+BPE too (``shepherd.sim.prompt_tokens``), whose directory it reports as ``tokenizer_path``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import grpc
 import uvloop
+import zmq
 from aiohttp import web
 
 from shepherd.observability.sidecar_address import sidecar_metrics_url
@@ -32,6 +36,7 @@ from shepherd.sim.app import build_app
 from shepherd.sim.config import SimConfig, add_sim_arguments
 from shepherd.sim.grpc_scheduler import SchedulerServicer
 from shepherd.sim.grpc_server import GrpcListener, server_credentials
+from shepherd.sim.prompt_tokens import WORDS, BpePrompts, PromptTokenizer
 from shepherd.sim.worker import SimWorker
 from shepherd.tls import server_context
 
@@ -44,12 +49,18 @@ _SHUTDOWN_GRACE_S = 1.0
 class SimServer:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.workers = [SimWorker(config, i) for i in range(config.workers)]
+        # The engines' prompt tokenizer is chosen here, once: the BPE when KV events go out over ZMQ.
+        self.tokenizer = bpe.build() if config.grpc or config.zmq_kv_events else None
+        prompts: PromptTokenizer = WORDS
+        if config.zmq_kv_events and self.tokenizer is not None:
+            prompts = BpePrompts(self.tokenizer)
+        self.workers = [SimWorker(config, i, prompts) for i in range(config.workers)]
+        self._zmq: zmq.Context[zmq.Socket[bytes]] | None = None
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.SockSite | None] = []
         self._http_ports: list[int] = []  # the HTTP app's port: the worker port, or its metrics sidecar port
         self._grpc_listeners: list[GrpcListener] = []
-        self.tokenizer_dir: Path | None = None  # --grpc: the workers' tokenizer directory
+        self.tokenizer_dir: Path | None = None  # --grpc or zmq KV events: the workers' tokenizer directory
         self._ssl: ssl.SSLContext | None = None  # the HTTP worker port's TLS; a --grpc sidecar stays plain
         self._grpc_credentials: grpc.ServerCredentials | None = None
         if config.tls_cert_path and config.tls_key_path:
@@ -63,15 +74,20 @@ class SimServer:
                 self._ssl = context
 
     async def start(self) -> None:
-        """Bind every worker's listener (raises ``OSError`` if a port is taken)."""
-        tokenizer = None
-        if self.config.grpc:
-            tokenizer = bpe.build()
+        """Bind every worker's listener (raises ``OSError`` if a port is taken, ``zmq.ZMQError`` if a KV events
+        port is)."""
+        tokenizer = self.tokenizer
+        if tokenizer is not None:
             self.tokenizer_dir = Path(tempfile.mkdtemp(prefix="shepherd-sim-tokenizer-"))
             tokenizer.write_dir(self.tokenizer_dir)
+        if self.config.zmq_kv_events:
+            self._zmq = zmq.Context()
+            for worker in self.workers:
+                worker.tokenizer_dir = self.tokenizer_dir
+                worker.open_kv_sockets(self._zmq)
         for worker in self.workers:
             port = self.config.port + worker.index if self.config.port else 0
-            if tokenizer is not None and self.tokenizer_dir is not None:
+            if self.config.grpc and tokenizer is not None and self.tokenizer_dir is not None:
                 servicer = SchedulerServicer(worker, tokenizer, self.tokenizer_dir)
                 listener = GrpcListener(self.config.host, servicer, self._grpc_credentials)
                 self._grpc_listeners.append(listener)
@@ -100,6 +116,13 @@ class SimServer:
     @property
     def urls(self) -> list[str]:
         return [w.url for w in self.workers]
+
+    @property
+    def kv_events_endpoints(self) -> list[str] | None:
+        """Each worker's resolved ZMQ KV events endpoint (its rank 0's); None without zmq KV events."""
+        if not self.config.zmq_kv_events:
+            return None
+        return [w.kv_sockets.endpoint if w.kv_sockets is not None else "" for w in self.workers]
 
     @property
     def http_urls(self) -> list[str]:
@@ -145,7 +168,10 @@ class SimServer:
         for listener in self._grpc_listeners:
             await listener.stop()
         for worker in self.workers:
-            await worker.close()
+            await worker.close()  # closes its ZMQ sockets
+        if self._zmq is not None:
+            self._zmq.term()
+            self._zmq = None
         if self.tokenizer_dir is not None:
             shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
 
@@ -165,6 +191,7 @@ def _write_ready_file(path: str, server: SimServer) -> None:
             "http_urls": server.http_urls,
             "bootstrap_ports": [w.bootstrap_port for w in server.workers],  # null unless --role prefill
             "tokenizer_dir": str(server.tokenizer_dir) if server.tokenizer_dir else None,
+            "kv_events_endpoints": server.kv_events_endpoints,
             "pid": os.getpid(),
         }
         json.dump(data, f)
@@ -183,7 +210,7 @@ async def _serve(config: SimConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, zmq.ZMQError) as exc:
         print(f"shepherd sim: cannot listen: {exc}", file=sys.stderr)
         await server.stop()
         return 1

@@ -75,7 +75,7 @@ class SglangApi:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
         if body.get("text") is not None:
-            prompts, batch = token_prompts(body["text"], "text")
+            prompts, batch = token_prompts(body["text"], "text", self.worker.prompts.text)
         elif body.get("input_ids") is not None:
             prompts, batch = token_prompts(body["input_ids"], "input_ids")
         else:

@@ -17,6 +17,7 @@ import itertools
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 VOCAB_SIZE = 32000
@@ -84,11 +85,14 @@ def word_draws(prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int 
     return hashlib.shake_128(key).digest(n_tokens)
 
 
-def generate(prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int = 0) -> Completion:
-    """Deterministic continuation of ``prompt_ids`` (see :func:`word_draws`)."""
+def generate(
+    prompt_ids: list[int], n_tokens: int, seed: int = 0, choice: int = 0, word_ids: Sequence[int] = _OUTPUT_IDS
+) -> Completion:
+    """Deterministic continuation of ``prompt_ids`` (see :func:`word_draws`); ``word_ids[i]`` is the id of
+    ``OUTPUT_VOCAB[i]`` (by default this module's; the BPE's ``SimTokenizer.word_ids`` give the same text)."""
     draws = word_draws(prompt_ids, n_tokens, seed, choice)
     return Completion(
-        [_OUTPUT_IDS[b] for b in draws],
+        [word_ids[b] for b in draws],
         "".join([OUTPUT_VOCAB[b] for b in draws]),
         [0, *itertools.accumulate([_OUTPUT_LENGTHS[b] for b in draws])],
     )

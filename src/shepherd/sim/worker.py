@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
+
+import zmq
 
 from shepherd.sim.bootstrap import Handshake
 from shepherd.sim.config import SimConfig
@@ -11,22 +14,28 @@ from shepherd.sim.engine import Engine, Sequence, SequenceGroup
 from shepherd.sim.faults import FaultState
 from shepherd.sim.kv_cache import PrefixCache
 from shepherd.sim.kv_events import KvEventPublisher
+from shepherd.sim.kv_zmq import WorkerSockets
 from shepherd.sim.metrics import LiveState, WorkerStats
+from shepherd.sim.prompt_tokens import WORDS, PromptTokenizer
 from shepherd.sim.request_log import RequestLog
-from shepherd.sim.tokenizer import Completion, generate
+from shepherd.sim.tokenizer import Completion
 
 SGLANG_VERSION = "0.5.4-sim"
 
 
 class SimWorker:
-    def __init__(self, config: SimConfig, index: int) -> None:
+    def __init__(self, config: SimConfig, index: int, prompts: PromptTokenizer = WORDS) -> None:
         self.config = config
         self.index = index
+        self.prompts = prompts  # how request text becomes the engine's token ids, and outputs are drawn
         self.port = 0  # set by the server once the listener is bound
+        self.tokenizer_dir: Path | None = None  # with a zmq --kv-events-config: set by the server (`tokenizer_path`)
         self.started_at = time.time()
         self.stats = WorkerStats()
-        # --kv-events: one publisher per DP rank, the sink of that rank's cache (served by gRPC SubscribeKvEvents).
+        # --kv-events or --kv-events-config: one publisher per DP rank, the sink of that rank's cache, for gRPC
+        # SubscribeKvEvents and (`open_kv_sockets`) SGLang's ZMQ PUB sockets.
         self.kv_events = [KvEventPublisher(rank) for rank in range(config.dp_size)] if config.kv_events else []
+        self.kv_sockets: WorkerSockets | None = None
         self.engines = [
             Engine(
                 self._cache(rank),
@@ -48,6 +57,15 @@ class SimWorker:
         cache = PrefixCache(self.config.kv_tokens, self.config.page_size, publisher)
         publisher.attach(cache.resident_pages)
         return cache
+
+    def open_kv_sockets(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        """Bind (or connect) this worker's ZMQ PUB sockets and make them outlets of its publishers
+        (`ZMQError` if a port is taken)."""
+        events = self.config.kv_events_config
+        assert events is not None and events.zmq and self.kv_sockets is None
+        self.kv_sockets = WorkerSockets(context, events, self.index, self.config.dp_size)
+        for publisher, outlet in zip(self.kv_events, self.kv_sockets.outlets, strict=True):
+            publisher.add_outlet(outlet)
 
     @property
     def url(self) -> str:
@@ -72,7 +90,7 @@ class SimWorker:
         seed = self.config.seed
         return self.start(
             [
-                (prompt, generate(prompt, new, seed, choice))
+                (prompt, self.prompts.completion(prompt, new, seed, choice))
                 for prompt, new in zip(prompts, max_new_tokens, strict=True)
                 for choice in range(n)
             ],
@@ -134,7 +152,21 @@ class SimWorker:
         ]
 
     def server_info(self) -> dict[str, Any]:
-        """The facts SGLang's ``/server_info`` (and gRPC ``GetServerInfo``'s ``server_args``) report."""
+        """The facts SGLang's ``/server_info`` (and gRPC ``GetServerInfo``'s ``server_args``) report.
+
+        With ``--kv-events-config``: ``kv_events_config`` is the flag's JSON with the endpoint resolved (this worker's
+        rank-0 endpoint, its bound port instead of a wildcard), and ``tokenizer_path`` the directory of the BPE the
+        engine caches by (a zmq publisher only)."""
+        cfg = self.config
+        info = self._server_info()
+        if cfg.kv_events_config is not None:
+            endpoint = self.kv_sockets.endpoint if self.kv_sockets is not None else None
+            info["kv_events_config"] = cfg.kv_events_config.reported(endpoint)
+            if self.tokenizer_dir is not None:
+                info["tokenizer_path"] = str(self.tokenizer_dir)
+        return info
+
+    def _server_info(self) -> dict[str, Any]:
         cfg = self.config
         return {
             "model_path": cfg.model,
@@ -178,3 +210,5 @@ class SimWorker:
         for engine in self.engines:
             await engine.close()
         await self.handshake.close()
+        if self.kv_sockets is not None:
+            self.kv_sockets.close()
