@@ -1,6 +1,7 @@
-"""cache_aware over gRPC workers that publish KV events (`shepherd sim --grpc --kv-events`): the gateway subscribes
-to every engine's `SubscribeKvEvents` and routes on what the engines report they hold, including what other
-gateways put there."""
+"""cache_aware over workers that publish KV events: gRPC engines (`shepherd sim --grpc --kv-events`), whose
+`SubscribeKvEvents` the gateway subscribes to, and HTTP engines publishing over ZeroMQ (`--kv-events-config`), whose
+endpoints the gateway reads in their server info. Either way it routes on what the engines report they hold,
+including what other gateways put there."""
 
 from __future__ import annotations
 
@@ -13,13 +14,25 @@ from tests.support.gateway import start_gateway
 from tests.support.processes import start_sim
 
 SUBSCRIBE = "/sglang.grpc.scheduler.SglangScheduler/SubscribeKvEvents"
+MODES = {
+    "grpc": ("--grpc", "--kv-events"),
+    "http-zmq": ("--kv-events-config", '{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:*"}'),
+}
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    sims = start_sim(tmp_path_factory.mktemp("kv-event-sims"), 3, "--grpc", "--kv-events")
+@pytest.fixture(scope="module", params=list(MODES))
+def fleet(request, tmp_path_factory):
+    sims = start_sim(tmp_path_factory.mktemp("kv-event-sims"), 3, *MODES[request.param])
+    sims.mode = request.param
     yield sims
     sims.stop()
+
+
+def tokenizer_loaded(gw) -> bool:
+    """gRPC workers: a model is listed once its tokenizer is; HTTP workers: the tokenizer registry says so."""
+    if gw.get("/v1/models")[0] != 200:
+        return False
+    return bool(gw.get("/v1/tokenizers")[1]["tokenizers"])
 
 
 def routed_to(gw, prompt: str) -> tuple[str, dict]:
@@ -40,10 +53,20 @@ def test_a_prefix_another_gateway_placed_is_found_through_the_engines_events(tmp
         start_gateway(tmp_path / "other", fleet.urls, "--policy", "round_robin") as other,
         start_gateway(tmp_path / "this", fleet.urls) as gw,  # cache_aware, the default
     ):
-        for g in (other, gw):
-            g.process.wait_for(lambda g=g: g.get("/v1/models")[0] == 200, 20, "the tokenizer")
-        gw.process.wait_for(lambda: subscriptions(fleet) == 3, 15, "a KV event stream from every worker")
-        gw.wait_workers(lambda ws: [w["kv_events"] for w in ws] == ["live"] * 3, "live KV event streams")
+        other.process.wait_for(lambda: other.get("/v1/models")[0] == 200, 20, "the workers")
+        gw.process.wait_for(lambda: tokenizer_loaded(gw), 20, "the tokenizer")
+        if fleet.mode == "grpc":  # a stream starts with the engine's snapshot: live before any traffic
+            gw.process.wait_for(lambda: subscriptions(fleet) == 3, 15, "a KV event stream from every worker")
+            gw.wait_workers(lambda ws: [w["kv_events"] for w in ws] == ["live"] * 3, "live KV event streams")
+        else:  # a ZeroMQ subscription hears nothing until it is connected: live from the first batch it hears
+            warmups = iter(range(1000))
+            gw.wait_workers(
+                lambda ws: (
+                    routed_to(other, f"warm-up {next(warmups)}: " + "lorem ipsum " * 40)
+                    and {w["kv_events"] for w in ws} == {"live"}
+                ),
+                "live KV event subscriptions",
+            )
         assert [w["kv_events"] for w in other.workers()] == [None] * 3  # round_robin reads no events
         placed = {prompt: routed_to(other, prompt)[0] for prompt in prompts}  # round robin: one per worker
         assert len(set(placed.values())) == 3

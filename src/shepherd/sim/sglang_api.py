@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from shepherd.sim.engine import Sequence
 from shepherd.sim.parsing import check_context, int_field, token_prompts
 from shepherd.sim.tokenizer import fake_logprob
-from shepherd.sim.wire import JSON, RequestError, SseStream, apply_inference_faults, json_response, read_json_object
+from shepherd.sim.wire import RequestError, SseStream, apply_inference_faults, json_response, read_json_object
 from shepherd.sim.worker import SimWorker
 
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,19 +20,17 @@ class SglangApi:
     def __init__(self, worker: SimWorker) -> None:
         self.worker = worker
         model = worker.config.model
-        self._model_info = orjson.dumps(
-            {
-                "model_path": model,
-                "tokenizer_path": model,
-                "is_generation": True,
-                "preferred_sampling_params": None,
-                "weight_version": "default",
-                "has_image_understanding": False,
-                "has_audio_understanding": False,
-                "model_type": "llama",
-                "architectures": ["LlamaForCausalLM"],
-            }
-        )
+        self._model_info = {
+            "model_path": model,
+            "tokenizer_path": model,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+        }
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -57,7 +54,9 @@ class SglangApi:
         return web.Response()
 
     async def model_info(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._model_info, content_type=JSON)
+        tokenizer_dir = self.worker.tokenizer_dir  # a zmq --kv-events-config: the BPE the engine caches by
+        tokenizer = {"tokenizer_path": str(tokenizer_dir)} if tokenizer_dir is not None else {}
+        return json_response({**self._model_info, **tokenizer})
 
     async def server_info(self, request: web.Request) -> web.Response:
         return json_response(self.worker.server_info())
