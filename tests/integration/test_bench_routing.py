@@ -13,13 +13,15 @@ WORKLOADS = ("shared-prefix", "multi-turn")
 GATEWAYS = ("shepherd-cache_aware", "shepherd-round_robin")
 
 
-@pytest.mark.parametrize("mode", ["regular", "pd", "grpc"])
+@pytest.mark.parametrize("mode", ["regular", "pd", "grpc", "kv-events"])
 def test_routing_bench_measures_each_workload_through_each_gateway(tmp_path, mode) -> None:
     output, chart = tmp_path / "routing.json", tmp_path / "routing.png"
     argv = [sys.executable, "-m", "shepherd.cli", "bench", "routing", "--no-smg", "--policies", "cache_aware"]
     argv += ["round_robin", "--sim-processes", "1", "--kv-tokens", "1024", "--decode-step-ms", "2"]
     argv += ["--pd", "--prefill-workers", "2", "--decode-workers", "1"] if mode == "pd" else ["--workers", "2"]
-    argv += ["--grpc"] if mode == "grpc" else []  # the gateways tokenize: the bounds are in the workers' BPE ids
+    # gRPC: the gateways tokenize; kv-events: HTTP workers cache BPE ids and publish them over ZeroMQ. Either way the
+    # bounds are in the workers' BPE ids.
+    argv += {"grpc": ["--grpc"], "kv-events": ["--kv-events"]}.get(mode, [])
     argv += ["--groups", "4", "--prompts-per-group", "3", "--system-tokens", "128", "--question-tokens", "16"]
     argv += ["--clients", "3", "--rounds", "3", "--first-tokens", "64", "--turn-tokens", "16", "--answer-tokens", "4"]
     argv += ["--rate", "50", "--workloads", "shared-prefix", "multi-turn", "--no-sglang-router"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import shlex
 from dataclasses import replace
@@ -97,6 +99,17 @@ def test_grpc_runs_grpc_workers_with_kv_events_and_leaves_sglang_router_out() ->
     for gateway in gateways[:2]:
         argv = gateway.argv(9000, 9001, ["grpc://127.0.0.1:5001"])
         assert argv[argv.index("--worker-urls") + 1] == "grpc://127.0.0.1:5001" and "--tokenizer-path" not in argv
+
+
+def test_kv_events_runs_http_workers_publishing_over_zeromq_for_every_gateway() -> None:
+    assert "--kv-events-config" not in Settings().sim_argv() and not Settings().events
+    settings = settings_from_args(parse("--kv-events"))
+    argv = settings.sim_argv()
+    config = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert config["publisher"] == "zmq" and config["endpoint"].endswith(":*")  # each worker binds ports of its own
+    assert settings.events and not settings.grpc and "--grpc" not in argv
+    gateways = gateways_from_args(["cache_aware"], "/opt/smg", [], False, "/opt/sglang-router")
+    assert unsupported(gateway_runs(gateways, (1,)), settings) == {}  # the workers speak HTTP: every peer runs
 
 
 def test_grpc_fleet_gives_gateways_the_grpc_urls_and_reads_the_sidecars() -> None:

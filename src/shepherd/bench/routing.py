@@ -89,6 +89,8 @@ REQUEST_PATHS = (CHAT_PATH, GENERATE_RPC)  # a worker's served requests, over HT
 # `--grpc` workers: SGLang's gRPC service (URLs grpc://, the HTTP app on the sidecar port), publishing their prefix
 # cache's KV events on `SubscribeKvEvents` as SGLang does with --kv-events-config, for the gateways that subscribe.
 GRPC_SIM_ARGS = ("--grpc", "--kv-events")
+# `--kv-events` on HTTP workers: SGLang's ZeroMQ publisher, each worker on ports of its own.
+ZMQ_SIM_ARGS = ("--kv-events-config", '{"publisher": "zmq", "endpoint": "tcp://127.0.0.1:*"}')
 SIM_SEED = 0  # the simulators' seed: their answers, and so the multi-turn histories, follow from it
 REFERENCE_SMG = "/work/refvenv/bin/smg"
 SHEPHERD_PREFIX = "shepherd-"  # gateways named so are Shepherd's: the ones --replicas multiplies
@@ -165,6 +167,7 @@ class Settings:
     replicas: tuple[int, ...] = (1,)
     virtual: bool = False  # in virtual time, in-process (`virtual_time`): Shepherd's gateways only
     grpc: bool = False  # SGLang gRPC workers (`GRPC_SIM_ARGS`): the gateways tokenize; no sglang-router
+    kv_events: bool = False  # HTTP workers publishing KV events over ZeroMQ (`ZMQ_SIM_ARGS`), caching BPE ids
     timeout_secs: float = 60.0
     startup_timeout: float = 60.0
 
@@ -176,8 +179,13 @@ class Settings:
             "--max-running-requests", str(self.max_running_requests),
             "--prefill-tokens-per-ms", str(self.prefill_tokens_per_ms), "--decode-step-ms", str(self.decode_step_ms),
             "--decode-step-ms-per-request", str(self.decode_step_ms_per_request),
-            *(GRPC_SIM_ARGS if self.grpc else ()), *self.sim_args,
+            *(GRPC_SIM_ARGS if self.grpc else ZMQ_SIM_ARGS if self.kv_events else ()), *self.sim_args,
         ]  # fmt: skip
+
+    @property
+    def events(self) -> bool:
+        """Whether the engines publish KV events (and cache the token ids of the BPE they publish)."""
+        return self.grpc or self.kv_events
 
     @property
     def cache_workers(self) -> int:
@@ -261,10 +269,10 @@ _cached_build_trace = functools.lru_cache(maxsize=2)(build_trace)
 
 def replay(workload: wl.Workload, settings: Settings) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of every turn in nominal order, as the workers see them: `Workload.replay` for HTTP
-    workers (and in virtual time, whose engines take the simulator's ids either way); for real gRPC workers, the
-    gateway's own tokenization (`grpc_replay`)."""
-    grpc = settings.grpc and not settings.virtual
-    return list(grpc_replay(workload, SIM_SEED) if grpc else workload.replay(SIM_SEED))
+    workers (and in virtual time, whose engines take the simulator's ids either way); for real workers publishing
+    KV events, gRPC or HTTP, their BPE's ids as a gateway tokenizes for them (`grpc_replay`)."""
+    bpe = settings.events and not settings.virtual
+    return list(grpc_replay(workload, SIM_SEED) if bpe else workload.replay(SIM_SEED))
 
 
 @functools.cache
@@ -616,7 +624,7 @@ def run_routing(
             **{f.name: getattr(settings, f.name) for f in fields(settings)},
             "gateways": {g.name: g.template for g in gateways},
         },
-        "workers": "gRPC" if settings.grpc else "HTTP",
+        "workers": "gRPC" if settings.grpc else "HTTP, KV events over ZeroMQ" if settings.kv_events else "HTTP",
         "not_measured": not_measured,
         "results": results,
         "goal": goal(results, [peer for peer in PEER_GOALS if not (settings.grpc and peer == SGLANG_ROUTER)]),
@@ -906,6 +914,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"SGLang gRPC workers (`shepherd sim {' '.join(GRPC_SIM_ARGS)}`, URLs grpc://): the gateways tokenize"
         " with the workers' tokenizer; sglang-router is not measured",
     )  # fmt: skip
+    f.add_argument(
+        "--kv-events", action="store_true",
+        help=f"HTTP workers publishing KV events over ZeroMQ (`shepherd sim {shlex.join(ZMQ_SIM_ARGS)}`), caching"
+        " the token ids of the same BPE as --grpc; every gateway is measured, and Shepherd follows the events",
+    )  # fmt: skip
     f.add_argument("--prefill-workers", type=int, default=d.prefill_workers, help="PD (default: %(default)s)")
     f.add_argument("--decode-workers", type=int, default=d.decode_workers, help="PD (default: %(default)s)")
     f.add_argument("--sim-processes", type=int, default=d.sim_processes, help="(default: %(default)s)")
@@ -988,6 +1001,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         replicas=tuple(sorted({1, *args.replicas})),
         virtual=args.virtual,
         grpc=args.grpc,
+        kv_events=args.kv_events,
         timeout_secs=args.timeout_secs,
         startup_timeout=args.startup_timeout,
     )

@@ -108,7 +108,7 @@ async def _run(
 
     clock = asyncio.get_running_loop().time
     latency = LatencyModel(settings.prefill_tokens_per_ms, settings.decode_step_ms, settings.decode_step_ms_per_request)
-    feeds = [_EventFeed() for _ in urls] if settings.grpc else [None] * len(urls)
+    feeds = [_EventFeed() for _ in urls] if settings.events else [None] * len(urls)
     engines = [
         Engine(PrefixCache(settings.kv_tokens, settings.page_size, feed), WorkerStats(), settings.max_running_requests,
                latency, clock=clock)
@@ -120,7 +120,8 @@ async def _run(
     }
     gateways = []  # per replica: its workers (one snapshot, as a registry hands out) and its policy
     for _ in range(replicas):
-        workers = tuple(Worker(url, CircuitBreaker(config.circuit_breaker), model_id=settings.model, labels=labels)
+        workers = tuple(Worker(url, CircuitBreaker(config.circuit_breaker), model_id=settings.model, labels=labels,
+                               kv_events_endpoints=zmq_endpoints(url, settings))
                         for url in urls)  # fmt: skip
         gateways.append((workers, create_policy(config.policy, config)))
     engine_of = {worker: engine for workers, _ in gateways for worker, engine in zip(workers, engines, strict=True)}
@@ -140,7 +141,7 @@ async def _run(
         issued += 1
         ctx = RequestContext(CHAT, orjson.dumps(body), f"virtual-{issued}")
         prompt = tokenize(chat_prompt_text(body["messages"]))
-        if settings.grpc:  # a gRPC gateway routes by the token ids it sends
+        if settings.events:  # a gateway routes by the token ids the engines report
             ctx.route_by_tokens(prompt)
         worker = policy.pick(workers, ctx)
         completion = generate(prompt, body["max_tokens"], SIM_SEED)
@@ -178,6 +179,11 @@ async def _run(
     for engine in engines:
         await engine.close()
     return run, logs
+
+
+def zmq_endpoints(url: str, settings: Settings) -> tuple[str, ...]:
+    """`--kv-events`: an HTTP engine's ZeroMQ endpoint (a name only: `_EventFeed` delivers its events)."""
+    return (url.replace("http://", "tcp://", 1),) if settings.kv_events and not settings.grpc else ()
 
 
 class _EventFeed:
