@@ -161,6 +161,23 @@ def test_the_engines_report_overrides_what_this_gateway_sent():
     assert held == {a.url, b.url}  # (block cuts of the index: a match is at most 1/8 short)
 
 
+def test_a_request_matched_by_its_text_is_left_to_the_index_even_when_every_engine_reports():
+    # An HTTP request whose model has no tokenizer loaded is routed by its text: the engines' blocks are keyed by
+    # token ids, so they cannot say what it matches, and the gateway's own model decides.
+    fleet = grpc_workers(2)
+    p = observed_policy(fleet)
+    p.on_kv_events(fleet[1], [stored(tokens(15, 4 * BLOCK))])  # every engine observed, the block size learned
+    prompt = "a long shared document " * 40
+
+    def by_text(question):
+        return RequestContext(GENERATE, orjson.dumps({"text": prompt + question, "model": "m"}), "req")
+
+    first = p.pick(fleet, by_text("first?"))
+    explained = p.explain(fleet, by_text("second?"))
+    assert explained["engine_events"] is False and explained["worker"] == first.url
+    assert explained["known_chars"] >= len(prompt) * 7 // 8  # what this gateway sent there
+
+
 def test_a_prefix_in_flight_is_followed_before_the_engine_reports_it():
     fleet = grpc_workers(4)
     p = observed_policy(fleet)

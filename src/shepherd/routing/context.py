@@ -46,6 +46,7 @@ class RequestContext:
     __slots__ = (
         "_routing_text",
         "body",
+        "by_tokens",
         "endpoint",
         "generation",
         "model",
@@ -79,6 +80,7 @@ class RequestContext:
         self.stream = payload.get("stream") is True
         self.request_id = request_id
         self._routing_text: str | None = None
+        self.by_tokens = False  # the routing text is the prompt's token ids (route_by_tokens), not its text
         self.generation: Any = None  # gRPC workers: (model id, its tokenized GenerationPlan), built once per model
         self.predictions: dict[Any, Any] | None = None  # cache_aware, per worker picked: what it expected of it
 
@@ -105,6 +107,7 @@ class RequestContext:
         they share a token prefix.
         """
         self._routing_text = array("I", token_ids).tobytes().decode("latin-1")
+        self.by_tokens = True
 
     def inject(self, fields: dict[str, Any]) -> bytes:
         """The body with extra fields set (PD bootstrap info, DP rank); the client's bytes are not touched."""
