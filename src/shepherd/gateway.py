@@ -89,6 +89,7 @@ class Gateway:
                 config,
                 metrics=self.metrics,
                 grpc=self.grpc_dispatcher,
+                tokenizer_for=self._tokenizer_for,
             )
             if config.pd_disaggregation
             else None

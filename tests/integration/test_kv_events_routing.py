@@ -83,3 +83,40 @@ def test_a_prefix_another_gateway_placed_is_found_through_the_engines_events(tmp
             worker, body = routed_to(gw, request["prompt"])
             assert worker == placed[prompt]
             assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.fixture
+def pd_fleets(tmp_path_factory):
+    prefills = start_sim(tmp_path_factory.mktemp("pd-prefill"), 2, "--role", "prefill", "--bootstrap-port", "0",
+                         *MODES["http-zmq"])  # fmt: skip
+    decodes = start_sim(tmp_path_factory.mktemp("pd-decode"), 1, "--role", "decode")
+    yield prefills, decodes
+    prefills.stop()
+    decodes.stop()
+
+
+def test_pd_routing_matches_the_prefill_engines_events(tmp_path, pd_fleets):
+    prefills, decodes = pd_fleets
+    args = ["--pd-disaggregation", "--decode", decodes.urls[0]]
+    for url, port in zip(prefills.urls, prefills.bootstrap_ports, strict=True):
+        args += ["--prefill", url, str(port)]
+    with start_gateway(tmp_path, (), *args, ready_workers=3) as gw:
+        gw.process.wait_for(lambda: tokenizer_loaded(gw), 20, "the tokenizer")
+        warmups = iter(range(1000))
+        gw.wait_workers(
+            lambda ws: (
+                routed_to(gw, f"warm-up {next(warmups)}: " + "lorem ipsum " * 40)
+                and [w["kv_events"] for w in ws if w["worker_type"] == "prefill"] == ["live"] * 2
+            ),
+            "live KV event subscriptions on both prefill workers",
+        )
+        document = "a shared document: " + " ".join(f"word{j}" for j in range(300))
+        routed_to(gw, document)
+        request = {"prompt": document + " and a question", "max_tokens": 1}
+        gw.process.wait_for(
+            lambda: gw.post("/explain/v1/completions", request)[1]["prefill"]["known_chars"] > 0,
+            15,
+            "the prefill engine's events to reach the gateway",
+        )
+        explained = gw.post("/explain/v1/completions", request)[1]["prefill"]
+        assert explained["engine_events"] is True  # matched by the token ids the prefill engines reported

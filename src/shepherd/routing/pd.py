@@ -25,10 +25,12 @@ from shepherd.observability.metrics import GatewayMetrics
 from shepherd.routing.attempt import AttemptFailure
 from shepherd.routing.context import CHAT, COMPLETIONS, GENERATE, RequestContext
 from shepherd.routing.dispatch import DispatchLoop, WorkerCall, record_verdict
+from shepherd.routing.engine_tokens import TokenizerFor
 from shepherd.routing.policies import Policy
 from shepherd.routing.router import (
     GrpcDispatcherSource,
     choose_worker,
+    match_by_tokens,
     relayed_head,
     routable,
     routing_headers,
@@ -65,16 +67,23 @@ class PDRouter(DispatchLoop[tuple[Worker, Worker]]):
         config: GatewayConfig,
         metrics: GatewayMetrics,
         grpc: GrpcDispatcherSource | None = None,
+        tokenizer_for: TokenizerFor | None = None,
     ) -> None:
         super().__init__(config, metrics)
         self.registry = registry
         self._grpc = grpc
+        self._tokenizer_for = tokenizer_for
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self._call = call
         self._rng = random.Random()
         registry.subscribe(on_removed=prefill_policy.on_worker_removed)
         registry.subscribe(on_removed=decode_policy.on_worker_removed)
+
+    async def prepare(self, ctx: RequestContext) -> None:
+        """The prefill side decides where the prompt is cached: its engines' ids, when they work with ids."""
+        policy = self.prefill_policy
+        await match_by_tokens(ctx, self.registry, WorkerType.PREFILL, policy, self._grpc, self._tokenizer_for)
 
     def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure] = ()) -> tuple[Worker, Worker]:
         """Pick a pair; workers that already failed this request are avoided while their role has others."""

@@ -60,11 +60,7 @@ class Router(DispatchLoop[Worker]):
         registry.subscribe(on_removed=policy.on_worker_removed)
 
     async def prepare(self, ctx: RequestContext) -> None:
-        if self._grpc is not None and self.registry.has_grpc(ctx.model):
-            await self._grpc().prepare_routing(ctx, self.registry.candidates(WorkerType.REGULAR, ctx.model))
-        elif self._tokenizer_for is not None and self.policy.reads_kv_events:
-            workers = self.registry.candidates(WorkerType.REGULAR, ctx.model)
-            await route_by_engine_tokens(ctx, workers, self._tokenizer_for)
+        await match_by_tokens(ctx, self.registry, WorkerType.REGULAR, self.policy, self._grpc, self._tokenizer_for)
 
     def select(self, ctx: RequestContext, failures: Sequence[AttemptFailure] = ()) -> Worker:
         """Pick a routable worker for `ctx`, preferring ones that have not failed it; 404/503 when there is none."""
@@ -179,6 +175,22 @@ def worker_response(worker: Worker, ctx: RequestContext, status: int, payload: b
     return Response(
         status=status, body=payload, headers=routing_headers(worker, ctx), raw_headers=relayed_head(headers)
     )
+
+
+async def match_by_tokens(
+    ctx: RequestContext,
+    registry: Registry,
+    role: WorkerType,
+    policy: Policy,
+    grpc: GrpcDispatcherSource | None,
+    tokenizer_for: TokenizerFor | None,
+) -> None:
+    """Before `policy` picks a worker of `role`: let it match the prompt's token ids where the engines work with
+    them (gRPC workers are tokenized anyway; HTTP ones whose engines publish KV events, for routing only)."""
+    if grpc is not None and registry.has_grpc(ctx.model):
+        await grpc().prepare_routing(ctx, registry.candidates(role, ctx.model))
+    elif tokenizer_for is not None and policy.reads_kv_events:
+        await route_by_engine_tokens(ctx, registry.candidates(role, ctx.model), tokenizer_for)
 
 
 def choose_worker(

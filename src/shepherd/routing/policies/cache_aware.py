@@ -297,7 +297,7 @@ class CacheAwarePolicy:
     def _engine_keys(self, view: FleetView, ctx: RequestContext, text: str) -> list[int] | None:
         """The prompt's engine-block keys when the engines decide what each candidate holds: every candidate's
         engine reports its cache, and the request is routed by the token ids the engines report (an HTTP request
-        whose model has no tokenizer loaded, or a PD one, is matched by its text on the index)."""
+        whose model has no tokenizer loaded is matched by its text on the index)."""
         return self._engines.keys(text) if ctx.by_tokens and self._observed(view) else None
 
     def _cache_chars(self, worker: Worker) -> int:
