@@ -30,9 +30,9 @@ def fleet(request, tmp_path_factory):
 
 def tokenizer_loaded(gw) -> bool:
     """gRPC workers: a model is listed once its tokenizer is; HTTP workers: the tokenizer registry says so."""
-    if gw.get("/v1/models")[0] != 200:
+    if gw.get("/v1/models", headers=gw._auth)[0] != 200:
         return False
-    return bool(gw.get("/v1/tokenizers")[1]["tokenizers"])
+    return bool(gw.get("/v1/tokenizers", headers=gw._auth)[1]["tokenizers"])
 
 
 def routed_to(gw, prompt: str) -> tuple[str, dict]:
@@ -120,3 +120,38 @@ def test_pd_routing_matches_the_prefill_engines_events(tmp_path, pd_fleets):
         )
         explained = gw.post("/explain/v1/completions", request)[1]["prefill"]
         assert explained["engine_events"] is True  # matched by the token ids the prefill engines reported
+
+
+def test_each_dp_rank_publishes_on_its_own_port_and_is_followed_as_its_own_worker(tmp_path):
+    key = "dp-secret"
+    with (
+        start_sim(tmp_path / "sims", 1, "--dp-size", "2", "--api-key", key, *MODES["http-zmq"]) as sims,
+        start_gateway(tmp_path / "gw", sims.urls, "--dp-aware", api_key=key, ready_workers=2) as gw,
+    ):
+        gw.process.wait_for(lambda: tokenizer_loaded(gw), 20, "the tokenizer")
+        base = sims.urls[0]
+
+        def direct(prompt: str, rank: int) -> None:
+            """Straight to the engine's rank, past the gateway: only the engine's events can tell it."""
+            body = json.dumps({"prompt": prompt, "max_tokens": 1, "data_parallel_rank": rank}).encode()
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+            urllib.request.urlopen(urllib.request.Request(base + "/v1/completions", body, headers), timeout=10).read()
+
+        warmups = iter(range(1000))
+
+        def warm(workers) -> bool:
+            i = next(warmups)
+            direct(f"warm-up {i}: " + "lorem ipsum " * 40, i % 2)
+            return [w["kv_events"] for w in workers] == ["live"] * 2
+
+        gw.wait_workers(warm, "both ranks' KV event subscriptions live")
+        document = "a document only rank 1 has seen: " + " ".join(f"token{j}" for j in range(300))
+        direct(document, 1)
+        request = {"prompt": document + " and a question", "max_tokens": 1}
+        gw.process.wait_for(
+            lambda: gw.post("/explain/v1/completions", request, headers=gw._auth)[1]["regular"]["known_chars"] > 0,
+            15,
+            "rank 1's events to reach the gateway",
+        )
+        explained = gw.post("/explain/v1/completions", request, headers=gw._auth)[1]["regular"]
+        assert explained["engine_events"] is True and explained["worker"] == f"{base}@1"
