@@ -13,6 +13,9 @@ Policies:
   after each decision the chosen worker's engine reports the prompt's 16-token blocks stored, evicting its least
   recently used blocks beyond `--engine-blocks` (an LRU per engine; the budget is raised to hold them all). The
   timed call includes matching the engines' blocks and placing the request's blocks in flight;
+- cache_aware_http_events: the same over HTTP workers whose engines publish KV events over ZeroMQ, which cache the
+  ids of the simulator's BPE: the timed call also tokenizes the prompt for routing, as the gateway does for them
+  (the chat template, then the tokenizer's segment encoder, whose cache of long pieces the warmup fills);
 - naive_scan: what a per-worker prefix store costs: every worker's set of 64-character block keys is walked per
   request and the least-loaded worker is found by a full scan (unbounded, no eviction);
 - round_robin: the floor, no text work at all.
@@ -35,7 +38,9 @@ from typing import Any
 import orjson
 
 from shepherd.bench.report import fmt, render_table, run_metadata, write_json
+from shepherd.bench.routing import bpe_tokenizers
 from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
+from shepherd.generation.prompt import prompt_ids
 from shepherd.routing.context import CHAT, RequestContext
 from shepherd.routing.engine_cache import BLOCK_BYTES
 from shepherd.routing.policies.base import Policy, StatelessPolicy
@@ -47,7 +52,8 @@ from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, KvEvent
 from shepherd.workers.worker import Worker
 
-POLICIES = ("cache_aware", "cache_aware_events", "naive_scan", "round_robin")
+POLICIES = ("cache_aware", "cache_aware_events", "cache_aware_http_events", "naive_scan", "round_robin")
+EVENT_CELLS = ("cache_aware_events", "cache_aware_http_events")
 ENGINE_BLOCK_TOKENS = 16
 _VOCABULARY = (
     "the gateway routes each request to a worker whose prefix cache probably holds the prompt while keeping load "
@@ -166,7 +172,7 @@ class _Engine:
 def _make_policy(name: str, workers: int = 0, settings: Settings | None = None) -> Policy:
     if name == "cache_aware":
         return CacheAwarePolicy(CacheAwareConfig(), random.Random(0))
-    if name == "cache_aware_events":
+    if name in EVENT_CELLS:
         assert settings is not None
         budget = max(CacheAwareConfig().max_tree_size, 2 * workers * settings.engine_blocks * BLOCK_BYTES)
         return CacheAwarePolicy(CacheAwareConfig(max_tree_size=budget), random.Random(0))
@@ -178,14 +184,22 @@ def _make_policy(name: str, workers: int = 0, settings: Settings | None = None) 
 def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) -> dict[str, Any]:
     """Time every decision after the warmup; returns the figures of one (policy, fleet size) cell."""
     breaker_config = CircuitBreakerConfig()
-    events = name == "cache_aware_events"
-    scheme = "grpc" if events else "http"
-    fleet = tuple(Worker(f"{scheme}://worker-{i}:8000", CircuitBreaker(breaker_config)) for i in range(workers))
+    events = name in EVENT_CELLS
+    tokenizer = bpe_tokenizers()[1] if name == "cache_aware_http_events" else None
+    scheme = "grpc" if name == "cache_aware_events" else "http"
+    fleet = tuple(
+        Worker(f"{scheme}://worker-{i}:8000", CircuitBreaker(breaker_config),
+               kv_events_endpoints=(f"tcp://worker-{i}:5557",) if tokenizer is not None else ())
+        for i in range(workers)
+    )  # fmt: skip
     policy = _make_policy(name, workers, settings)
     engines = {worker: _Engine(settings.engine_blocks) for worker in fleet} if events else {}
     for worker in engines:
         policy.on_kv_events(worker, [CacheCleared()])
-    prompts = [tokenize(chat_prompt_text(orjson.loads(body)["messages"])) for body in bodies] if events else []
+    words = events and tokenizer is None  # gRPC cell: ids tokenized ahead, as the gateway does before routing
+    prompts = [tokenize(chat_prompt_text(orjson.loads(body)["messages"])) for body in bodies] if words else []
+    ids: list[int] = []
+    prompt_tokens: list[int] = []  # event cells: each timed prompt's token ids
     inflight: deque[tuple[Worker, RequestContext]] = deque()
     limit = settings.inflight_per_worker * workers
     samples: list[int] = []
@@ -193,14 +207,19 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
     for i, body in enumerate(bodies):
         ctx = RequestContext(CHAT, body, f"bench-{i}")
         started = clock()
-        if events:
-            ctx.route_by_tokens(prompts[i])
+        if tokenizer is not None:
+            ids = prompt_ids(CHAT, ctx.payload, tokenizer)
+            ctx.route_by_tokens(ids)
+        elif events:
+            ids = prompts[i]
+            ctx.route_by_tokens(ids)
         worker = policy.pick(fleet, ctx)
         elapsed = clock() - started
         if i >= settings.warmup:
             samples.append(elapsed)
+            prompt_tokens.append(len(ids))
         if events:
-            policy.on_kv_events(worker, engines[worker].serve(prompts[i]))
+            policy.on_kv_events(worker, engines[worker].serve(ids))
         worker.load += 1
         inflight.append((worker, ctx))
         if len(inflight) > limit:
@@ -217,7 +236,7 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
         "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000,
     }
     if isinstance(policy, CacheAwarePolicy) and events:
-        result["prompt_tokens"] = statistics.fmean(len(ids) for ids in prompts)
+        result["prompt_tokens"] = sum(prompt_tokens) / len(prompt_tokens)
         result["engine_blocks"] = sum(policy.engines.blocks_held(worker) for worker in fleet)
     if isinstance(policy, CacheAwarePolicy):
         index = policy.index_for("bench-model")

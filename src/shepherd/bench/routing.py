@@ -276,7 +276,7 @@ def replay(workload: wl.Workload, settings: Settings) -> list[tuple[list[int], l
 
 
 @functools.cache
-def _grpc_tokenizers() -> tuple[Any, Any]:
+def bpe_tokenizers() -> tuple[Any, Any]:
     """The gRPC simulator's BPE, and Shepherd's tokenizer loaded from the directory the workers hand out."""
     from shepherd.sim.bpe import build
     from shepherd.tokenizer.loader import load_tokenizer
@@ -295,7 +295,7 @@ def grpc_replay(workload: wl.Workload, seed: int) -> Iterator[tuple[list[int], l
     from shepherd.generation.prompt import chat_prompt
     from shepherd.sim.tokenizer import OUTPUT_VOCAB, word_draws
 
-    sim, tokenizer = _grpc_tokenizers()
+    sim, tokenizer = bpe_tokenizers()
     answers: list[list[str]] = [[] for _ in workload.conversations]
     for index, turn in workload.nominal_order():
         prompt = chat_prompt({"messages": wl.messages(workload.conversations[index], turn, answers[index])}, tokenizer)
