@@ -292,6 +292,10 @@ def test_the_gateway_rides_out_an_apiserver_restart(gateway, cluster, api, port)
 
 
 def test_a_refusal_after_access_worked_is_explained_and_retried_quietly(gateway, cluster, api, proxy, port):
+    create_pod(api, "access-a", WORKER, HOSTS["a"])
+    wait_workers_from(gateway, SOURCE, {url("a", port)}, "access-")  # access worked: the gateway listed and watched
+    delete_pods(api, "access-a")
+    wait_workers_from(gateway, SOURCE, set(), "access-")
     hints, quiet = log_count(gateway, RBAC_HINT), log_count(gateway, QUIET_REFUSAL)
     cluster.kubectl("delete", "rolebinding", "shepherd-discovery", "-n", NS)
     proxy.cut()  # the open watch was authorized when it started: make the gateway ask again
