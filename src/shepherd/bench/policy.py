@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from shepherd.bench.report import fmt, render_table, run_metadata, write_json
-from shepherd.bench.routing import bpe_tokenizers
+from shepherd.bench.routing import load_bpe_tokenizers
 from shepherd.config import CacheAwareConfig, CircuitBreakerConfig
 from shepherd.generation.prompt import prompt_ids
 from shepherd.routing.context import CHAT, RequestContext
@@ -185,7 +185,8 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
     """Time every decision after the warmup; returns the figures of one (policy, fleet size) cell."""
     breaker_config = CircuitBreakerConfig()
     events = name in EVENT_CELLS
-    tokenizer = bpe_tokenizers()[1] if name == "cache_aware_http_events" else None
+    # Each cell has its own tokenizer: a cache of encoded pieces left by another cell would hold its questions.
+    tokenizer = load_bpe_tokenizers()[1] if name == "cache_aware_http_events" else None
     scheme = "grpc" if name == "cache_aware_events" else "http"
     fleet = tuple(
         Worker(f"{scheme}://worker-{i}:8000", CircuitBreaker(breaker_config),

@@ -277,7 +277,13 @@ def replay(workload: wl.Workload, settings: Settings) -> list[tuple[list[int], l
 
 @functools.cache
 def bpe_tokenizers() -> tuple[Any, Any]:
-    """The gRPC simulator's BPE, and Shepherd's tokenizer loaded from the directory the workers hand out."""
+    """`load_bpe_tokenizers`, once per process."""
+    return load_bpe_tokenizers()
+
+
+def load_bpe_tokenizers() -> tuple[Any, Any]:
+    """The simulator's BPE, and Shepherd's tokenizer loaded from the directory the workers hand out (a new one at
+    every call, with an empty cache of encoded pieces)."""
     from shepherd.sim.bpe import build
     from shepherd.tokenizer.loader import load_tokenizer
 
