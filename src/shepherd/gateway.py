@@ -126,7 +126,9 @@ class Gateway:
         return self._grpc_dispatcher
 
     def _tokenizer_for(self, model: str | None) -> LoadedTokenizer | None:
-        entry = self.tokenizer_registry().get(model) if model else None  # exactly the worker's model's tokenizer
+        """Exactly the model's tokenizer; None before any tokenizer was asked for (the registry is not created)."""
+        tokenizers = self._tokenizers
+        entry = tokenizers.get(model) if tokenizers is not None and model else None
         return entry.tokenizer if entry is not None else None
 
     def _on_tokenizers(self) -> None:
