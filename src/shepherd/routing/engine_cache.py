@@ -1,7 +1,7 @@
 """What the engines themselves say they cache, from their KV events (workers/kv_events.py), for cache_aware.
 
 Keys. An engine names its blocks by hashes of its own making; this index re-keys every block by the routing text it
-covers (gRPC requests are routed by their token ids, TOKEN_CHARS characters each: RequestContext.route_by_tokens),
+covers (requests for such engines are routed by their token ids, TOKEN_CHARS characters each: route_by_tokens),
 chained like the engine's chain: key = hash((key of the block before, block text)). A request's prefix is then
 looked up by cutting its own routing text into blocks of the engines' size (learned from the first block), without
 knowing the engine's hash function. Each worker's map from engine hash to key is what lets a removal find its key.

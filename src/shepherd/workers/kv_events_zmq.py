@@ -29,8 +29,9 @@ _WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
 
 
 def zmq_endpoints(server_info: dict[str, Any], worker_url: str, ranks: range) -> tuple[str, ...]:
-    """The endpoints an HTTP engine publishes its KV events on, one per DP rank in `ranks`; () if it publishes none
-    the gateway can reach (no config, another publisher, or an endpoint the engine connects out to)."""
+    """The endpoints an HTTP engine publishes its KV events on, one per DP rank in `ranks`; () if it reports none
+    over TCP (no config, another publisher, ipc:// or inproc://). A wildcard host is the worker's own; a named one is
+    taken as given (an engine whose PUB socket connects out to it: whatever listens there must republish)."""
     raw = server_info.get("kv_events_config")
     try:
         config = json.loads(raw) if isinstance(raw, str) and raw else raw

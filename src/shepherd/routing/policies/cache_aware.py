@@ -16,9 +16,10 @@ One cost model, in characters of prefill. For each candidate worker w:
   when it names none): what the gateway sent w, bounded by w's share of --max-tree-size (bytes) and by its KV cache
   (--worker-kv-tokens, else the `max_total_num_tokens` it reported, times --cache-chars-per-token), divided by how
   many gateways fill it as fast as this one (its engine's polled requests over this gateway's own).
-  Where every candidate's engine publishes KV events (gRPC workers, SGLang's `SubscribeKvEvents`), `matched(w)`
-  is what w's engine reports it holds instead (routing/engine_cache.py), plus the blocks of this gateway's requests
-  in flight on w, which the engine has not reported yet: every replica then sees the same caches.
+  Where every candidate's engine publishes KV events (SGLang's `SubscribeKvEvents` for gRPC workers, its ZeroMQ
+  publisher for HTTP ones) and the request is matched by token ids, `matched(w)` is what w's engine reports it
+  holds instead (routing/engine_cache.py), plus the blocks of this gateway's requests in flight on w, which the
+  engine has not reported yet: every replica then sees the same caches.
 - `fill(w)`: how full w's estimated cache is (0 to 1), or its engine's reported one. Prefill on a full cache evicts
   as much of other prefixes, which some later request pays again: on a full cache an uncached character costs twice.
 
