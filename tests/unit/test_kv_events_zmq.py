@@ -106,12 +106,13 @@ async def test_the_feed_follows_a_pub_socket_and_starts_over_after_a_gap_or_garb
     feed.start()
     try:
         number = 0
-        while not seen:  # a new subscription hears nothing until ZeroMQ has connected it: publish until it does
+        while not seen and number < 200:  # a new subscription hears nothing until connected: publish until it does
             arrived.clear()
             await pub.send_multipart([b"", number.to_bytes(8, "big"), stored(100 + number)])
             number += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrived.wait(), 0.05)
+        assert seen, "the feed's subscription never connected (200 batches over 10 s)"
         assert isinstance(seen[0], CacheCleared) and worker.kv_events == "live"
         first = seen[1].blocks[0][0]
         seen.clear()
