@@ -109,7 +109,7 @@ class Settings:
     decisions: int = 5000
     warmup: int = 2000
     inflight_per_worker: int = 4
-    engine_blocks: int = 512  # cache_aware_events: each engine's KV cache, in 16-token blocks (8,192 tokens)
+    engine_blocks: int = 512  # the *_events cells: each engine's KV cache, in 16-token blocks (8,192 tokens)
     seed: int = 0
 
 
@@ -297,7 +297,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decisions first (fill the index)")
     p.add_argument("--inflight-per-worker", type=int, default=d.inflight_per_worker)
     p.add_argument("--engine-blocks", type=int, default=d.engine_blocks,
-                   help="cache_aware_events: each engine's KV cache in 16-token blocks (default: 512)")  # fmt: skip
+                   help="the *_events cells: each engine's KV cache in 16-token blocks (default: 512)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results here")
     p.set_defaults(run=_run_from_args)

@@ -187,8 +187,8 @@ def zmq_endpoints(url: str, settings: Settings) -> tuple[str, ...]:
 
 
 class _EventFeed:
-    """One engine's KV events, delivered to every gateway replica's policy at once (`--grpc`: what each replica's
-    `SubscribeKvEvents` stream gives it, without the stream's latency)."""
+    """One engine's KV events, delivered to every gateway replica's policy at once (`--grpc` or `--kv-events`: what
+    each replica's `SubscribeKvEvents` stream or ZeroMQ subscription gives it, without the transport's latency)."""
 
     def __init__(self) -> None:
         self._followers: list[tuple[Worker, Policy]] = []
