@@ -240,3 +240,29 @@ def test_a_growing_fleet_is_checked_against_the_smaller_share_by_maintain():
     while index.pending:
         index.maintain(3)
     assert len(view.entries[0].lru) == 5
+
+
+def test_bisected_lookups_find_what_a_walk_from_the_root_finds_through_records_and_evictions():
+    """Closure: a worker holding a key holds every key before it, so the bisections in `depth` and
+    `longest_match` agree with a walk from the root, whatever was recorded and evicted."""
+    rng = random.Random(7)
+    index = PrefixIndex(page_chars=64, capacity_of=lambda worker: 6000)  # small caches: evictions all along
+    workers = make_workers(4)
+    view = index.view(workers)
+    documents = [text(seed, 4000) for seed in range(6)]
+
+    def prompt():
+        return rng.choice(documents)[: rng.randrange(1, 4000)] + text(rng.random(), rng.randrange(0, 300))
+
+    for _ in range(400):
+        keys, ends = index.layout.keys(prompt())
+        index.record(rng.choice(view.entries), keys, ends)
+        probe, _ = index.layout.keys(prompt())
+        for entry in view.entries:
+            walked = next((i for i, key in enumerate(probe) if key not in entry.lru), len(probe))
+            assert entry.depth(probe, len(probe)) == walked
+            assert entry.chars == sum(entry.lru.values())  # a record moves the keys it holds, adds only the rest
+        somebody = next((i for i, key in enumerate(probe) if key not in index.holders), len(probe))
+        everyone = next((i for i, key in enumerate(probe[:somebody]) if len(index.holders[key]) < 4), somebody)
+        depth, _, common = index.longest_match(probe, view.members, 8, 4)
+        assert (depth, common) == (somebody, everyone)

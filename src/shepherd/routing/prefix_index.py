@@ -10,8 +10,8 @@ one more key for its tail, so a repeated prompt matches completely. Growing bloc
 logarithmic in prompt length (8k characters: 35 keys; 100k: 57) while a measured match is at most 1/8 shorter than
 the true shared prefix, which is precise enough for a ratio threshold.
 
-Holders. `holders[key]` is the set of workers believed to hold the prefix ending at that key. A lookup walks the
-request's keys from the root while they are present: its cost depends on the prompt, not on the number of workers.
+Holders. `holders[key]` is the set of workers believed to hold the prefix ending at that key. A lookup bisects the
+request's keys for the deepest one present: its cost depends on the prompt, not on the number of workers.
 
 Capacity. Each worker's keys form an LRU, bounded two ways. Memory: the model's budget in bytes is divided evenly
 among its workers, and each (key, worker) pair is charged `PAIR_BYTES`, what it costs when no other worker shares the
@@ -24,6 +24,10 @@ evicts at once (bounded work, so bursts are trimmed as they arrive); larger back
 grew) are queued for `maintain(budget)`, which the policy runs in small chunks. A change of the fleet costs the index
 O(1) Python work per worker that changed, never a pass over the fleet: at 4,000 workers registered one by one, a pass
 per arrival added up to seconds of event-loop time.
+
+Closure. A worker that holds a key holds every key before it: every prompt with the deeper key has the shallower
+one, a record touches the shallower one later, and eviction takes the least recent first. So the keys a worker
+holds are a prefix of a prompt's keys, and so are the keys somebody holds and the keys many hold: lookups bisect.
 
 Traffic. Recording a request also adds it to the worker's exponentially decayed request count (half-life: 32
 requests per worker): the policy's expected load of a worker is its share of that times the requests in flight.
@@ -169,11 +173,27 @@ class WorkerEntry:
 
     def matched(self, keys: list[int], ends: list[int], limit: int) -> int:
         """Characters of the prompt (of these keys and ends) this worker holds, looking at most `limit` keys deep."""
-        lru = self.lru
-        depth = 0
-        while depth < limit and keys[depth] in lru:
-            depth += 1
+        depth = self.depth(keys, limit)
         return ends[depth - 1] if depth else 0
+
+    def depth(self, keys: list[int], limit: int) -> int:
+        """How many leading keys of `keys` (at most `limit`) this worker holds.
+
+        A worker holding a key holds every key before it (see "Closure"): a bisection, after checking both ends
+        (most workers hold all of a match or none of it)."""
+        lru = self.lru
+        if not limit or keys[0] not in lru:
+            return 0
+        if keys[limit - 1] in lru:
+            return limit
+        low, high = 1, limit - 1  # keys[:low] held, keys[high] not
+        while low < high:
+            middle = (low + high) // 2
+            if keys[middle] in lru:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
     def __repr__(self) -> str:
         return f"WorkerEntry({self.worker.url}, chars={self.chars})"
@@ -293,15 +313,27 @@ class PrefixIndex:
         and how many leading keys at least `everyone` workers hold (a prefix everyone holds says nothing about
         where to go)."""
         holders = self.holders
-        depth = common = 0
-        for key in keys:
-            owners = holders.get(key)
-            if owners is None:
-                break
-            depth += 1
-            if common + 1 == depth and len(owners) >= everyone:
-                common = depth
-        probes = depth + 1
+        # Bisections (see "Closure"): the keys some worker holds are a prefix of `keys`, and so are those at
+        # least `everyone` workers hold.
+        low, high = 0, len(keys)  # keys[:low] held, keys[high:] not
+        probes = 0
+        while low < high:
+            middle = (low + high) // 2
+            probes += 1
+            if keys[middle] in holders:
+                low = middle + 1
+            else:
+                high = middle
+        depth = low
+        low, high = 0, depth
+        while low < high:
+            middle = (low + high) // 2
+            probes += 1
+            if len(holders[keys[middle]]) >= everyone:
+                low = middle + 1
+            else:
+                high = middle
+        common = low
         scan = limit * _HOLDER_SCAN_FACTOR
         found: list[WorkerEntry] = []
         while depth:
@@ -334,11 +366,9 @@ class PrefixIndex:
         holders = self.holders
         added = 0
         held = len(lru)
-        for i in range(len(keys) - 1, -1, -1):  # deepest first, so the root ends up most recent
+        depth = entry.depth(keys, len(keys))  # the keys it already holds: they only move (see "Closure")
+        for i in range(len(keys) - 1, depth - 1, -1):  # deepest first, so the root ends up most recent
             key = keys[i]
-            if key in lru:
-                lru.move_to_end(key)
-                continue
             size = ends[i] - ends[i - 1] if i else ends[0]
             lru[key] = size
             added += size
@@ -347,6 +377,9 @@ class PrefixIndex:
                 holders[key] = {entry: None}
             else:
                 owners[entry] = None
+        move_to_end = lru.move_to_end
+        for key in keys[depth - 1 :: -1] if depth else ():
+            move_to_end(key)
         entry.chars += added
         self.chars += added
         self.pairs += len(lru) - held
