@@ -40,7 +40,7 @@ capacity), where the prefix will stay cached longest, the ring's choice on a tie
 engines' KV events agree on that without the ring: they compare what each engine reported storing lately.
 
 Candidates: the least loaded worker (exactly over up to 32 candidates, else the best of 8 random ones), the home and
-the deepest holders of the prompt (up to 8). Three hard limits keep a request off an overloaded worker whatever its
+the deepest holders of the prompt (up to 4). Three hard limits keep a request off an overloaded worker whatever its
 cache: SMG's imbalance rule against the least loaded (load - least > --balance-abs-threshold and load >
 --balance-rel-threshold * least); a full batch (load >= the `max_running_requests` it reported) while the least
 loaded worker has room; and the share cap: a worker busier than the mean whose recent traffic is above
@@ -75,7 +75,7 @@ from shepherd.workers.worker import KV_TOKENS_LABEL, RUNNING_LIMIT_LABEL, Worker
 
 SCAN_LIMIT = 32  # fleets up to this size are scanned exactly for the least-loaded worker
 SAMPLES = 8  # larger fleets: best of this many candidates (a window at a random offset)
-HOLDERS_PROBED = 8  # holders of the matched prefix compared per request
+HOLDERS_PROBED = 4  # holders of the matched prefix compared per request
 REPLICA_EVIDENCE = 0.02  # share of answers reporting cache this gateway did not place: others route here too
 HOMES_REMEMBERED = 65536  # anchors whose home a fleet view remembers (then it starts over)
 POLL_DECAY = 0.8  # weight of the previous load polls in the sharers estimate (about the last 5 count)
