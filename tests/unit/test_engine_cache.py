@@ -222,3 +222,55 @@ def test_replicas_following_the_engines_home_a_new_prefix_where_the_engines_stor
     explained = p.explain(fleet, prompt)
     assert explained["home"] != ring_home.url and not explained["home_on_ring"]
     assert p.pick(fleet, prompt).url == explained["home"]
+
+
+def test_match_bisects_to_what_a_walk_from_the_root_finds_under_leaf_first_eviction():
+    """Engines evict a block's descendants before the block, so what somebody holds or was sent is a prefix of a
+    prompt's chain: `match` bisects, and agrees with a walk from the root through stores, evictions and placements."""
+    rng = random.Random(3)
+    cache = EngineCache()
+    workers = grpc_workers(3)
+    documents = [tokens(seed, 40 * BLOCK) for seed in range(5)]
+    lrus = {worker: {} for worker in workers}  # each engine's blocks by hash, least recent first
+    for worker in workers:
+        cache.apply(worker, [CacheCleared()])
+    hashes = iter(range(1, 10**9))
+    chains = {}  # (worker, parent hash, block) -> engine hash
+
+    def serve(worker, ids):
+        lru, parent, run, run_parent = lrus[worker], None, [], None
+        chain = []
+        for i in range(len(ids) // BLOCK):
+            block = tuple(ids[i * BLOCK : (i + 1) * BLOCK])
+            engine_hash = chains.setdefault((worker, parent, block), next(hashes))
+            if engine_hash not in lru:
+                run_parent = parent if not run else run_parent
+                run.append((engine_hash, block))
+            chain.append(engine_hash)
+            parent = engine_hash
+        events = [BlocksStored(run_parent, tuple(run))] if run else []
+        for engine_hash in reversed(chain):  # the root most recent
+            lru.pop(engine_hash, None)
+            lru[engine_hash] = None
+        evicted = []
+        while len(lru) > 60:
+            evicted.append(next(iter(lru)))
+            del lru[evicted[-1]]
+        return events + ([BlocksRemoved(tuple(evicted))] if evicted else [])
+
+    placed = []
+    for _ in range(300):
+        ids = rng.choice(documents)[: rng.randrange(BLOCK, 40 * BLOCK)] + tokens(rng.random(), rng.randrange(40))
+        worker = rng.choice(workers)
+        cache.apply(worker, serve(worker, ids))
+        if rng.random() < 0.3:  # a request in flight, its blocks not reported yet
+            keys = cache.keys(text_of(rng.choice(documents)[: rng.randrange(BLOCK, 40 * BLOCK)]))
+            cache.place(worker, keys)
+            placed.append((worker, keys))
+        if len(placed) > 5:
+            cache.unplace(*placed.pop(0))
+        probe = cache.keys(text_of(rng.choice(documents)[: rng.randrange(BLOCK, 40 * BLOCK)]))
+        counts = [sum(1 for _ in cache.holders(key)) for key in probe]  # a worker sent what it holds counts twice
+        somebody = next((i for i, count in enumerate(counts) if not count), len(probe))
+        assert cache.match(probe, everyone=3)[0] == somebody
+        assert cache.match(probe, everyone=2)[1] == next((i for i, c in enumerate(counts) if c < 2), somebody)

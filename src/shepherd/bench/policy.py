@@ -140,7 +140,10 @@ def _bodies(settings: Settings) -> list[bytes]:
 
 
 class _Engine:
-    """A worker's KV cache as its KV events describe it: 16-token blocks in an LRU, reported stored and evicted."""
+    """A worker's KV cache as its KV events describe it: 16-token blocks in an LRU, reported stored and evicted.
+
+    A prompt's blocks are touched deepest first, so its root is the most recent and eviction goes leaf first, as in
+    an engine's radix cache (which never evicts a block before its descendants)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -148,18 +151,19 @@ class _Engine:
 
     def serve(self, ids: list[int]) -> list[KvEvent]:
         """The events of caching the full blocks of `ids`."""
-        blocks, parent, run, run_parent = self.blocks, 0, [], None
+        blocks, parent, run, run_parent, chain = self.blocks, 0, [], None, []
         for start in range(0, len(ids) - ENGINE_BLOCK_TOKENS + 1, ENGINE_BLOCK_TOKENS):
             chunk = tuple(ids[start : start + ENGINE_BLOCK_TOKENS])
             block = hash((parent, chunk))
-            if block in blocks:
-                blocks.move_to_end(block)
-            else:
+            if block not in blocks:
                 if not run:
                     run_parent = parent or None
                 run.append((block, chunk))
-                blocks[block] = None
+            chain.append(block)
             parent = block
+        for block in reversed(chain):
+            blocks[block] = None
+            blocks.move_to_end(block)
         events: list[KvEvent] = [BlocksStored(run_parent, tuple(run))] if run else []
         evicted = []
         while len(blocks) > self.capacity:

@@ -203,16 +203,26 @@ class EngineCache:
         """(depth, common): how many of `keys` (a prompt's, from `keys`) some worker holds or was sent, from the
         root; and how many leading ones at least `everyone` workers hold."""
         held, placed = self._held, self._placed
-        depth = common = 0
-        for key in keys:
-            holders = held.get(key)
-            sent = placed.get(key)
-            if holders is None and sent is None:
-                break
-            depth += 1
-            if common + 1 == depth and len(holders or ()) + len(sent or ()) >= everyone:
-                common = depth
-        return depth, common
+        # Bisections: what one worker holds or was sent is a prefix of the chain (see `depth`), so what somebody
+        # holds is too, and the count of holders only falls along the chain.
+        low, high = 0, len(keys)  # keys[:low] held by somebody, keys[high:] by nobody
+        while low < high:
+            middle = (low + high) // 2
+            key = keys[middle]
+            if key in held or key in placed:
+                low = middle + 1
+            else:
+                high = middle
+        depth = low
+        low, high = 0, depth
+        while low < high:
+            middle = (low + high) // 2
+            key = keys[middle]
+            if len(held.get(key, ())) + len(placed.get(key, ())) >= everyone:
+                low = middle + 1
+            else:
+                high = middle
+        return depth, low
 
     def holds(self, worker: Worker, key: int) -> bool:
         holders = self._held.get(key)
