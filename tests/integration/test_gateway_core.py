@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import aiohttp
 import openai
@@ -239,6 +242,8 @@ def test_legacy_add_and_remove_worker(tmp_path):
         status, text = gw.post("/remove_worker?url=" + urllib.parse.quote(sims.urls[0]))
         assert status == 200 and "Successfully removed" in text
         gw.wait_workers(lambda ws: not ws, "the worker to be removed")
+        status, body = gw.post("/generate", {"text": "x"})  # the registration is over: nothing is coming
+        assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
 def test_unreachable_worker_is_502_and_hung_worker_is_504(tmp_path):
@@ -260,7 +265,7 @@ def test_unreachable_worker_is_502_and_hung_worker_is_504(tmp_path):
         assert gw.workers()[0]["requests_active"] == 0
 
 
-def test_no_workers_at_all_is_404_for_model_and_503_when_unavailable(tmp_path):
+def test_no_workers_is_404_for_model_503_when_unavailable_and_503_while_registrations_are_under_way(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with start_gateway(tmp_path, ready_workers=0) as gw:
         status, body = gw.post("/generate", {"text": "x"})
@@ -274,8 +279,14 @@ def test_no_workers_at_all_is_404_for_model_and_503_when_unavailable(tmp_path):
         assert gw.post("/workers", {"url": dead})[0] == 202
         status, job = gw.get("/workers/" + urllib.parse.quote(dead, safe=""))
         assert status == 200 and job["status"] == "pending"
-        status, body = gw.post("/generate", {"text": "x"})  # a pending registration is not a worker yet
-        assert status == 404 and body["error"]["code"] == "model_not_found"
+        # A pending registration is not a worker yet, but one may be coming (a gateway starting): retry, not 404.
+        request = urllib.request.Request(gw.url + "/generate", b'{"text": "x"}', {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=5)
+        body = json.loads(answer.value.read())
+        assert answer.value.code == 503 and body["error"]["code"] == "no_available_workers"
+        assert "1 registration(s) under way" in body["error"]["message"]
+        assert answer.value.headers["retry-after"] == "1"
 
 
 async def test_load_counters_return_to_zero_after_client_disconnect(gateway, sims):

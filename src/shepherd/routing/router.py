@@ -208,8 +208,9 @@ def choose_worker(
 def routable(registry: Registry, worker_type: WorkerType, ctx: RequestContext) -> Sequence[Worker]:
     """The workers of a type that can take `ctx` now.
 
-    None at all: 404 when nothing of this type serves the model (or, for regular workers, nothing is registered),
-    503 when workers exist but none is routable right now (unhealthy, draining, circuit open).
+    None at all: 404 when nothing of this type serves the model (or, for regular workers, nothing is registered and
+    no registration is under way), 503 when workers exist but none is routable right now (unhealthy, draining,
+    circuit open) or none is registered yet while registrations are under way (a gateway starting).
     """
     candidates = registry.candidates(worker_type, ctx.model)
     if not candidates:
@@ -226,6 +227,13 @@ def routable(registry: Registry, worker_type: WorkerType, ctx: RequestContext) -
                 "tokenizer_not_ready",
                 f"gRPC workers serve model '{ctx.model or 'unknown'}', but its tokenizer is not loaded (yet): "
                 "see GET /v1/tokenizers",
+                headers={"retry-after": "1"},
+            )
+        if not registry.of_type(worker_type) and registry.registrations_pending:
+            raise GatewayError(
+                503,
+                "no_available_workers",
+                f"No worker is registered yet: {registry.registrations_pending} registration(s) under way",
                 headers={"retry-after": "1"},
             )
         if not registry.of_type(worker_type) or (ctx.model is not None and not registry.serves(worker_type, ctx.model)):

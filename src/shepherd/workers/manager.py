@@ -223,7 +223,12 @@ class WorkerManager:
         self.jobs[job.worker_id] = job
         self._jobs_at.setdefault(_address(spec.url), {})[job.worker_id] = job
         job.task = self._spawn(self._register(job))
+        self.registry.registrations_pending += 1
+        job.task.add_done_callback(self._registration_over)
         return job
+
+    def _registration_over(self, _task: asyncio.Task) -> None:
+        self.registry.registrations_pending -= 1
 
     def _registered_at(self, url: str) -> list[Worker]:
         """Registered workers at `url`; a bare `host:port` names whatever protocol answered there."""

@@ -45,6 +45,9 @@ class Registry:
         self._reopen_timer: asyncio.TimerHandle | None = None
         self._reopen_at = 0.0  # loop time the reopen timer fires at
         self._tokenized_models: frozenset[str] = frozenset()
+        # Registrations under way (the worker manager's jobs, however they end): while no worker is registered, a
+        # request hears that workers are coming (503, retry) rather than that none serves its model (404).
+        self.registrations_pending = 0
 
     # --- subscriptions -------------------------------------------------------------------------------------
     def subscribe(
