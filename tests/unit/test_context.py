@@ -79,3 +79,11 @@ def test_routing_by_tokens_shares_exactly_the_shared_token_prefix():
     assert len(a) == 4 * TOKEN_CHARS and len(b) == 3 * TOKEN_CHARS
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert shared == 2 * TOKEN_CHARS
+
+
+def test_token_ids_route_alike_from_a_list_or_any_other_sequence():
+    ids = [5, 70000, 3, 2**32 - 1]
+    from_list, from_tuple = (RequestContext(GENERATE, b'{"text": "a"}', "r") for _ in range(2))
+    from_list.route_by_tokens(ids)
+    from_tuple.route_by_tokens(tuple(ids))
+    assert from_list.routing_text == from_tuple.routing_text and from_list.by_tokens and from_tuple.by_tokens
