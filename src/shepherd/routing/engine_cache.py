@@ -22,9 +22,10 @@ all: one key per token would cost a hash per token on every decision and a block
 
 from __future__ import annotations
 
+import bisect
 import logging
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from shepherd.workers.kv_events import BlocksRemoved, BlocksStored, CacheCleared, FeedLost, KvEvent
 from shepherd.workers.worker import Worker
@@ -37,6 +38,12 @@ BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
 HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
 _RENORMALIZE_AT = 1e18
+
+
+def leading(keys: Sequence[int], present: Callable[[int], bool], limit: int | None = None) -> int:
+    """How many of the first `limit` keys (all by default) are `present`, for a predicate true of a prefix of a chain
+    and false after it: an engine evicts a block's descendants before the block. A bisection."""
+    return bisect.bisect_left(keys, True, 0, len(keys) if limit is None else limit, key=lambda key: not present(key))
 
 
 class _Feed:
@@ -203,26 +210,10 @@ class EngineCache:
         """(depth, common): how many of `keys` (a prompt's, from `keys`) some worker holds or was sent, from the
         root; and how many leading ones at least `everyone` workers hold."""
         held, placed = self._held, self._placed
-        # Bisections: what one worker holds or was sent is a prefix of the chain (see `depth`), so what somebody
-        # holds is too, and the count of holders only falls along the chain.
-        low, high = 0, len(keys)  # keys[:low] held by somebody, keys[high:] by nobody
-        while low < high:
-            middle = (low + high) // 2
-            key = keys[middle]
-            if key in held or key in placed:
-                low = middle + 1
-            else:
-                high = middle
-        depth = low
-        low, high = 0, depth
-        while low < high:
-            middle = (low + high) // 2
-            key = keys[middle]
-            if len(held.get(key, ())) + len(placed.get(key, ())) >= everyone:
-                low = middle + 1
-            else:
-                high = middle
-        return depth, low
+        # What one worker holds or was sent is a prefix of the chain (see `depth`), so what somebody holds is too,
+        # and the count of holders only falls along the chain.
+        depth = leading(keys, lambda key: key in held or key in placed)
+        return depth, leading(keys, lambda key: len(held.get(key, ())) + len(placed.get(key, ())) >= everyone, depth)
 
     def holds(self, worker: Worker, key: int) -> bool:
         holders = self._held.get(key)
@@ -239,11 +230,4 @@ class EngineCache:
     def depth(self, worker: Worker, keys: list[int], limit: int) -> int:
         """How many of the first `limit` of `keys` the worker holds from the root (a binary search: an engine evicts a
         block's descendants before the block, so what one worker holds is a prefix of the chain)."""
-        low, high = 0, limit
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self.holds(worker, keys[mid - 1]):
-                low = mid
-            else:
-                high = mid - 1
-        return low
+        return leading(keys, lambda key: self.holds(worker, key), limit)
