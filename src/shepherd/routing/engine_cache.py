@@ -40,7 +40,7 @@ HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every thi
 _RENORMALIZE_AT = 1e18
 
 
-def leading(keys: Sequence[int], present: Callable[[int], bool], limit: int | None = None) -> int:
+def _leading(keys: Sequence[int], present: Callable[[int], bool], limit: int | None = None) -> int:
     """How many of the first `limit` keys (all by default) are `present`, for a predicate true of a prefix of a chain
     and false after it: an engine evicts a block's descendants before the block. A bisection."""
     return bisect.bisect_left(keys, True, 0, len(keys) if limit is None else limit, key=lambda key: not present(key))
@@ -212,8 +212,8 @@ class EngineCache:
         held, placed = self._held, self._placed
         # What one worker holds or was sent is a prefix of the chain (see `depth`), so what somebody holds is too,
         # and the count of holders only falls along the chain.
-        depth = leading(keys, lambda key: key in held or key in placed)
-        return depth, leading(keys, lambda key: len(held.get(key, ())) + len(placed.get(key, ())) >= everyone, depth)
+        depth = _leading(keys, lambda key: key in held or key in placed)
+        return depth, _leading(keys, lambda key: len(held.get(key, ())) + len(placed.get(key, ())) >= everyone, depth)
 
     def holds(self, worker: Worker, key: int) -> bool:
         holders = self._held.get(key)
@@ -230,4 +230,4 @@ class EngineCache:
     def depth(self, worker: Worker, keys: list[int], limit: int) -> int:
         """How many of the first `limit` of `keys` the worker holds from the root (a binary search: an engine evicts a
         block's descendants before the block, so what one worker holds is a prefix of the chain)."""
-        return leading(keys, lambda key: self.holds(worker, key), limit)
+        return _leading(keys, lambda key: self.holds(worker, key), limit)
