@@ -163,3 +163,19 @@ async def test_an_open_breaker_rejoins_the_candidates_when_its_timeout_passes():
     assert registry.candidates(WorkerType.REGULAR, "m") == ()
     await until(lambda: registry.candidates(WorkerType.REGULAR, "m") == (worker,), "the half-open worker")
     assert breaker.state.value == "half_open"
+
+
+def test_kv_event_publishers_are_counted_by_type_and_model_until_they_leave():
+    registry = Registry()
+    publisher = Worker("http://p", CircuitBreaker(CircuitBreakerConfig()), model_id="m",
+                       kv_events_endpoints=("tcp://p:5557",))  # fmt: skip
+    add_worker(registry, "http://q", "m")  # publishes nothing
+    assert not registry.publishes_kv_events(WorkerType.REGULAR, "m")
+    registry.add(publisher)
+    assert registry.publishes_kv_events(WorkerType.REGULAR, "m")
+    assert registry.publishes_kv_events(WorkerType.REGULAR, None)
+    assert not registry.publishes_kv_events(WorkerType.REGULAR, "n")
+    assert not registry.publishes_kv_events(WorkerType.PREFILL, "m")
+    registry.remove(publisher)
+    assert not registry.publishes_kv_events(WorkerType.REGULAR, "m")
+    assert not registry.publishes_kv_events(WorkerType.REGULAR, None)

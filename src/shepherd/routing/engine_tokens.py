@@ -23,10 +23,8 @@ TokenizerFor = Callable[[str], LoadedTokenizer | None]
 
 
 async def route_by_engine_tokens(ctx: RequestContext, workers: Sequence[Worker], tokenizer_for: TokenizerFor) -> None:
-    """Match `ctx` on its token ids if `workers` (the model's) have engines publishing KV events over ZeroMQ.
-
-    The tokenizer is looked up first: a model's is loaded only for engines that publish (or with gRPC workers), so
-    an HTTP fleet without events pays one dictionary lookup per request, not a scan of the fleet."""
+    """Match `ctx` on its token ids, for `workers` (the model's candidates) whose model has engines publishing KV
+    events over ZeroMQ (the caller checks that: `Registry.publishes_kv_events`)."""
     if not workers:
         return
     model = workers[0].model_id
@@ -35,8 +33,6 @@ async def route_by_engine_tokens(ctx: RequestContext, workers: Sequence[Worker],
         return
     if ctx.model is None and any(worker.model_id != model for worker in workers):
         return  # no model named and several served: each has its own tokenizer, so match on the text
-    if not any(worker.kv_events_endpoints for worker in workers):
-        return
     from shepherd.generation.prompt import prompt_ids
 
     args = (ctx.endpoint, ctx.payload, tokenizer)

@@ -189,7 +189,7 @@ async def match_by_tokens(
     them (gRPC workers are tokenized anyway; HTTP ones whose engines publish KV events, for routing only)."""
     if grpc is not None and registry.has_grpc(ctx.model):
         await grpc().prepare_routing(ctx, registry.candidates(role, ctx.model))
-    elif tokenizer_for is not None and policy.reads_kv_events:
+    elif tokenizer_for is not None and policy.reads_kv_events and registry.publishes_kv_events(role, ctx.model):
         await route_by_engine_tokens(ctx, registry.candidates(role, ctx.model), tokenizer_for)
 
 

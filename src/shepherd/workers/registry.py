@@ -38,6 +38,8 @@ class Registry:
         self._placed: set[Worker] = set()  # the workers in the snapshots
         self._served: dict[WorkerType, Counter[str]] = {}  # workers that could serve each model, routable or not
         self._grpc_routable: Counter[str | None] = Counter()
+        # Workers whose engines publish KV events over ZeroMQ, by (type, model) and (type, None) for any model.
+        self._publishing: Counter[tuple[WorkerType, str | None]] = Counter()
         self._on_added: list[WorkerListener] = []
         self._on_removed: list[WorkerListener] = []
         self._on_changed: list[WorkerListener] = []
@@ -78,6 +80,8 @@ class Registry:
         self._next_order += 1
         if self.can_serve(worker):
             self._served.setdefault(worker.worker_type, Counter())[worker.model_id] += 1
+        if worker.kv_events_endpoints:
+            self._publishing.update(((worker.worker_type, worker.model_id), (worker.worker_type, None)))
         # A half-open worker's trial slots filled up or one freed: it leaves or rejoins the candidates.
         worker.breaker.on_trials = lambda _breaker: self._update(worker)
         self._update(worker)
@@ -97,6 +101,8 @@ class Registry:
         del self._order[worker]
         if self.can_serve(worker):
             self._served[worker.worker_type][worker.model_id] -= 1
+        if worker.kv_events_endpoints:
+            self._publishing.subtract(((worker.worker_type, worker.model_id), (worker.worker_type, None)))
         for listener in self._on_removed:
             listener(worker)
 
@@ -173,6 +179,11 @@ class Registry:
     def has_grpc(self, model: str | None) -> bool:
         """Whether routable gRPC workers serve `model` (None: any model); cheap, read per request."""
         return self._grpc_routable[model] > 0
+
+    def publishes_kv_events(self, worker_type: WorkerType, model: str | None) -> bool:
+        """Whether a registered worker of the type serving `model` (None: any model) has an engine publishing KV
+        events over ZeroMQ; cheap, read per request."""
+        return self._publishing[worker_type, model] > 0
 
     def can_serve(self, worker: Worker) -> bool:
         """Whether requests can be sent to this worker once it is ready: a gRPC worker needs its tokenizer."""
