@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from shepherd.routing.context import InvalidRequest, RequestContext
-from shepherd.tokenizer.loader import OFF_LOOP_BYTES, LoadedTokenizer
 from shepherd.workers.worker import Worker
 
-TokenizerFor = Callable[[str], LoadedTokenizer | None]
+if TYPE_CHECKING:  # the tokenizer package (tokenizers, jinja2) is imported only where a model is tokenized
+    from shepherd.tokenizer.loader import LoadedTokenizer
+
+TokenizerFor = Callable[[str], "LoadedTokenizer | None"]
 
 
 async def route_by_engine_tokens(ctx: RequestContext, workers: Sequence[Worker], tokenizer_for: TokenizerFor) -> None:
@@ -34,6 +37,7 @@ async def route_by_engine_tokens(ctx: RequestContext, workers: Sequence[Worker],
     if ctx.model is None and any(worker.model_id != model for worker in workers):
         return  # no model named and several served: each has its own tokenizer, so match on the text
     from shepherd.generation.prompt import prompt_ids
+    from shepherd.tokenizer.loader import OFF_LOOP_BYTES
 
     args = (ctx.endpoint, ctx.payload, tokenizer)
     try:
