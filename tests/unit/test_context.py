@@ -32,6 +32,20 @@ def test_chat_routing_text_concatenates_messages_in_order():
     assert ctx(CHAT, {"messages": messages}).routing_text == "be brief what x thinking"
 
 
+def test_routing_head_is_a_chat_first_message_when_more_follow():
+    system = {"role": "system", "content": "you are terse"}
+    question = {"role": "user", "content": "why"}
+    chat = ctx(CHAT, {"messages": [system, question]})
+    assert chat.routing_head == "you are terse"  # before the routing text is asked for
+    assert chat.routing_text.startswith(chat.routing_head + " ")
+    assert ctx(CHAT, {"messages": [question]}).routing_head == ""
+    assert ctx(GENERATE, {"text": "hello"}).routing_head == ""
+    assert ctx(COMPLETIONS, {"prompt": ["a", "b"]}).routing_head == ""
+    by_tokens = ctx(CHAT, {"messages": [system, question]})
+    by_tokens.route_by_tokens([1, 2, 3])
+    assert by_tokens.routing_head == ""
+
+
 def test_completions_and_embeddings_text():
     assert ctx(COMPLETIONS, {"prompt": ["a", "b"]}).routing_text == "a b"
     assert ctx(EMBEDDINGS, {"input": "vec"}).routing_text == "vec"

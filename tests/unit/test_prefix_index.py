@@ -5,6 +5,7 @@ import random
 import pytest
 
 from shepherd.config import CircuitBreakerConfig
+from shepherd.routing import prefix_index
 from shepherd.routing.prefix_index import PAIR_BYTES, BlockLayout, PrefixIndex, mix64
 from shepherd.workers.breaker import CircuitBreaker
 from shepherd.workers.worker import Worker
@@ -41,6 +42,38 @@ def test_keys_are_shared_exactly_by_common_blocks():
     assert keys_a[common] != keys_b[common]
     assert layout.keys(shared) == layout.keys(shared)  # identical prompts: every key, tail included
     assert layout.keys("") == ([], [])
+
+
+def test_a_remembered_head_gives_the_same_keys_as_hashing_everything():
+    layout = BlockLayout(64)
+    plain = BlockLayout(64)
+    heads = [text(20, 1024), text(21, 3000), "é" + text(22, 5000)]  # one at the limit, one not ASCII
+    for round_ in range(2):  # first a miss for every head, then hits
+        for i, head in enumerate(heads):
+            for tail in (" " + text(30 + i + round_, 40), " " + text(40 + i, 5000)):
+                given = (head + ".")[:-1]  # another string object with the same text, as a parsed body gives
+                assert layout.keys(head + tail, given) == plain.keys(head + tail)
+    assert len(layout._heads) == len(heads)
+
+
+def test_head_keys_are_not_shared_with_the_caller_and_short_heads_are_not_remembered():
+    layout = BlockLayout(64)
+    head = text(1, 2000)
+    keys, _ = layout.keys(head + " a", head)
+    keys.clear()  # a caller's list: the memo must not change with it
+    assert layout.keys(head + " b", head) == BlockLayout(64).keys(head + " b")
+    layout.keys(text(2, 1023) + " question", text(2, 1023))
+    layout.keys(head, head)  # a head that is the whole text: nothing of it follows a cut for sure
+    assert list(layout._heads) == [head]
+
+
+def test_remembered_heads_are_bounded_in_characters_least_recent_dropped_first(monkeypatch):
+    monkeypatch.setattr(prefix_index, "HEAD_MEMO_CHARS", 5000)
+    layout = BlockLayout(64)
+    first, second, third = text(1, 2000), text(2, 2000), text(3, 2000)
+    for head in (first, second, first, third):  # `first` used again: `second` is now the least recent
+        layout.keys(head + " q", head)
+    assert list(layout._heads) == [first, third]
 
 
 def test_longest_match_returns_the_deepest_routable_holders():

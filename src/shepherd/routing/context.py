@@ -44,6 +44,7 @@ class RequestContext:
     """A parsed inference request. `body` stays the client's bytes unless fields must be injected."""
 
     __slots__ = (
+        "_routing_head",
         "_routing_text",
         "body",
         "by_tokens",
@@ -80,6 +81,7 @@ class RequestContext:
         self.stream = payload.get("stream") is True
         self.request_id = request_id
         self._routing_text: str | None = None
+        self._routing_head = ""
         self.by_tokens = False  # the routing text is the prompt's token ids (route_by_tokens), not its text
         self.generation: Any = None  # gRPC workers: (model id, its tokenized GenerationPlan), built once per model
         self.predictions: dict[Any, Any] | None = None  # cache_aware, per worker picked: what it expected of it
@@ -95,9 +97,24 @@ class RequestContext:
     @property
     def routing_text(self) -> str:
         """The text a cache-aware policy matches on; computed on first use only."""
+        text = self._routing_text
+        return self._extract_routing_text() if text is None else text
+
+    @property
+    def routing_head(self) -> str:
+        """A chat's first message when more follow (its system prompt, usually): the start of `routing_text` that
+        many requests repeat verbatim, so the keys of its blocks can be remembered. Empty otherwise."""
         if self._routing_text is None:
-            self._routing_text = extract_routing_text(self.endpoint, self.payload)
-        return self._routing_text
+            self._extract_routing_text()
+        return self._routing_head
+
+    def _extract_routing_text(self) -> str:
+        if self.endpoint is CHAT:
+            text, self._routing_head = _chat_text(self.payload.get("messages"))
+        else:
+            text = extract_routing_text(self.endpoint, self.payload)
+        self._routing_text = text
+        return text
 
     def route_by_tokens(self, token_ids: Sequence[int]) -> None:
         """Match prefixes on the prompt's token ids (what the engine caches) instead of its text.
@@ -112,6 +129,7 @@ class RequestContext:
         else:
             packed.extend(token_ids)
         self._routing_text = packed.tobytes().decode("latin-1")
+        self._routing_head = ""
         self.by_tokens = True
 
     def inject(self, fields: dict[str, Any]) -> bytes:
@@ -128,7 +146,7 @@ def extract_routing_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
             return " ".join(t for t in text if isinstance(t, str))
         return _join_ids(payload.get("input_ids"))
     if endpoint is CHAT:
-        return _chat_text(payload.get("messages"))
+        return _chat_text(payload.get("messages"))[0]
     if endpoint is COMPLETIONS:
         return _text_or_list(payload.get("prompt"))
     if endpoint is EMBEDDINGS:
@@ -156,9 +174,10 @@ def _join_ids(ids: Any) -> str:
     return " ".join(parts)
 
 
-def _chat_text(messages: Any) -> str:
+def _chat_text(messages: Any) -> tuple[str, str]:
+    """The messages' texts joined, and the first of them when there are several (see `routing_head`)."""
     if not isinstance(messages, list):
-        return ""
+        return "", ""
     texts: list[str] = []
     for message in messages:
         if not isinstance(message, dict):
@@ -174,4 +193,4 @@ def _chat_text(messages: Any) -> str:
         reasoning = message.get("reasoning_content")
         if isinstance(reasoning, str) and reasoning:
             texts.append(reasoning)
-    return " ".join(texts)
+    return " ".join(texts), texts[0] if len(texts) > 1 else ""

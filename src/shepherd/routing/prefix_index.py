@@ -8,7 +8,9 @@ hashes the previous block's key with the block's text, so one key stands for the
 and two prompts share exactly the keys of the blocks they have in common. A prompt that does not end on a cut gets
 one more key for its tail, so a repeated prompt matches completely. Growing blocks keep the number of keys
 logarithmic in prompt length (8k characters: 35 keys; 100k: 57) while a measured match is at most 1/8 shorter than
-the true shared prefix, which is precise enough for a ratio threshold.
+the true shared prefix, which is precise enough for a ratio threshold. Hashing the blocks is a quarter of a
+decision's cost, so the keys of a chat's first message (a system prompt, usually, repeated verbatim by many
+requests) are remembered by its text, and the next prompt with the same head hashes only the rest.
 
 Holders. `holders[key]` is the set of workers believed to hold the prefix ending at that key. A lookup bisects the
 request's keys for the deepest one present: its cost depends on the prompt, not on the number of workers.
@@ -51,6 +53,11 @@ from shepherd.routing.hash_ring import POINTS_PER_WORKER, HashRing
 from shepherd.workers.worker import Worker
 
 _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
+# Heads (a prompt's repeated start, such as its system prompt) whose keys are remembered: those shorter than this are
+# hashed again faster than they are looked up (the lookup hashes the head too); the heads kept hold this many
+# characters at most, least recently used dropped first.
+HEAD_MIN_CHARS = 1024
+HEAD_MEMO_CHARS = 1 << 22
 _EVICT_SLACK = 64  # inline evictions allowed per record beyond the number of keys it touched
 _MAX_VIEWS = 8
 _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key before giving up on it
@@ -91,6 +98,8 @@ class BlockLayout:
             raise ValueError("page_chars must be >= 1")
         self.page_chars = page_chars
         self._cuts = [page_chars]
+        self._heads: OrderedDict[str, list[int]] = OrderedDict()  # head text -> its blocks' keys, least recent first
+        self._head_chars = 0
 
     def cuts(self, length: int) -> list[int]:
         """Cut positions up to `length`, plus `length` itself when it is not a cut."""
@@ -104,20 +113,40 @@ class BlockLayout:
             ends.append(length)
         return ends
 
-    def keys(self, text: str) -> tuple[list[int], list[int]]:
-        """(keys, ends): keys[i] identifies text[:ends[i]]. Empty text has no keys."""
+    def keys(self, text: str, head: str = "") -> tuple[list[int], list[int]]:
+        """(keys, ends): keys[i] identifies text[:ends[i]]. Empty text has no keys.
+
+        `head`: a shorter start of `text` that many prompts repeat (a system prompt). The keys of its blocks are
+        remembered, so the next prompt with the same head hashes only the rest."""
         if not text:
             return [], []
         ends = self.cuts(len(text))
-        keys: list[int] = []
+        if len(head) < HEAD_MIN_CHARS or len(head) >= len(text):
+            return self._chain(text, ends, []), ends
+        heads = self._heads
+        known = heads.get(head)
+        if known is not None:
+            heads.move_to_end(head)
+            return self._chain(text, ends, known.copy()), ends
+        keys = self._chain(text, ends, [])
+        heads[head] = keys[: bisect.bisect_right(ends, len(head))]  # whole cuts only: the text goes on
+        self._head_chars += len(head)
+        while self._head_chars > HEAD_MEMO_CHARS:
+            self._head_chars -= len(heads.popitem(last=False)[0])
+        return keys, ends
+
+    @staticmethod
+    def _chain(text: str, ends: list[int], keys: list[int]) -> list[int]:
+        """`keys` (those of the first blocks) followed by the keys of the rest of the blocks."""
+        done = len(keys)
+        key = keys[-1] if done else 0
+        start = ends[done - 1] if done else 0
         append = keys.append
-        key = 0
-        start = 0
-        for end in ends:
+        for end in ends[done:]:
             key = hash((key, text[start:end]))
             append(key)
             start = end
-        return keys, ends
+        return keys
 
 
 class _Share:

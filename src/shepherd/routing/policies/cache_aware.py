@@ -200,7 +200,7 @@ class CacheAwarePolicy:
         if index is None:
             index = self.index_for(model)
         text = ctx.routing_text
-        return index, index.view(candidates), text, *index.layout.keys(text)
+        return index, index.view(candidates), text, *index.layout.keys(text, ctx.routing_head)
 
     def on_first_token(self, worker: Worker, ctx: RequestContext) -> None:
         """The worker answered with its first token: the request's prefill no longer queues ahead of others."""
