@@ -53,7 +53,21 @@ def test_a_remembered_head_gives_the_same_keys_as_hashing_everything():
             for tail in (" " + text(30 + i + round_, 40), " " + text(40 + i, 5000)):
                 given = (head + ".")[:-1]  # another string object with the same text, as a parsed body gives
                 assert layout.keys(head + tail, given) == plain.keys(head + tail)
-    assert len(layout._heads) == len(heads)
+    assert remembered(layout) == heads
+
+
+def test_heads_that_look_alike_each_get_their_own_keys():
+    layout = BlockLayout(64)
+    ending = text(5, 1500)
+    first, second = "a" + ending, "b" + ending  # the same length and last characters
+    for head in (first, second, first):
+        prompt = head + " " + text(6, 300)
+        assert layout.keys(prompt, head) == BlockLayout(64).keys(prompt)
+    assert remembered(layout) == [first]
+
+
+def remembered(layout):
+    return [head for head, _ in layout._heads.values()]
 
 
 def test_head_keys_are_not_shared_with_the_caller_and_short_heads_are_not_remembered():
@@ -64,7 +78,7 @@ def test_head_keys_are_not_shared_with_the_caller_and_short_heads_are_not_rememb
     assert layout.keys(head + " b", head) == BlockLayout(64).keys(head + " b")
     layout.keys(text(2, 1023) + " question", text(2, 1023))
     layout.keys(head, head)  # a head that is the whole text: nothing of it follows a cut for sure
-    assert list(layout._heads) == [head]
+    assert remembered(layout) == [head]
 
 
 def test_remembered_heads_are_bounded_in_characters_least_recent_dropped_first(monkeypatch):
@@ -73,7 +87,7 @@ def test_remembered_heads_are_bounded_in_characters_least_recent_dropped_first(m
     first, second, third = text(1, 2000), text(2, 2000), text(3, 2000)
     for head in (first, second, first, third):  # `first` used again: `second` is now the least recent
         layout.keys(head + " q", head)
-    assert list(layout._heads) == [first, third]
+    assert remembered(layout) == [first, third]
 
 
 def test_longest_match_returns_the_deepest_routable_holders():

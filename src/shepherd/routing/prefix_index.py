@@ -58,6 +58,7 @@ _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
 # characters at most, least recently used dropped first.
 HEAD_MIN_CHARS = 1024
 HEAD_MEMO_CHARS = 1 << 22
+_HEAD_SAMPLE_CHARS = 64
 _EVICT_SLACK = 64  # inline evictions allowed per record beyond the number of keys it touched
 _MAX_VIEWS = 8
 _HOLDER_SCAN_FACTOR = 4  # look at up to this many times `limit` holders per key before giving up on it
@@ -98,7 +99,8 @@ class BlockLayout:
             raise ValueError("page_chars must be >= 1")
         self.page_chars = page_chars
         self._cuts = [page_chars]
-        self._heads: OrderedDict[str, list[int]] = OrderedDict()  # head text -> its blocks' keys, least recent first
+        # (length, last characters) of a head -> (the head, its blocks' keys), least recently used first
+        self._heads: OrderedDict[tuple[int, str], tuple[str, list[int]]] = OrderedDict()
         self._head_chars = 0
 
     def cuts(self, length: int) -> list[int]:
@@ -124,15 +126,21 @@ class BlockLayout:
         if len(head) < HEAD_MIN_CHARS or len(head) >= len(text):
             return self._chain(text, ends, []), ends
         heads = self._heads
-        known = heads.get(head)
-        if known is not None:
-            heads.move_to_end(head)
-            return self._chain(text, ends, known.copy()), ends
+        # Looked up by its length and last characters, then compared whole: hashing a long text costs more than
+        # comparing two.
+        sample = (len(head), head[-_HEAD_SAMPLE_CHARS:])
+        known = heads.get(sample)
+        if known is not None and known[0] == head:
+            heads.move_to_end(sample)
+            return self._chain(text, ends, known[1].copy()), ends
         keys = self._chain(text, ends, [])
-        heads[head] = keys[: bisect.bisect_right(ends, len(head))]  # whole cuts only: the text goes on
+        if known is not None:  # another head of the same sample: this one replaces it
+            del heads[sample]
+            self._head_chars -= len(head)
+        heads[sample] = (head, keys[: bisect.bisect_right(ends, len(head))])  # whole cuts only: the text goes on
         self._head_chars += len(head)
         while self._head_chars > HEAD_MEMO_CHARS:
-            self._head_chars -= len(heads.popitem(last=False)[0])
+            self._head_chars -= heads.popitem(last=False)[0][0]
         return keys, ends
 
     @staticmethod
