@@ -220,6 +220,7 @@ def measure(name: str, workers: int, bodies: list[bytes], settings: Settings) ->
             ctx.route_by_tokens(ids)
         worker = policy.pick(fleet, ctx)
         elapsed = clock() - started
+        ctx.forget_routing_text()  # as the dispatch loop does once the worker is chosen
         if i >= settings.warmup:
             samples.append(elapsed)
             prompt_tokens.append(len(ids))

@@ -108,6 +108,13 @@ class RequestContext:
             self._extract_routing_text()
         return self._routing_head
 
+    def forget_routing_text(self) -> None:
+        """The attempt's worker is chosen: a request in flight need not hold a copy of its prompt (8 KB for an 8k
+        prompt); a retry extracts it again. Token ids cannot be extracted again: they stay."""
+        if not self.by_tokens:
+            self._routing_text = None
+            self._routing_head = ""
+
     def _extract_routing_text(self) -> str:
         if self.endpoint is CHAT:
             text, self._routing_head = _chat_text(self.payload.get("messages"))

@@ -61,6 +61,7 @@ class DispatchLoop(Generic[Target]):
                 if not failures:
                     raise
                 break  # every worker went away mid-retry: report what the last one did
+            ctx.forget_routing_text()
             attempt_started = time.perf_counter()
             result = await self.attempt(request, ctx, target, attempt == last_attempt, started)
             self.record(target, result, time.perf_counter() - attempt_started)
