@@ -53,8 +53,8 @@ from shepherd.routing.hash_ring import POINTS_PER_WORKER, HashRing
 from shepherd.workers.worker import Worker
 
 _GROWTH = 8  # beyond 2 * _GROWTH pages, cuts are 1/_GROWTH of the prefix apart
-# Heads (a prompt's repeated start, such as its system prompt) whose keys are remembered: those shorter than this are
-# hashed again faster than they are looked up (the lookup hashes the head too); the heads kept hold this many
+# A head (a chat's first message, its system prompt usually) of at least HEAD_MIN_CHARS has its blocks' keys
+# remembered (a shorter one has at most the 16 page keys, cheap to hash again); the heads kept hold HEAD_MEMO_CHARS
 # characters at most, least recently used dropped first.
 HEAD_MIN_CHARS = 1024
 HEAD_MEMO_CHARS = 1 << 22
@@ -136,7 +136,7 @@ class BlockLayout:
         keys = self._chain(text, ends, [])
         if known is not None:  # another head of the same sample: this one replaces it
             del heads[sample]
-            self._head_chars -= len(head)
+            self._head_chars -= len(known[0])
         heads[sample] = (head, keys[: bisect.bisect_right(ends, len(head))])  # whole cuts only: the text goes on
         self._head_chars += len(head)
         while self._head_chars > HEAD_MEMO_CHARS:
@@ -415,7 +415,7 @@ class PrefixIndex:
             else:
                 owners[entry] = None
         if depth:
-            deque(map(lru.move_to_end, keys[depth - 1 :: -1]), 0)  # each held key, in C: a third of a record's cost
+            deque(map(lru.move_to_end, keys[depth - 1 :: -1]), 0)  # in C: a Python loop was a third of a record
         entry.chars += added
         self.chars += added
         self.pairs += len(lru) - held
