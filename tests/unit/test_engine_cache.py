@@ -274,3 +274,38 @@ def test_match_bisects_to_what_a_walk_from_the_root_finds_under_leaf_first_evict
         somebody = next((i for i, count in enumerate(counts) if not count), len(probe))
         assert cache.match(probe, everyone=3)[0] == somebody
         assert cache.match(probe, everyone=2)[1] == next((i for i, c in enumerate(counts) if c < 2), somebody)
+
+
+def test_block_keys_of_a_known_prefix_are_remembered_and_equal_hashing_everything(monkeypatch):
+    from shepherd.routing import engine_cache
+    from shepherd.routing.prefix_index import BlockLayout
+
+    (a,) = grpc_workers(1)
+    cache, plain = EngineCache(), EngineCache()
+    for each in (cache, plain):
+        each.apply(a, [CacheCleared(), stored(tokens(3, BLOCK))])  # learns the block size
+    layout = BlockLayout(64)  # the prefix index's cuts: whole blocks of 16 tokens, 4 characters each
+    system = tokens(4, 40 * BLOCK)
+    turn = system + tokens(5, 7 * BLOCK + 5)
+    cut = tokens(12, 16 * BLOCK)  # 1,024 characters: the index cuts there, and the next blocks differ
+    prompts = [system + tokens(6, 9), turn, turn + tokens(7, 3 * BLOCK), system + tokens(8, 50), tokens(9, 300),
+               cut + tokens(13, 2 * BLOCK), cut + tokens(14, 2 * BLOCK)]  # fmt: skip
+    for ids in prompts:  # new, a shared head, a conversation's next turn, the head again, unrelated, forks at a cut
+        text = text_of(ids)
+        assert cache.keys(text, *layout.keys(text)) == plain.keys(text)
+    assert cache._prefixes
+    # Bounded: full, it starts over.
+    monkeypatch.setattr(engine_cache, "PREFIXES_REMEMBERED", 3)
+    for ids in prompts:
+        text = text_of(ids)
+        assert cache.keys(text, *layout.keys(text)) == plain.keys(text)
+        assert len(cache._prefixes) <= 3 + len(layout.keys(text)[0])
+
+
+def test_prefixes_that_do_not_end_on_a_block_are_not_remembered():
+    (a,) = grpc_workers(1)
+    cache = EngineCache()
+    cache.apply(a, [CacheCleared(), stored(tokens(3, BLOCK))])
+    text = text_of(tokens(10, 5 * BLOCK))
+    cache.keys(text, [11, 12, 13], [64, 100, 192])  # 100 characters is 25 tokens: inside a block
+    assert {key: count for key, (_, count) in cache._prefixes.items()} == {11: 1, 13: 3}

@@ -5,6 +5,9 @@ covers (requests for such engines are routed by their token ids, TOKEN_CHARS cha
 chained like the engine's chain: key = hash((key of the block before, block text)). A request's prefix is then
 looked up by cutting its own routing text into blocks of the engines' size (learned from the first block), without
 knowing the engine's hash function. Each worker's map from engine hash to key is what lets a removal find its key.
+Hashing a 2k-token prompt's blocks costs about 20 µs, so the block keys of a prefix are remembered by its key in the
+policy's prefix index (which the request has already): a prompt that repeats a prefix seen before (a system prompt,
+a conversation's earlier turns) hashes only its new blocks.
 
 Placed blocks. Between the moment the gateway sends a prompt to a worker and the moment the engine reports its blocks
 stored, the engine does not yet hold them, but the next request with the same prefix should still go there: the
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 # engine hash to key (about 100) and its own map of holders (about 260).
 BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
+PREFIXES_REMEMBERED = 16384  # prompt prefixes whose block keys are remembered (then it starts over)
 HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
 _RENORMALIZE_AT = 1e18
 
@@ -65,6 +69,8 @@ class EngineCache:
         self._held: dict[int, dict[Worker, None]] = {}
         self._placed: dict[int, dict[Worker, int]] = {}  # key -> workers it was sent to (requests in flight)
         self._feeds: dict[Worker, _Feed] = {}
+        # a prompt prefix's key in the prefix index -> (block keys of a prompt it starts, how many are the prefix's)
+        self._prefixes: dict[int, tuple[tuple[int, ...], int]] = {}
         self.version = 0  # counts changes of which workers are observed
         self._unit = 1.0  # weight of the next stored block; grows so that older ones decay
         self._small_blocks_logged = False
@@ -174,14 +180,38 @@ class EngineCache:
         return len(feed.keys) if feed is not None else 0
 
     # --- placements --------------------------------------------------------------------------------------
-    def keys(self, text: str) -> list[int]:
-        """The keys of every full block of `text`."""
+    def keys(self, text: str, prefix_keys: Sequence[int] = (), prefix_ends: Sequence[int] = ()) -> list[int]:
+        """The keys of every full block of `text`.
+
+        `prefix_keys` name the prefixes of `text` that end at `prefix_ends` (the prefix index's keys, which the
+        request has already). The block keys of a prefix that ends on a block boundary are remembered by its name,
+        so a prompt repeating a known prefix (a system prompt, a conversation's earlier turns) hashes only its new
+        blocks."""
         size = self.block_chars
-        keys = []
-        key = 0
-        for start in range(0, len(text) - size + 1, size) if size else ():
+        if not size:
+            return []
+        remembered = self._prefixes
+        keys: list[int] = []
+        found = -1
+        for i in range(len(prefix_keys) - 1, -1, -1):
+            known = remembered.get(prefix_keys[i])
+            if known is not None:
+                chain, count = known
+                keys = list(chain[:count])
+                found = i
+                break
+        key = keys[-1] if keys else 0
+        for start in range(len(keys) * size, len(text) - size + 1, size):
             key = hash((key, text[start : start + size]))
             keys.append(key)
+        if found + 1 < len(prefix_keys):
+            if len(remembered) >= PREFIXES_REMEMBERED:
+                remembered.clear()
+            chain = tuple(keys)
+            for i in range(found + 1, len(prefix_keys)):
+                end = prefix_ends[i]
+                if end % size == 0:
+                    remembered[prefix_keys[i]] = (chain, end // size)
         return keys
 
     def place(self, worker: Worker, keys: Sequence[int]) -> None:

@@ -147,7 +147,7 @@ class CacheAwarePolicy:
         if len(view.entries) == 1:
             target = view.entries[0]
         else:
-            blocks = self._engine_keys(view, ctx, text)
+            blocks = self._engine_keys(view, ctx, text, keys, ends)
             target, expected = self._choose(index, view, text, keys, ends, blocks)
             prediction = Prediction(index, target, expected, (ends[-1] if keys else 0) - expected)
             target.worker.prefill_pending += prediction.prefill
@@ -175,7 +175,7 @@ class CacheAwarePolicy:
             return {**explained, "worker": view.entries[0].worker.url, "reason": "the only candidate"}
         report: dict[str, Any] = {}
         examined = self.examined
-        blocks = self._engine_keys(view, ctx, text)
+        blocks = self._engine_keys(view, ctx, text, keys, ends)
         target, matched = self._choose(index, view, text, keys, ends, blocks, report)
         self.examined = examined  # not a decision: the cost accounting counts decisions only
         return {
@@ -295,11 +295,13 @@ class CacheAwarePolicy:
             view.observed = (engines.version, observed)
         return observed
 
-    def _engine_keys(self, view: FleetView, ctx: RequestContext, text: str) -> list[int] | None:
+    def _engine_keys(
+        self, view: FleetView, ctx: RequestContext, text: str, keys: list[int], ends: list[int]
+    ) -> list[int] | None:
         """The prompt's engine-block keys when the engines decide what each candidate holds: every candidate's
         engine reports its cache, and the request is routed by the token ids the engines report (an HTTP request
         whose model has no tokenizer loaded is matched by its text on the index)."""
-        return self._engines.keys(text) if ctx.by_tokens and self._observed(view) else None
+        return self._engines.keys(text, keys, ends) if ctx.by_tokens and self._observed(view) else None
 
     def _cache_chars(self, worker: Worker) -> int:
         """The worker's whole KV cache in characters (not this gateway's share of it): what its engine's reports
