@@ -294,12 +294,15 @@ def test_block_keys_of_a_known_prefix_are_remembered_and_equal_hashing_everythin
         text = text_of(ids)
         assert cache.keys(text, *layout.keys(text)) == plain.keys(text)
     assert cache._prefixes
-    # Bounded: full, it starts over.
-    monkeypatch.setattr(engine_cache, "PREFIXES_REMEMBERED", 3)
+    # Bounded in blocks: full, it starts over.
+    monkeypatch.setattr(engine_cache, "PREFIX_BLOCKS_REMEMBERED", 60)
+    cache = EngineCache()
+    cache.apply(a, [CacheCleared(), stored(tokens(3, BLOCK))])
     for ids in prompts:
         text = text_of(ids)
         assert cache.keys(text, *layout.keys(text)) == plain.keys(text)
-        assert len(cache._prefixes) <= 3 + len(layout.keys(text)[0])
+        chains = {id(chain): len(chain) for chain, _ in cache._prefixes.values()}
+        assert sum(chains.values()) == cache._prefix_blocks <= max(60, len(ids) // BLOCK)
 
 
 def test_prefixes_that_do_not_end_on_a_block_are_not_remembered():

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 # engine hash to key (about 100) and its own map of holders (about 260).
 BLOCK_BYTES = 384
 MIN_BLOCK_TOKENS = 16
-PREFIXES_REMEMBERED = 16384  # prompt prefixes whose block keys are remembered (then it starts over)
+# Block keys the remembered prefixes hold at most, about 12 MB (then it starts over): bounded in blocks, not in
+# prefixes, because one long conversation adds a prefix of all its blocks at every turn.
+PREFIX_BLOCKS_REMEMBERED = 1 << 18
 HALF_LIFE_BLOCKS_PER_WORKER = 1024  # a worker's `stored` count halves every this many blocks stored per worker
 _RENORMALIZE_AT = 1e18
 
@@ -71,6 +73,7 @@ class EngineCache:
         self._feeds: dict[Worker, _Feed] = {}
         # a prompt prefix's key in the prefix index -> (block keys of a prompt it starts, how many are the prefix's)
         self._prefixes: dict[int, tuple[tuple[int, ...], int]] = {}
+        self._prefix_blocks = 0  # block keys the remembered chains hold
         self.version = 0  # counts changes of which workers are observed
         self._unit = 1.0  # weight of the next stored block; grows so that older ones decay
         self._small_blocks_logged = False
@@ -204,14 +207,16 @@ class EngineCache:
         for start in range(len(keys) * size, len(text) - size + 1, size):
             key = hash((key, text[start : start + size]))
             keys.append(key)
-        if found + 1 < len(prefix_keys):
-            if len(remembered) >= PREFIXES_REMEMBERED:
+        new = [(prefix_keys[i], prefix_ends[i] // size) for i in range(found + 1, len(prefix_keys))
+               if prefix_ends[i] % size == 0]  # fmt: skip
+        if new:
+            if self._prefix_blocks + len(keys) > PREFIX_BLOCKS_REMEMBERED:
                 remembered.clear()
+                self._prefix_blocks = 0
             chain = tuple(keys)
-            for i in range(found + 1, len(prefix_keys)):
-                end = prefix_ends[i]
-                if end % size == 0:
-                    remembered[prefix_keys[i]] = (chain, end // size)
+            self._prefix_blocks += len(chain)
+            for key, count in new:
+                remembered[key] = (chain, count)
         return keys
 
     def place(self, worker: Worker, keys: Sequence[int]) -> None:
