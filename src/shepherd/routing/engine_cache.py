@@ -215,8 +215,8 @@ class EngineCache:
                 self._prefix_blocks = 0
             chain = tuple(keys)
             self._prefix_blocks += len(chain)
-            for key, count in new:
-                remembered[key] = (chain, count)
+            for prefix, blocks in new:
+                remembered[prefix] = (chain, blocks)
         return keys
 
     def place(self, worker: Worker, keys: Sequence[int]) -> None:
